@@ -1,0 +1,205 @@
+// CPU kernels for the BatchNorm -> ReLU part of BN -> ReLU -> conv (torch-free).
+//
+// Math (DESIGN.md section 4), per channel c over the m = N*H*W elements:
+//   mean, invstd = 1/sqrt(var + eps)         (biased variance)
+//   xhat = (x - mean) * invstd,  z = x * scale + shift,  a = relu(z)
+//   with scale = gamma * invstd and shift = beta - mean * scale.
+//   Backward: dz = da * [z > 0],  sum_dz = sum(dz),  sum_dz_xhat = sum(dz * xhat)
+//   training: dx = scale * (dz - sum_dz / m - xhat * sum_dz_xhat / m)
+//   eval:     dx = scale * dz
+// The ReLU mask is recomputed from x, never stored.
+//
+// Work is split into chunks of one image and a block of spatial positions;
+// reductions produce one partial per (chunk, channel) and merge them in chunk
+// order, so results do not depend on the number of threads. Parallelism is
+// injected by the caller as `pfor(begin, end, fn)`, which must call fn(b, e)
+// on disjoint sub-ranges covering [begin, end) (the torch binding passes
+// at::parallel_for; tests pass a serial loop).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "half.h"
+#include "view.h"
+
+namespace fused_preact {
+
+constexpr int64_t kChunkSpatial = 1024;
+
+// fp64 tensors carry fp64 statistics (the binding allocates them so);
+// every other dtype carries fp32 statistics.
+template <typename T>
+using stat_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+struct SerialFor {
+  template <typename F>
+  void operator()(int64_t begin, int64_t end, F&& fn) const {
+    if (begin < end) fn(begin, end);
+  }
+};
+
+struct Chunks {
+  int64_t per_image, count;
+  explicit Chunks(const ActView& v)
+      : per_image((v.s + kChunkSpatial - 1) / kChunkSpatial), count(v.n * per_image) {}
+};
+
+// Calls fn(n, s, c) for every element of one chunk, in x's memory order.
+template <typename F>
+inline void for_each_in_chunk(const ActView& lead, const Chunks& chunks, int64_t chunk, F&& fn) {
+  const int64_t n = chunk / chunks.per_image;
+  const int64_t s0 = (chunk % chunks.per_image) * kChunkSpatial;
+  const int64_t s1 = std::min(lead.s, s0 + kChunkSpatial);
+  if (lead.channels_inner()) {
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t c = 0; c < lead.c; ++c) fn(n, s, c);
+  } else {
+    for (int64_t c = 0; c < lead.c; ++c)
+      for (int64_t s = s0; s < s1; ++s) fn(n, s, c);
+  }
+}
+
+inline int64_t at(const ActView& v, int64_t n, int64_t s, int64_t c) {
+  return n * v.stride_n + s * v.stride_s + c * v.stride_c;
+}
+
+// Count, mean and sum of squared deviations of one group of values.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+  // Chan et al.'s parallel merge: stable where sum(x^2) - m*mean^2 cancels.
+  void merge(const Moments& o) {
+    if (o.count == 0) return;
+    const double total = count + o.count;
+    const double delta = o.mean - mean;
+    mean += delta * (o.count / total);
+    m2 += o.m2 + delta * delta * (count * o.count / total);
+    count = total;
+  }
+};
+
+template <typename T, typename ParallelFor = SerialFor>
+void batch_stats_cpu(const T* x, const ActView& vx, double eps, stat_t<T>* mean, stat_t<T>* invstd,
+                     ParallelFor&& pfor = {}) {
+  using acc_t = compute_t<T>;
+  const Chunks chunks(vx);
+  std::vector<Moments> partial(chunks.count * vx.c);
+  pfor(0, chunks.count, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> sum(vx.c), m2(vx.c);
+    for (int64_t chunk = b; chunk < e; ++chunk) {
+      // Two passes over a cache-resident chunk: its own mean, then deviations.
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(m2.begin(), m2.end(), acc_t(0));
+      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+        sum[c] += load(x + at(vx, n, s, c));
+      });
+      const int64_t s0 = (chunk % chunks.per_image) * kChunkSpatial;
+      const acc_t cnt = acc_t(std::min(vx.s, s0 + kChunkSpatial) - s0);
+      for (int64_t c = 0; c < vx.c; ++c) sum[c] /= cnt;  // now the chunk mean
+      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+        const acc_t d = acc_t(load(x + at(vx, n, s, c))) - sum[c];
+        m2[c] += d * d;
+      });
+      for (int64_t c = 0; c < vx.c; ++c) partial[chunk * vx.c + c] = {double(cnt), double(sum[c]), double(m2[c])};
+    }
+  });
+  pfor(0, vx.c, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      Moments total;
+      for (int64_t chunk = 0; chunk < chunks.count; ++chunk) total.merge(partial[chunk * vx.c + c]);
+      mean[c] = stat_t<T>(total.mean);
+      invstd[c] = stat_t<T>(1.0 / std::sqrt(total.m2 / total.count + eps));
+    }
+  });
+}
+
+template <typename T, typename ParallelFor = SerialFor>
+void bn_relu_apply_cpu(const T* x, const ActView& vx, const stat_t<T>* scale, const stat_t<T>* shift,
+                       T* out, const ActView& vout, ParallelFor&& pfor = {}) {
+  using acc_t = compute_t<T>;
+  const Chunks chunks(vx);
+  pfor(0, chunks.count, [&](int64_t b, int64_t e) {
+    for (int64_t chunk = b; chunk < e; ++chunk)
+      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+        const acc_t z = acc_t(load(x + at(vx, n, s, c))) * acc_t(scale[c]) + acc_t(shift[c]);
+        store(out + at(vout, n, s, c), z > acc_t(0) ? z : acc_t(0));
+      });
+  });
+}
+
+// Per-channel BN parameters of the backward pass, all of length C.
+template <typename S>
+struct BnReluParams {
+  const S* mean;
+  const S* invstd;
+  const S* scale;
+  const S* shift;
+};
+
+template <typename T, typename ParallelFor = SerialFor>
+void bn_relu_backward_reduce_cpu(const T* grad, const ActView& vg, const T* x, const ActView& vx,
+                                 BnReluParams<stat_t<T>> p, stat_t<T>* sum_dz, stat_t<T>* sum_dz_xhat,
+                                 ParallelFor&& pfor = {}) {
+  using acc_t = compute_t<T>;
+  const Chunks chunks(vx);
+  std::vector<double> part_dz(chunks.count * vx.c), part_dzx(chunks.count * vx.c);
+  pfor(0, chunks.count, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> dz_acc(vx.c), dzx_acc(vx.c);
+    for (int64_t chunk = b; chunk < e; ++chunk) {
+      std::fill(dz_acc.begin(), dz_acc.end(), acc_t(0));
+      std::fill(dzx_acc.begin(), dzx_acc.end(), acc_t(0));
+      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+        const acc_t xv = load(x + at(vx, n, s, c));
+        if (xv * acc_t(p.scale[c]) + acc_t(p.shift[c]) <= acc_t(0)) return;  // ReLU mask
+        const acc_t dz = load(grad + at(vg, n, s, c));
+        dz_acc[c] += dz;
+        dzx_acc[c] += dz * ((xv - acc_t(p.mean[c])) * acc_t(p.invstd[c]));
+      });
+      for (int64_t c = 0; c < vx.c; ++c) {
+        part_dz[chunk * vx.c + c] = dz_acc[c];
+        part_dzx[chunk * vx.c + c] = dzx_acc[c];
+      }
+    }
+  });
+  pfor(0, vx.c, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      double a = 0, ax = 0;
+      for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+        a += part_dz[chunk * vx.c + c];
+        ax += part_dzx[chunk * vx.c + c];
+      }
+      sum_dz[c] = stat_t<T>(a);
+      sum_dz_xhat[c] = stat_t<T>(ax);
+    }
+  });
+}
+
+// sum_dz == nullptr selects the eval-mode gradient (statistics are constants).
+template <typename T, typename ParallelFor = SerialFor>
+void bn_relu_backward_input_cpu(const T* grad, const ActView& vg, const T* x, const ActView& vx,
+                                BnReluParams<stat_t<T>> p, const stat_t<T>* sum_dz,
+                                const stat_t<T>* sum_dz_xhat, T* dx, const ActView& vdx,
+                                ParallelFor&& pfor = {}) {
+  using acc_t = compute_t<T>;
+  const Chunks chunks(vx);
+  const acc_t inv_m = acc_t(1) / acc_t(vx.rows());
+  pfor(0, chunks.count, [&](int64_t b, int64_t e) {
+    for (int64_t chunk = b; chunk < e; ++chunk)
+      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+        const acc_t xv = load(x + at(vx, n, s, c));
+        const acc_t scale = p.scale[c];
+        const bool active = xv * scale + acc_t(p.shift[c]) > acc_t(0);
+        acc_t dz = active ? acc_t(load(grad + at(vg, n, s, c))) : acc_t(0);
+        if (sum_dz != nullptr) {
+          const acc_t xhat = (xv - acc_t(p.mean[c])) * acc_t(p.invstd[c]);
+          dz -= (acc_t(sum_dz[c]) + xhat * acc_t(sum_dz_xhat[c])) * inv_m;
+        }
+        store(dx + at(vdx, n, s, c), scale * dz);
+      });
+  });
+}
+
+}  // namespace fused_preact

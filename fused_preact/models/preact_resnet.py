@@ -1,0 +1,187 @@
+"""Pre-activation ResNets for CIFAR (He et al. 2016, "Identity Mappings in Deep
+Residual Networks"), built as the official code builds them (KaimingHe/
+resnet-1k-layers, resnet-pre-act.lua):
+
+- stem: 3x3 conv 3 -> 16, no BN/ReLU after it;
+- three stages of n units (strides 1, 2, 2); bottleneck units (depth 9n+2,
+  outputs 64/128/256, bottleneck width out/4) or basic units (6n+2, 16/32/64);
+- the first unit of a stage whose shape changes computes BN-ReLU once and feeds
+  it to both the residual branch and a 1x1 projection shortcut with the stride
+  (shortcut "B"); basic nets may instead use zero-padded identity shortcuts
+  ("A", the first ResNet paper's CIFAR choice);
+- head: BN-ReLU, global average pool, Linear;
+- init: conv ~ N(0, sqrt(2 / (k*k*out))), BN weight 1 / bias 0, Linear bias 0.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..modules import bn_relu_conv
+from ..recompute import recompute
+
+RECOMPUTE_MODES = ("none", "bn_relu", "unit", "segment")
+
+
+class PreActBlock(nn.Module):
+    """Basic unit: BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus shortcut."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B", fused: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"PreActBlock: shortcut must be 'A' (zero-padded identity) or 'B' (projection), "
+                             f"got {shortcut!r}")
+        self.fused, self.backend = fused, backend
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        reshapes = stride != 1 or in_planes != planes
+        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if reshapes and shortcut == "B" else None
+        self.pad_shortcut = (stride, planes - in_planes) if reshapes and shortcut == "A" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.shortcut is not None:
+            out, residual = bn_relu_conv(x, self.bn1, [self.conv1, self.shortcut], self.fused, self.backend)
+        else:
+            (out,) = bn_relu_conv(x, self.bn1, [self.conv1], self.fused, self.backend)
+            residual = x if self.pad_shortcut is None else _zero_padded_identity(x, *self.pad_shortcut)
+        (out,) = bn_relu_conv(out, self.bn2, [self.conv2], self.fused, self.backend)
+        return out + residual
+
+
+def _zero_padded_identity(x: Tensor, stride: int, extra_channels: int) -> Tensor:
+    return F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, extra_channels))
+
+
+class PreActBottleneck(nn.Module):
+    """Bottleneck unit: BN-ReLU-conv1x1 (with the stride), BN-ReLU-conv3x3,
+    BN-ReLU-conv1x1 (x4 channels), plus identity or projection shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B", fused: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        if shortcut != "B":
+            raise ValueError(f"PreActBottleneck: only projection shortcuts ('B') are defined, got {shortcut!r}")
+        out_planes = planes * self.expansion
+        self.fused, self.backend = fused, backend
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        reshapes = stride != 1 or in_planes != out_planes
+        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False) if reshapes else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.shortcut is not None:
+            out, residual = bn_relu_conv(x, self.bn1, [self.conv1, self.shortcut], self.fused, self.backend)
+        else:
+            (out,), residual = bn_relu_conv(x, self.bn1, [self.conv1], self.fused, self.backend), x
+        (out,) = bn_relu_conv(out, self.bn2, [self.conv2], self.fused, self.backend)
+        (out,) = bn_relu_conv(out, self.bn3, [self.conv3], self.fused, self.backend)
+        return out + residual
+
+
+_BLOCKS = {"basic": (PreActBlock, 6, (16, 32, 64)), "bottleneck": (PreActBottleneck, 9, (16, 32, 64))}
+
+
+def default_block(depth: int) -> str:
+    """The paper's choice: basic units up to ResNet-110, bottleneck units above."""
+    return "basic" if depth <= 110 else "bottleneck"
+
+
+class PreActResNet(nn.Module):
+    """CIFAR pre-activation ResNet of the given depth.
+
+    recompute: "none" keeps what eager autograd keeps; "bn_relu" (default when
+    fused) keeps each conv's input and BN statistics and recomputes relu(bn(x));
+    "unit" keeps each unit's input; "segment" keeps every `segment_size`-th
+    unit's input (default round(sqrt(units))). All modes compute the same
+    values; recomputation never updates BatchNorm running statistics twice.
+    fused=False computes with the plain torch.nn modules ("bn_relu" is then
+    unavailable, as it is the fused op's own recompute; default "none").
+    """
+
+    def __init__(self, depth: int, num_classes: int = 10, recompute: Optional[str] = None, fused: bool = True,
+                 block: Optional[str] = None, shortcut: str = "B", segment_size: Optional[int] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        block = default_block(depth) if block is None else block
+        if block not in _BLOCKS:
+            raise ValueError(f"PreActResNet: block must be 'basic', 'bottleneck' or None, got {block!r}")
+        unit_cls, per_unit, widths = _BLOCKS[block]
+        if depth < per_unit + 2 or (depth - 2) % per_unit:
+            raise ValueError(f"PreActResNet: depth for {block} units must be {per_unit}n+2 with n >= 1, got {depth}")
+        recompute = ("bn_relu" if fused else "none") if recompute is None else recompute
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"PreActResNet: recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+        if recompute == "bn_relu" and not fused:
+            raise ValueError("PreActResNet: recompute='bn_relu' needs fused=True (it is the fused op's recompute)")
+        if segment_size is not None and (recompute != "segment" or segment_size < 1):
+            raise ValueError(f"PreActResNet: segment_size must be a positive int and needs recompute='segment', "
+                             f"got {segment_size!r} with recompute={recompute!r}")
+        n = (depth - 2) // per_unit
+        self.depth, self.block, self.recompute = depth, block, recompute
+        self.segment_size = segment_size or max(1, round(math.sqrt(3 * n)))
+        # "none" means the plain modules compute everything, even in a fused net.
+        use_op = fused and recompute != "none"
+
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        units, in_planes = [], widths[0]
+        for stage, width in enumerate(widths):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                units.append(unit_cls(in_planes, width, stride, shortcut, use_op, backend))
+                in_planes = width * unit_cls.expansion
+        self.units = nn.Sequential(*units)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+        self.fused = fused
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / k))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def _run_units(self, x: Tensor) -> Tensor:
+        if self.recompute not in ("unit", "segment"):
+            return self.units(x)
+        size = 1 if self.recompute == "unit" else self.segment_size
+        for start in range(0, len(self.units), size):
+            group = self.units[start:start + size]
+            x = recompute(group, x, [p for p in group.parameters() if p.requires_grad])
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._run_units(self.conv1(x))
+        x = F.relu(self.bn(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def preact_resnet110(num_classes: int = 10, **kwargs) -> PreActResNet:
+    return PreActResNet(110, num_classes, **kwargs)
+
+
+def preact_resnet164(num_classes: int = 10, **kwargs) -> PreActResNet:
+    return PreActResNet(164, num_classes, **kwargs)
+
+
+def preact_resnet1001(num_classes: int = 10, **kwargs) -> PreActResNet:
+    return PreActResNet(1001, num_classes, **kwargs)

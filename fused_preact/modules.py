@@ -1,0 +1,59 @@
+"""nn building blocks: BN -> ReLU -> conv(s) over plain nn.BatchNorm2d / nn.Conv2d.
+
+The parameters always live in ordinary nn.BatchNorm2d and nn.Conv2d modules,
+so a fused network and its plain twin have identical state dicts; `fused`
+only chooses how forward computes: the recomputing op, or the modules
+themselves (what eager PyTorch keeps for backward).
+"""
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import bn_relu_convs
+from .recompute import running_stats_frozen
+
+
+def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto"):
+    """[conv(relu(bn(x))) for conv in convs], with bn's exact nn semantics
+    (momentum=None cumulative averaging, track_running_stats, eval mode)."""
+    for conv in convs:
+        if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError("bn_relu_conv: convs must be bias-free, ungrouped, undilated, zero-padded nn.Conv2d")
+    update = bn.training and bn.track_running_stats and not running_stats_frozen()
+    momentum = bn.momentum if bn.momentum is not None else 0.0
+    if update:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    # Batch statistics in training, or in eval when no running ones are tracked.
+    use_batch_stats = bn.training or bn.running_mean is None
+    running = (bn.running_mean, bn.running_var) if update or not use_batch_stats else (None, None)
+    if not fused:
+        a = F.relu(F.batch_norm(x, *running, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps))
+        return [conv(a) for conv in convs]
+    return bn_relu_convs(
+        "bn_relu_conv", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
+        use_batch_stats, momentum, bn.eps, backend,
+    )
+
+
+class FusedBNReLUConv2d(nn.Module):
+    """BatchNorm2d(in_channels) -> ReLU -> Conv2d(in_channels, out_channels, bias=False).
+
+    With fused=True autograd keeps only the input and per-channel statistics;
+    relu(bn(x)) is recomputed in backward. Submodules `bn` and `conv` hold the
+    parameters, so weights load from (and into) the plain modules.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, eps: float = 1e-5,
+                 momentum: float = 0.1, fused: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.fused = fused
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bn_relu_conv(x, self.bn, [self.conv], self.fused, self.backend)[0]
+
+    def extra_repr(self) -> str:
+        return f"fused={self.fused}, backend={self.backend!r}"

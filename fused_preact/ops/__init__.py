@@ -1,0 +1,111 @@
+"""Public functional API: fused BatchNorm2d -> ReLU -> Conv2d(bias=False).
+
+    y = bn_relu_conv2d(x, conv_weight, bn_weight, bn_bias, running_mean, running_var,
+                       stride=1, padding=0, training=True, momentum=0.1, eps=1e-5)
+
+returns what nn.BatchNorm2d -> nn.ReLU -> nn.Conv2d(bias=False) return, with the
+same gradients and running-statistics updates, but autograd keeps only x, the
+per-channel mean/invstd and the parameters (relu(bn(x)) is recomputed in
+backward). Backends: "reference" (plain PyTorch, any device), "native" (the
+compiled C++/CUDA kernels around PyTorch's convolution), "auto".
+"""
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backends import backend_names, register_backend, resolve_backend
+from .bn_relu_conv import bn_relu_conv2d_op, normalization_stats
+
+__all__ = ["bn_relu_conv2d", "bn_relu_conv2d_with_shortcut", "backend_names", "register_backend"]
+
+IntOrPair = Union[int, tuple[int, int]]
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], stride: IntOrPair = 1,
+                   padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                   backend: str = "auto") -> Tensor:
+    """conv2d(relu(batch_norm(x)), conv_weight, stride, padding); see the module docstring.
+
+    running_mean/running_var are updated in place in training mode (pass None
+    for both to use batch statistics without tracking, like
+    BatchNorm2d(track_running_stats=False)); eval mode normalises with them.
+    """
+    (y,) = bn_relu_convs("bn_relu_conv2d", x, [(conv_weight, stride, padding)], bn_weight, bn_bias, running_mean,
+                 running_var, training, momentum, eps, backend)
+    return y
+
+
+def bn_relu_conv2d_with_shortcut(x: Tensor, conv_weight: Tensor, shortcut_weight: Tensor,
+                                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                 stride: IntOrPair = 1, padding: IntOrPair = 0, shortcut_padding: IntOrPair = 0,
+                                 training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                                 backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The first unit of a ResNet stage: a = relu(bn(x)) feeds both conv1 and the
+    projection shortcut (same stride). Returns (conv(a, conv_weight),
+    conv(a, shortcut_weight)); a is computed once and recomputed once."""
+    y, shortcut = bn_relu_convs("bn_relu_conv2d_with_shortcut", x,
+                        [(conv_weight, stride, padding), (shortcut_weight, stride, shortcut_padding)],
+                        bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend)
+    return y, shortcut
+
+
+def _pair(name: str, fn: str, v: IntOrPair, minimum: int) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
+        raise ValueError(f"{fn}: {name} must be an int >= {minimum} or a pair of them, got {v!r}")
+    return pair
+
+
+def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend):
+    """Checked entry shared by the public functions and the nn modules: `convs`
+    is a list of (weight, stride, padding) reading relu(bn(x)); `fn` names the
+    caller in error messages."""
+    _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    weights = [w for w, _, _ in convs]
+    if torch.is_autocast_enabled(x.device.type):
+        # Mirror autocast's conv2d policy (activations and weights in the autocast
+        # dtype; BN parameters and statistics stay fp32) inside the opaque op.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+    strides = [i for _, s, _ in convs for i in _pair("stride", fn, s, 1)]
+    paddings = [i for _, _, p in convs for i in _pair("padding", fn, p, 0)]
+    backend = resolve_backend(backend, x.device)
+    mean, invstd = normalization_stats(x, running_mean, running_var, training, momentum, eps, backend)
+    return bn_relu_conv2d_op(x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend)
+
+
+def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{fn}: x must be a 4-D (N, C, H, W) tensor, got "
+                         f"{x.dim() if isinstance(x, Tensor) else type(x).__name__}-D")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    c = x.shape[1]
+    for (w, _, _), name in zip(convs, ("conv_weight", "shortcut_weight")):
+        if not isinstance(w, Tensor) or w.dim() != 4 or w.shape[1] != c:
+            raise ValueError(f"{fn}: {name} must be a 4-D (C_out, {c}, kH, kW) tensor matching x's {c} channels, "
+                             f"got shape {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+        if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{fn}: {name} must have x's dtype {x.dtype}, got {w.dtype}")
+    vectors = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
+    for name, v in vectors.items():
+        if v is not None and (v.dim() != 1 or v.shape[0] != c):
+            raise ValueError(f"{fn}: {name} must have shape ({c},), one value per channel of x, got {tuple(v.shape)}")
+    for name, t in [*((n, w) for (w, _, _), n in zip(convs, ("conv_weight", "shortcut_weight"))), *vectors.items()]:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{fn}: {name} must be on x's device {x.device}, got {t.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{fn}: running_mean and running_var must be given together or both be None")
+    if not training and running_mean is None:
+        raise ValueError(f"{fn}: eval mode (training=False) needs running_mean and running_var")
+    if training and x.numel() // max(c, 1) <= 1:
+        raise ValueError(f"{fn}: training needs more than one value per channel to compute batch statistics, "
+                         f"got x of shape {tuple(x.shape)}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{fn}: momentum must be in [0, 1], got {momentum}")
+    if not eps > 0:
+        raise ValueError(f"{fn}: eps must be positive, got {eps}")

@@ -1,0 +1,118 @@
+"""Backends of bn_relu_conv2d: who computes the statistics, the fused forward and
+the recomputing backward.
+
+A backend sees the BN affine already folded into per-channel `scale` and
+`shift` (z = x * scale + shift), so training and eval mode, running statistics
+and the gamma/beta gradients stay in one place (bn_relu_conv.py), and a backend
+only provides three steps:
+
+- batch_stats(x, eps) -> (mean, invstd)
+- forward(x, scale, shift, convs) -> one output per conv: conv(relu(z))
+- backward(grads, x, mean, invstd, scale, shift, convs, training, needs_weight)
+      -> (dx, [dW per conv], sum_dz, sum_dz_xhat)
+
+`convs` is a list of `Conv` (weight, stride, padding) all reading the same
+activation: one conv normally, two for a stage's first unit (conv1 and the
+projection shortcut). New backends (e.g. Triton) call `register_backend`.
+"""
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from .. import _extension
+from .kernels import REFERENCE, BnReluKernels, native
+
+
+class Conv(NamedTuple):
+    weight: torch.Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+class KernelBackend:
+    """BN-ReLU kernels from a table, convolutions from PyTorch (cuDNN, oneDNN).
+
+    relu(bn(x)) is materialised only transiently: once in forward to feed the
+    convolutions, and once more in backward to feed their weight gradient; it
+    is never kept between the two.
+    """
+
+    def __init__(self, kernels: Callable[[], BnReluKernels], devices: Callable[[torch.device], bool]):
+        self._kernels = kernels
+        self._supports = devices
+
+    def supports(self, device: torch.device) -> bool:
+        return self._supports(device)
+
+    def batch_stats(self, x, eps):
+        return self._kernels().batch_stats(x, eps)
+
+    def forward(self, x, scale, shift, convs: list[Conv]):
+        a = self._kernels().bn_relu_apply(x, scale, shift)
+        return [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding) for c in convs]
+
+    def backward(self, grads: list[Optional[torch.Tensor]], x, mean, invstd, scale, shift, convs: list[Conv],
+                 training: bool, needs_weight: list[bool]):
+        k = self._kernels()
+        a = k.bn_relu_apply(x, scale, shift)  # recomputed, freed on return
+        grad_act, grad_weights = None, []
+        for grad, conv, need_w in zip(grads, convs, needs_weight):
+            if grad is None:
+                grad_weights.append(None)
+                continue
+            da, dw, _ = torch.ops.aten.convolution_backward(
+                grad, a, conv.weight, None, conv.stride, conv.padding, (1, 1), False, (0, 0), 1,
+                (True, need_w, False),
+            )
+            grad_act = da if grad_act is None else grad_act + da
+            grad_weights.append(dw)
+        if grad_act is None:
+            return None, grad_weights, None, None
+        sum_dz, sum_dz_xhat = k.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
+        if training:
+            dx = k.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, sum_dz, sum_dz_xhat)
+        else:
+            dx = k.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, None, None)
+        return dx, grad_weights, sum_dz, sum_dz_xhat
+
+
+def _native_supports(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return _extension.available()
+    return device.type == "cuda" and _extension.has_cuda_kernels()
+
+
+_BACKENDS = {
+    "reference": KernelBackend(lambda: REFERENCE, lambda device: True),
+    "native": KernelBackend(native, _native_supports),
+}
+# "auto" tries these in order and takes the first that supports the device.
+_AUTO_ORDER = ["native", "reference"]
+
+
+def register_backend(name: str, backend, auto_priority: Optional[int] = None) -> None:
+    """Add a backend; with auto_priority it joins "auto"'s preference list there."""
+    _BACKENDS[name] = backend
+    if auto_priority is not None:
+        _AUTO_ORDER.insert(auto_priority, name)
+
+
+def backend_names() -> list[str]:
+    return ["auto", *_BACKENDS]
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend name for `name` on `device`, or a clear error."""
+    if name == "auto":
+        return next(b for b in _AUTO_ORDER if _BACKENDS[b].supports(device))
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
+    if not _BACKENDS[name].supports(device):
+        if name == "native":
+            _extension.load()  # raises the build error when the extension is missing altogether
+        raise RuntimeError(f"backend={name!r} has no kernels for device {device} in this build")
+    return name
+
+
+def get_backend(name: str):
+    return _BACKENDS[name]

@@ -1,0 +1,103 @@
+"""`fused_preact::bn_relu_conv2d`: BatchNorm2d -> ReLU -> Conv2d(bias=False) as one
+torch.library op that keeps for backward only x, the per-channel mean/invstd
+and the parameters; relu(bn(x)) is recomputed in backward (like mamba's
+LayerNormLinearFn recomputes its normalised input).
+
+One op serves one or two convolutions of the same activation: the first unit
+of a ResNet stage feeds relu(bn(x)) to both conv1 and the projection shortcut,
+so that activation is computed once in forward and once in backward.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import Conv, get_backend
+
+_OP = "fused_preact::bn_relu_conv2d"
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def bn_affine(mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]):
+    """Fold BN into z = x * scale + shift (per channel, statistics dtype)."""
+    scale = invstd if bn_weight is None else bn_weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(invstd.dtype)
+    return scale, shift
+
+
+def _convs(weights: list[Tensor], strides: list[int], paddings: list[int]) -> list[Conv]:
+    # strides/paddings are flat [h0, w0, h1, w1, ...] (custom ops take flat int lists)
+    return [Conv(w, (strides[2 * i], strides[2 * i + 1]), (paddings[2 * i], paddings[2 * i + 1]))
+            for i, w in enumerate(weights)]
+
+
+def normalization_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                        momentum: float, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) that normalise x: batch statistics in training (updating the
+    running ones in place), running statistics in eval. They are constants to
+    autograd: the op's backward differentiates through them itself."""
+    stats = _stats_dtype(x)
+    if not training:
+        return running_mean.to(stats), torch.rsqrt(running_var.to(stats) + eps)
+    mean, invstd = get_backend(backend).batch_stats(x.detach(), eps)
+    if running_mean is not None:
+        # Same update as nn.BatchNorm2d: the running variance is the unbiased one.
+        m = x.numel() // x.shape[1]
+        var = (invstd.double().pow(-2) - eps).clamp_(min=0) * (m / (m - 1))
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(var.to(running_var.dtype), momentum)
+    return mean, invstd
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def bn_relu_conv2d_op(
+    x: Tensor, conv_weights: list[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
+    invstd: Tensor, strides: list[int], paddings: list[int], training: bool, backend: str,
+) -> list[Tensor]:
+    """[conv(relu((x - mean) * invstd * bn_weight + bn_bias), w) for w in conv_weights].
+
+    `training` says whether mean/invstd are x's own batch statistics (so the
+    gradient of x flows through them) or constants (running statistics)."""
+    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
+    return get_backend(backend).forward(x, scale, shift, _convs(conv_weights, strides, paddings))
+
+
+@bn_relu_conv2d_op.register_fake
+def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend):
+    a = torch.empty_like(x)
+    return [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding)
+            for c in _convs(conv_weights, strides, paddings)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend = inputs
+    # Everything backward needs goes through save_for_backward, so
+    # saved_tensors_hooks (and save_on_cpu) see and may offload all of it.
+    ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, *conv_weights)
+    ctx.conf = (strides, paddings, training, backend)
+
+
+def _backward(ctx, grad_outputs):
+    x, mean, invstd, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
+    strides, paddings, training, backend = ctx.conf
+    n_w = len(conv_weights)
+    needs_weight = list(ctx.needs_input_grad[1]) if isinstance(ctx.needs_input_grad[1], (list, tuple)) \
+        else [ctx.needs_input_grad[1]] * n_w
+    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
+    dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
+        list(grad_outputs), x, mean, invstd, scale, shift, _convs(conv_weights, strides, paddings), training,
+        needs_weight,
+    )
+    # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
+    d_gamma = None if bn_weight is None or sum_dz_xhat is None else sum_dz_xhat.to(bn_weight.dtype)
+    d_beta = None if bn_bias is None or sum_dz is None else sum_dz.to(bn_bias.dtype)
+    return dx, d_weights, d_gamma, d_beta, None, None, None, None, None, None
+
+
+bn_relu_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,62 @@
+"""The four BN-ReLU kernels, as one table per implementation.
+
+`REFERENCE` computes them with plain tensor ops (any device, any dtype);
+`native()` returns the compiled `torch.ops.fused_preact.*` kernels (C++ on the
+CPU, CUDA on the GPU), loading the extension and registering the fake (meta)
+implementations that torch.compile and opcheck need on first use.
+"""
+import functools
+from typing import Callable, NamedTuple
+
+import torch
+from torch._prims_common import suggest_memory_format
+
+from .. import _extension, reference
+
+
+class BnReluKernels(NamedTuple):
+    batch_stats: Callable  # (x, eps) -> (mean, invstd)
+    bn_relu_apply: Callable  # (x, scale, shift) -> relu(x * scale + shift)
+    bn_relu_backward_reduce: Callable  # (grad_act, x, mean, invstd, scale, shift) -> (sum_dz, sum_dz_xhat)
+    bn_relu_backward_input: Callable  # (..., sum_dz?, sum_dz_xhat?) -> dx
+
+
+REFERENCE = BnReluKernels(
+    reference.batch_stats,
+    reference.bn_relu_apply,
+    reference.bn_relu_backward_reduce,
+    reference.bn_relu_backward_input,
+)
+
+
+def _kernel_output_like(x: torch.Tensor) -> torch.Tensor:
+    """The layout the compiled kernels give their activation-shaped outputs:
+    x's own strides when H and W merge into one axis, else a dense copy's."""
+    h, w = x.shape[2], x.shape[3]
+    if h == 1 or w == 1 or x.stride(2) == w * x.stride(3):
+        return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=suggest_memory_format(x))
+
+
+def _channel_vector(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[1],), dtype=reference.stats_dtype(x))
+
+
+def _register_fakes():
+    lib = "fused_preact::"
+    torch.library.register_fake(lib + "batch_stats")(lambda x, eps: (_channel_vector(x), _channel_vector(x)))
+    torch.library.register_fake(lib + "bn_relu_apply")(lambda x, scale, shift: _kernel_output_like(x))
+    torch.library.register_fake(lib + "bn_relu_backward_reduce")(
+        lambda grad_act, x, mean, invstd, scale, shift: (_channel_vector(x), _channel_vector(x))
+    )
+    torch.library.register_fake(lib + "bn_relu_backward_input")(
+        lambda grad_act, x, mean, invstd, scale, shift, sum_dz, sum_dz_xhat: _kernel_output_like(x)
+    )
+
+
+@functools.cache
+def native() -> BnReluKernels:
+    _extension.load()
+    _register_fakes()
+    ops = torch.ops.fused_preact
+    return BnReluKernels(ops.batch_stats, ops.bn_relu_apply, ops.bn_relu_backward_reduce, ops.bn_relu_backward_input)

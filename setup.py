@@ -1,0 +1,58 @@
+"""Build fused_preact._C: C++ CPU kernels always, CUDA kernels when nvcc is found.
+
+Environment:
+  FUSED_PREACT_NO_CUDA=1   build the CPU kernels only, even where nvcc exists
+  TORCH_CUDA_ARCH_LIST     GPU architectures (default "8.0;9.0": A100 and H100/H200)
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+import sysconfig
+from pathlib import Path
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def want_cuda():
+    if os.environ.get("FUSED_PREACT_NO_CUDA", "0") not in ("", "0"):
+        return False, "FUSED_PREACT_NO_CUDA is set"
+    if CUDA_HOME is None or not Path(CUDA_HOME, "bin", "nvcc").exists():
+        return False, "nvcc was not found"
+    return True, ""
+
+
+def cuda_library_includes():
+    # torch's CUDA headers include cusparse.h, cublas_v2.h, ... which pip's CUDA
+    # wheels ship under site-packages/nvidia/cu*/include rather than CUDA_HOME.
+    site = Path(sysconfig.get_paths()["purelib"])
+    return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
+
+
+def extension():
+    sources = ["csrc/ops.cpp"]
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need
+    # (C++17 for older torch, C++20 from torch 2.14 on).
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    include_dirs = [str(ROOT / "csrc")]
+    use_cuda, why_not = want_cuda()
+    if not use_cuda:
+        print(f"fused_preact: building the CPU kernels only ({why_not})")
+        return CppExtension("fused_preact._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx_flags})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    print(f"fused_preact: building CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    return CUDAExtension("fused_preact._C", sources, include_dirs=include_dirs + cuda_library_includes(),
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+
+
+# Package metadata lives in pyproject.toml; this file only describes the extension.
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
