@@ -1,10 +1,11 @@
-"""Loads the compiled kernels (fused_preact._C) on first use.
+"""The compiled kernels (fused_preact._C), imported once with the package.
 
-`import fused_preact` never needs the extension: the "reference" backend and
-the plain-PyTorch models work without it. Only an op that needs a compiled
-kernel calls `load()`, which raises one clear error when the build is missing.
+`import fused_preact` never fails for want of the extension: the "reference"
+backend and the plain-PyTorch models work without it. A failed import is
+remembered and reported by `load()`, which the ops that need a compiled kernel
+call. Everything here is settled at import time, so torch.compile traces the
+ops' dispatch as constants.
 """
-import functools
 import importlib
 
 import torch
@@ -14,7 +15,6 @@ class ExtensionNotBuiltError(RuntimeError):
     pass
 
 
-@functools.cache
 def _import():
     try:
         return importlib.import_module("fused_preact._C"), None
@@ -22,21 +22,26 @@ def _import():
         return None, err
 
 
+_MODULE, _IMPORT_ERROR = _import()
+_HAS_CUDA_KERNELS = _MODULE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fused_preact::batch_stats", "CUDA"
+)
+
+
 def available() -> bool:
-    return _import()[0] is not None
-
-
-def load():
-    """Import the compiled library (registering torch.ops.fused_preact.*) or raise."""
-    module, err = _import()
-    if module is None:
-        raise ExtensionNotBuiltError(
-            "fused_preact's compiled kernels are not built (import of fused_preact._C failed: "
-            f"{err}). Build them with `pip install --no-build-isolation .` from the source tree, "
-            'or use backend="reference".'
-        )
-    return module
+    return _MODULE is not None
 
 
 def has_cuda_kernels() -> bool:
-    return available() and torch._C._dispatch_has_kernel_for_dispatch_key("fused_preact::batch_stats", "CUDA")
+    return _HAS_CUDA_KERNELS
+
+
+def load():
+    """The compiled module (torch.ops.fused_preact.* registered), or a clear error."""
+    if _MODULE is None:
+        raise ExtensionNotBuiltError(
+            "fused_preact's compiled kernels are not built (import of fused_preact._C failed: "
+            f"{_IMPORT_ERROR}). Build them with `pip install --no-build-isolation .` from the source tree, "
+            'or use backend="reference".'
+        )
+    return _MODULE

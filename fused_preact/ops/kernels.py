@@ -2,10 +2,9 @@
 
 `REFERENCE` computes them with plain tensor ops (any device, any dtype);
 `native()` returns the compiled `torch.ops.fused_preact.*` kernels (C++ on the
-CPU, CUDA on the GPU), loading the extension and registering the fake (meta)
-implementations that torch.compile and opcheck need on first use.
+CPU, CUDA on the GPU), whose fake (meta) implementations, needed by
+torch.compile and opcheck, are registered here when the extension imports.
 """
-import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -54,9 +53,19 @@ def _register_fakes():
     )
 
 
-@functools.cache
-def native() -> BnReluKernels:
-    _extension.load()
+def _native_table():
+    if not _extension.available():
+        return None
     _register_fakes()
     ops = torch.ops.fused_preact
     return BnReluKernels(ops.batch_stats, ops.bn_relu_apply, ops.bn_relu_backward_reduce, ops.bn_relu_backward_input)
+
+
+_NATIVE = _native_table()
+
+
+def native() -> BnReluKernels:
+    """The compiled kernels; raises ExtensionNotBuiltError when they are not built."""
+    if _NATIVE is None:
+        _extension.load()
+    return _NATIVE

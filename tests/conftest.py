@@ -1,0 +1,53 @@
+"""Shared test helpers: per-dtype tolerances and a comparison that says where
+tensors differ. The reference implementations come from fused_preact.reference,
+the same module the benchmarks use."""
+import pytest
+import torch
+
+# (atol, rtol) for results computed in a dtype, compared with a float64 truth.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (1e-1, 5e-2),
+}
+DTYPES = list(TOLERANCES)
+BACKENDS = ["reference", "native"]
+
+
+def assert_close(actual, expected, dtype=None, name="tensor", scale=1.0):
+    """assert_close in the tolerance of `dtype` (default: actual's), with atol scaled
+    by `scale` (e.g. the magnitude of a sum), reporting the worst element."""
+    atol, rtol = TOLERANCES[dtype or actual.dtype]
+    actual, expected = actual.double(), expected.double()
+    diff = (actual - expected).abs()
+    bound = atol * scale + rtol * expected.abs()
+    if not bool((diff <= bound).all()):
+        worst = int((diff - bound).flatten().argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape)) if diff.dim() else ()
+        raise AssertionError(
+            f"{name}: {int((diff > bound).sum())}/{diff.numel()} elements differ; worst at {idx}: "
+            f"got {actual.flatten()[worst].item():.6g}, expected {expected.flatten()[worst].item():.6g} "
+            f"(|diff| {diff.flatten()[worst].item():.3g} > atol {atol * scale:.3g} + rtol {rtol})"
+        )
+
+
+def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as x in NCHW, channels_last, or as a non-contiguous slice."""
+    if layout == "nchw":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other image of a larger batch, values preserved
+        big = torch.empty((2 * x.shape[0], *x.shape[1:]), dtype=x.dtype)
+        big[::2] = x
+        return big[::2]
+    raise ValueError(layout)
+
+
+LAYOUTS = ["nchw", "channels_last", "strided"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

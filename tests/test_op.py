@@ -1,0 +1,221 @@
+"""bn_relu_conv2d (and its two-conv form) against BatchNorm2d -> ReLU -> Conv2d."""
+import pytest
+import torch
+
+from conftest import BACKENDS, assert_close, make_layout
+from fused_preact import reference
+from fused_preact.ops import bn_relu_conv2d, bn_relu_conv2d_with_shortcut
+from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
+
+# (N, C, H, W, C_out, kernel, stride, padding)
+CASES = [
+    (3, 5, 7, 9, 6, 3, 1, 1),
+    (3, 5, 7, 9, 6, 3, 2, 1),
+    (2, 1, 5, 5, 3, 1, 1, 0),
+    (2, 3, 6, 5, 4, 1, 2, 0),
+    (4, 16, 8, 8, 16, 3, 1, 1),
+]
+
+
+def _problem(case, dtype, layout="nchw", requires_grad=True):
+    n, c, h, w, c_out, k, stride, padding = case
+    x = make_layout(torch.randn(n, c, h, w, dtype=torch.float64) * 1.5 + 0.3, layout).to(dtype)
+    weight = torch.randn(c_out, c, k, k, dtype=torch.float64).mul_((2.0 / (k * k * c_out)) ** 0.5).to(dtype)
+    gamma = (torch.rand(c, dtype=torch.float64) + 0.5).to(torch.promote_types(dtype, torch.float32))
+    beta = torch.randn(c, dtype=torch.float64).to(gamma.dtype)
+    running = (torch.randn(c, dtype=gamma.dtype), torch.rand(c, dtype=gamma.dtype) + 0.5)
+    for t in (x, weight, gamma, beta):
+        t.requires_grad_(requires_grad)
+    return x, weight, gamma, beta, running, dict(stride=stride, padding=padding)
+
+
+def _run(fn, x, weight, gamma, beta, running, conv, training, grad_seed=1):
+    rm, rv = running[0].clone(), running[1].clone()
+    y = fn(x, weight, gamma, beta, rm, rv, training=training, **conv)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad(y, (x, weight, gamma, beta), g)
+    return y, grads, rm, rv
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", CASES[:4])
+def test_gradcheck_float64(backend, training, case):
+    x, weight, gamma, beta, running, conv = _problem(case, torch.float64)
+
+    def f(x, weight, gamma, beta):
+        return bn_relu_conv2d(x, weight, gamma, beta, running[0].clone(), running[1].clone(), training=training,
+                              backend=backend, **conv)
+
+    assert torch.autograd.gradcheck(f, (x, weight, gamma, beta))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_nn_modules(backend, dtype, layout, training, case):
+    x, weight, gamma, beta, running, conv = _problem(case, dtype, layout)
+    fused = _run(lambda *a, **k: bn_relu_conv2d(*a, backend=backend, **k), x, weight, gamma, beta, running, conv,
+                 training)
+    x64, w64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, gamma, beta))
+    truth = _run(reference.bn_relu_conv2d_eager, x64, w64, g64, b64, (running[0].double(), running[1].double()),
+                 conv, training)
+    (y, grads, rm, rv), (ty, tgrads, trm, trv) = fused, truth
+    assert y.dtype == dtype and y.shape == ty.shape
+    m = x.numel() // x.shape[1]
+    assert_close(y, ty, dtype, "y", scale=3)
+    for name, got, want in zip(("dx", "dW", "dgamma", "dbeta"), grads, tgrads):
+        assert_close(got, want, dtype, name, scale=3 if name == "dx" else m ** 0.5)
+    assert_close(rm, trm, dtype, "running_mean")
+    assert_close(rv, trv, dtype, "running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_float64_truth(backend, dtype):
+    x, weight, gamma, beta, running, conv = _problem(CASES[0], dtype)
+    y, grads, _, _ = _run(lambda *a, **k: bn_relu_conv2d(*a, backend=backend, **k), x, weight, gamma, beta,
+                          running, conv, True)
+    x64, w64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, gamma, beta))
+    ty, tgrads, _, _ = _run(reference.bn_relu_conv2d_eager, x64, w64, g64, b64,
+                            (running[0].double(), running[1].double()), conv, True)
+    assert y.dtype == dtype and grads[2].dtype == torch.float32
+    assert_close(y, ty, dtype, "y", scale=3)
+    for name, got, want in zip(("dx", "dW", "dgamma", "dbeta"), grads, tgrads):
+        assert_close(got, want, dtype, name, scale=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel, padding", [(1, 0), (3, 1)])
+def test_with_shortcut_equals_two_modules(backend, kernel, padding):
+    x, weight, gamma, beta, running, _ = _problem((3, 5, 7, 9, 6, kernel, 2, padding), torch.float64)
+    shortcut = torch.randn(8, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    rm, rv = running[0].clone(), running[1].clone()
+    y, sc = bn_relu_conv2d_with_shortcut(x, weight, shortcut, gamma, beta, rm, rv, stride=2, padding=padding,
+                                         backend=backend)
+    a = torch.relu(torch.nn.functional.batch_norm(x, running[0].clone(), running[1].clone(), gamma, beta, True))
+    ty = torch.nn.functional.conv2d(a, weight, None, 2, padding)
+    tsc = torch.nn.functional.conv2d(a, shortcut, None, 2, 0)
+    assert_close(y, ty, name="y")
+    assert_close(sc, tsc, name="shortcut")
+    inputs = (x, weight, shortcut, gamma, beta)
+    got = torch.autograd.grad((y.sum(), (sc * sc).sum()), inputs)
+    want = torch.autograd.grad((ty.sum(), (tsc * tsc).sum()), inputs)
+    for name, g, w in zip(("dx", "dW", "dW_shortcut", "dgamma", "dbeta"), got, want):
+        assert_close(g, w, name=name)
+    # running statistics are updated once, not once per convolution
+    assert_close(rm, 0.9 * running[0] + 0.1 * x.detach().mean(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keeps_only_input_statistics_and_parameters(backend):
+    x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        bn_relu_conv2d(x, weight, gamma, beta, *running, backend=backend, **conv)
+    params = {t.untyped_storage().data_ptr() for t in (x, weight, gamma, beta)}
+    others = [t for t in saved if t.untyped_storage().data_ptr() not in params]
+    assert sorted(tuple(t.shape) for t in others) == [(x.shape[1],), (x.shape[1],)]  # mean and invstd
+    assert all(t.dtype == torch.float32 for t in others)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_on_cpu_hooks_see_everything_kept(backend):
+    x, weight, gamma, beta, running, conv = _problem(CASES[0], torch.float64)
+    expected = _run(lambda *a, **k: bn_relu_conv2d(*a, backend=backend, **k), x, weight, gamma, beta, running,
+                    conv, True)[1]
+    unpacked = []
+
+    def pack(t):
+        return t.clone()  # backward must only ever see what went through the hooks
+
+    def unpack(t):
+        unpacked.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        y = bn_relu_conv2d(x, weight, gamma, beta, running[0].clone(), running[1].clone(), backend=backend, **conv)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(y, (x, weight, gamma, beta), g)
+    assert len(unpacked) >= 4
+    for a, b in zip(got, expected):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float32)
+    mean, invstd = reference.batch_stats(x.detach(), 1e-5)
+    for training in (True, False):
+        torch.library.opcheck(bn_relu_conv2d_op,
+                              (x, [weight], gamma, beta, mean, invstd, [2, 2], [1, 1], training, backend))
+    shortcut = torch.randn(4, x.shape[1], 1, 1, requires_grad=True)
+    torch.library.opcheck(bn_relu_conv2d_op,
+                          (x, [weight, shortcut], gamma, beta, mean, invstd, [2, 2, 2, 2], [1, 1, 0, 0], True,
+                           backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    x, weight, gamma, beta, running, conv = _problem(CASES[0], torch.float32)
+    eager = _run(lambda *a, **k: bn_relu_conv2d(*a, backend=backend, **k), x, weight, gamma, beta, running, conv,
+                 True)
+    compiled = torch.compile(lambda *a, **k: bn_relu_conv2d(*a, backend=backend, **k), fullgraph=True,
+                             backend="aot_eager")
+    got = _run(compiled, x, weight, gamma, beta, running, conv, True)
+    assert_close(got[0], eager[0], name="y")
+    for a, b in zip(got[1], eager[1]):
+        assert_close(a, b)
+    assert_close(got[2], eager[2], name="running_mean")
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x, weight, gamma, beta, running, conv = _problem(CASES[0], torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bn_relu_conv2d(x, weight, gamma, beta, *running, **conv)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and gamma.grad.dtype == torch.float32
+
+
+def test_track_running_stats_off_uses_batch_statistics():
+    x, weight, gamma, beta, _, conv = _problem(CASES[0], torch.float64)
+    y = bn_relu_conv2d(x, weight, gamma, beta, None, None, **conv)
+    truth = reference.bn_relu_conv2d_eager(x, weight, gamma, beta, None, None, training=True, **conv)
+    assert_close(y, truth)
+
+
+def _args(**override):
+    x, weight, gamma, beta, running, _ = _problem(CASES[0], torch.float32, requires_grad=False)
+    args = dict(x=x, conv_weight=weight, bn_weight=gamma, bn_bias=beta, running_mean=running[0],
+                running_var=running[1])
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        (dict(x=torch.randn(3, 5, 7)), ValueError, "x must be a 4-D"),
+        (dict(x=torch.randint(0, 9, (3, 5, 7, 9))), TypeError, "x must be float32"),
+        (dict(conv_weight=torch.randn(6, 4, 3, 3)), ValueError, "conv_weight must be a 4-D .* 5 channels"),
+        (dict(conv_weight=torch.randn(6, 5, 3, 3, dtype=torch.float64)), TypeError, "conv_weight must have x's dtype"),
+        (dict(bn_weight=torch.ones(4)), ValueError, r"bn_weight must have shape \(5,\)"),
+        (dict(running_var=torch.ones(6)), ValueError, r"running_var must have shape \(5,\)"),
+        (dict(running_mean=None), ValueError, "running_mean and running_var must be given together"),
+        (dict(running_mean=None, running_var=None, training=False), ValueError, "eval mode .* needs running_mean"),
+        (dict(x=torch.randn(1, 5, 1, 1), conv_weight=torch.randn(6, 5, 1, 1)), ValueError,
+         "more than one value per channel"),
+        (dict(bn_bias=torch.zeros(5, device="meta")), ValueError, "bn_bias must be on x's device"),
+        (dict(stride=0), ValueError, "stride must be an int >= 1"),
+        (dict(padding=(1, 2, 3)), ValueError, "padding must be an int >= 0 or a pair"),
+        (dict(momentum=1.5), ValueError, "momentum must be in"),
+        (dict(eps=0.0), ValueError, "eps must be positive"),
+        (dict(backend="cudnn"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(override, error, message):
+    with pytest.raises(error, match=message):
+        bn_relu_conv2d(**_args(**override))
