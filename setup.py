@@ -7,11 +7,28 @@ Environment:
 """
 import glob
 import os
+import shutil
 import sysconfig
 from pathlib import Path
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _point_cuda_home_at_the_toolkit():
+    # torch derives CUDA_HOME from nvcc's location when it is unset; an nvcc
+    # wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc) would make
+    # it look for headers and libcudart in the wrong tree.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    toolkit = Path("/usr/local/cuda")
+    if nvcc and not (Path(nvcc).resolve().parents[1] / "include" / "cuda_runtime.h").exists() \
+            and (toolkit / "bin" / "nvcc").exists():
+        os.environ["CUDA_HOME"] = str(toolkit)
+
+
+_point_cuda_home_at_the_toolkit()
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0"

@@ -219,3 +219,25 @@ def _args(**override):
 def test_bad_input_names_the_argument(override, error, message):
     with pytest.raises(error, match=message):
         bn_relu_conv2d(**_args(**override))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("training", [True, False])
+def test_cuda_native_matches_nn_modules(dtype, layout, training):
+    x, weight, gamma, beta, running, conv = _problem(CASES[1], dtype, layout, requires_grad=False)
+    on_gpu = [t.cuda().requires_grad_() for t in (x, weight, gamma, beta)]
+    y, grads, rm, rv = _run(lambda *a, **k: bn_relu_conv2d(*a, backend="native", **k), *on_gpu,
+                            tuple(t.cuda() for t in running), conv, training)
+    truth = _run(reference.bn_relu_conv2d_eager,
+                 *(t.detach().double().requires_grad_() for t in (x, weight, gamma, beta)),
+                 tuple(t.double() for t in running), conv, training)
+    # cuDNN may use TF32 for fp32 convolutions: compare fp32 at the fp16 tolerance.
+    tol_dtype = torch.float16 if dtype == torch.float32 else dtype
+    assert_close(y.cpu(), truth[0], tol_dtype, "y", scale=3)
+    for name, got, want in zip(("dx", "dW", "dgamma", "dbeta"), grads, truth[1]):
+        assert_close(got.cpu(), want, tol_dtype, name, scale=10)
+    assert_close(rm.cpu(), truth[2], tol_dtype, "running_mean")
+    assert_close(rv.cpu(), truth[3], tol_dtype, "running_var")

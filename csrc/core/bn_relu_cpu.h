@@ -153,7 +153,7 @@ void bn_relu_backward_reduce_cpu(const T* grad, const ActView& vg, const T* x, c
       std::fill(dzx_acc.begin(), dzx_acc.end(), acc_t(0));
       for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
         const acc_t xv = load(x + at(vx, n, s, c));
-        if (xv * acc_t(p.scale[c]) + acc_t(p.shift[c]) <= acc_t(0)) return;  // ReLU mask
+        if (!(xv * acc_t(p.scale[c]) + acc_t(p.shift[c]) > acc_t(0))) return;  // ReLU mask, as in apply (NaN: off)
         const acc_t dz = load(grad + at(vg, n, s, c));
         dz_acc[c] += dz;
         dzx_acc[c] += dz * ((xv - acc_t(p.mean[c])) * acc_t(p.invstd[c]));
