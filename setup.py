@@ -53,7 +53,9 @@ def extension():
     sources = ["csrc/ops.cpp"]
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need
     # (C++17 for older torch, C++20 from torch 2.14 on).
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # -ffp-contract=off: the ReLU mask x * scale + shift is recomputed in several
+    # kernels and must round identically in each (no FMA in some places only).
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off"]
     include_dirs = [str(ROOT / "csrc")]
     use_cuda, why_not = want_cuda()
     if not use_cuda:

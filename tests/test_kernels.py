@@ -133,3 +133,9 @@ def test_opcheck(kernels, dtype, layout):
 def test_bad_arguments_are_named(kernels, call, message):
     with pytest.raises(RuntimeError, match=message):
         call(kernels)
+
+
+def test_nan_propagates_through_apply_like_torch_relu(kernels):
+    x = torch.tensor([float("nan"), -1.0, 2.0]).view(1, 1, 1, 3)
+    out = kernels.bn_relu_apply(x, torch.ones(1), torch.zeros(1))
+    assert out.isnan()[0, 0, 0, 0] and out.flatten()[1:].tolist() == [0.0, 2.0]

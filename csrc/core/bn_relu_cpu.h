@@ -88,22 +88,30 @@ void batch_stats_cpu(const T* x, const ActView& vx, double eps, stat_t<T>* mean,
   const Chunks chunks(vx);
   std::vector<Moments> partial(chunks.count * vx.c);
   pfor(0, chunks.count, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> sum(vx.c), m2(vx.c);
+    std::vector<acc_t> mean(vx.c), resid(vx.c), m2(vx.c);
     for (int64_t chunk = b; chunk < e; ++chunk) {
-      // Two passes over a cache-resident chunk: its own mean, then deviations.
-      std::fill(sum.begin(), sum.end(), acc_t(0));
+      // Corrected two-pass over a cache-resident chunk: a provisional mean,
+      // then deviations from it. The provisional mean carries the rounding of
+      // an fp32 sum; the deviations' own sum (resid) measures that error and
+      // removes it from both the mean and m2 (Chan, Golub & LeVeque 1983).
+      std::fill(mean.begin(), mean.end(), acc_t(0));
+      std::fill(resid.begin(), resid.end(), acc_t(0));
       std::fill(m2.begin(), m2.end(), acc_t(0));
       for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
-        sum[c] += load(x + at(vx, n, s, c));
+        mean[c] += load(x + at(vx, n, s, c));
       });
       const int64_t s0 = (chunk % chunks.per_image) * kChunkSpatial;
       const acc_t cnt = acc_t(std::min(vx.s, s0 + kChunkSpatial) - s0);
-      for (int64_t c = 0; c < vx.c; ++c) sum[c] /= cnt;  // now the chunk mean
+      for (int64_t c = 0; c < vx.c; ++c) mean[c] /= cnt;
       for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
-        const acc_t d = acc_t(load(x + at(vx, n, s, c))) - sum[c];
+        const acc_t d = acc_t(load(x + at(vx, n, s, c))) - mean[c];
+        resid[c] += d;
         m2[c] += d * d;
       });
-      for (int64_t c = 0; c < vx.c; ++c) partial[chunk * vx.c + c] = {double(cnt), double(sum[c]), double(m2[c])};
+      for (int64_t c = 0; c < vx.c; ++c) {
+        const double r = double(resid[c]);
+        partial[chunk * vx.c + c] = {double(cnt), double(mean[c]) + r / double(cnt), double(m2[c]) - r * r / double(cnt)};
+      }
     }
   });
   pfor(0, vx.c, [&](int64_t b, int64_t e) {
@@ -125,7 +133,7 @@ void bn_relu_apply_cpu(const T* x, const ActView& vx, const stat_t<T>* scale, co
     for (int64_t chunk = b; chunk < e; ++chunk)
       for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
         const acc_t z = acc_t(load(x + at(vx, n, s, c))) * acc_t(scale[c]) + acc_t(shift[c]);
-        store(out + at(vout, n, s, c), z > acc_t(0) ? z : acc_t(0));
+        store(out + at(vout, n, s, c), z < acc_t(0) ? acc_t(0) : z);  // NaN propagates, as torch.relu
       });
   });
 }

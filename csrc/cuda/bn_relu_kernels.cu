@@ -352,7 +352,7 @@ struct ApplyElementwise {
   }
   __device__ void store(int64_t n, int64_t s, int64_t c, Sample xv) const {
     const acc_t z = pre_activation(xv, acc_t(scale[c]), acc_t(shift[c]));
-    store_value(out + element_offset(vout, n, s, c), z > acc_t(0) ? z : acc_t(0));
+    store_value(out + element_offset(vout, n, s, c), z < acc_t(0) ? acc_t(0) : z);  // NaN propagates, as torch.relu
   }
 };
 
