@@ -95,7 +95,11 @@ _BLOCKS = {"basic": (PreActBlock, 6, (16, 32, 64)), "bottleneck": (PreActBottlen
 
 
 def default_block(depth: int) -> str:
-    """The paper's choice: basic units up to ResNet-110, bottleneck units above."""
+    """The unit type whose depth rule (6n+2 basic, 9n+2 bottleneck) `depth` fits;
+    where both fit, the paper's choice: basic up to ResNet-110, bottleneck above."""
+    fits = [name for name, (_, per_unit, _) in _BLOCKS.items() if depth >= per_unit + 2 and (depth - 2) % per_unit == 0]
+    if len(fits) == 1:
+        return fits[0]
     return "basic" if depth <= 110 else "bottleneck"
 
 

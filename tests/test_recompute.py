@@ -1,0 +1,358 @@
+"""Recompute modes of PreActResNet, the recompute() function, frozen running
+statistics, saved-tensor hooks, and the saved-bytes targets of ResNet-1001."""
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import BACKENDS, assert_close
+from fused_preact import FusedBNReLUConv2d, PreActResNet
+from fused_preact.memory import saved_activation_bytes
+from fused_preact.recompute import frozen_running_stats, recompute, running_stats_frozen
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and OpenMP spin-waiting on a shared machine
+    slows these many small ops down tenfold; the kernels' threading is exercised by test_op/test_kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+NETS = [(20, "bottleneck"), (14, "basic")]
+# (fused, recompute, segment_size, backend) compared with the plain net (fused=False, recompute="none").
+MODES = [
+    *((True, mode, size, backend) for backend in BACKENDS
+      for mode, size in [("none", None), ("bn_relu", None), ("unit", None), ("segment", None), ("segment", 4),
+                         ("segment", 1)]),
+    (False, "unit", None, "auto"),
+    (False, "segment", None, "auto"),
+    (False, "segment", 4, "auto"),
+]
+
+
+def _mode_id(m):
+    fused, mode, size, backend = m
+    return f"{'fused' if fused else 'unfused'}-{mode}{'' if size is None else size}" + \
+        (f"-{backend}" if fused else "")
+
+
+def randomized_net(depth, block, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = PreActResNet(depth, block=block, **kwargs)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.double()
+
+
+def training_step(model, x, labels):
+    x = x.detach().clone().requires_grad_()
+    loss = F.cross_entropy(model(x), labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return {"loss": loss.detach(), "input_grad": x.grad, **{f"grad:{n}": g for n, g in grads.items()},
+            **{f"param:{n}": p.detach().clone() for n, p in model.named_parameters()},
+            **{f"buffer:{n}": b.clone() for n, b in model.named_buffers()}}
+
+
+def assert_same(got, want, dtype=torch.float64):
+    assert got.keys() == want.keys()
+    for name, expected in want.items():
+        if expected.is_floating_point():
+            assert_close(got[name], expected, dtype, name, scale=max(1.0, expected.abs().max().item()))
+        else:
+            assert torch.equal(got[name], expected), name
+
+
+@pytest.mark.parametrize("fused, mode, segment_size, backend", MODES, ids=[_mode_id(m) for m in MODES])
+@pytest.mark.parametrize("depth, block", NETS, ids=[f"{b}{d}" for d, b in NETS])
+def test_recompute_mode_matches_plain_training_step(depth, block, fused, mode, segment_size, backend):
+    plain = randomized_net(depth, block, fused=False, recompute="none")
+    model = randomized_net(depth, block, seed=5, fused=fused, recompute=mode, segment_size=segment_size,
+                           backend=backend)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    x, labels = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([1, 7, 3])
+    assert_same(training_step(model, x, labels), training_step(plain, x, labels))
+    assert all(int(m.num_batches_tracked) == 1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("depth, block, expected", [(20, "bottleneck", 2), (164, "bottleneck", 7),
+                                                    (1001, "bottleneck", 18), (14, "basic", 2)])
+def test_default_segment_size_is_rounded_sqrt_of_units(depth, block, expected):
+    with torch.device("meta"):
+        model = PreActResNet(depth, block=block, recompute="segment")
+    assert model.segment_size == expected == round(math.sqrt(len(model.units)))
+
+
+@pytest.mark.parametrize("mode", ["unit", "segment"])
+def test_recompute_with_frozen_parameters_matches_plain(mode):
+    plain = randomized_net(20, "bottleneck", fused=False, recompute="none")
+    model = randomized_net(20, "bottleneck", seed=5, recompute=mode)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    for net in (plain, model):
+        net.units[0].requires_grad_(False)
+        net.units[1].bn1.requires_grad_(False)
+    x, labels = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 5])
+    assert_same(training_step(model, x, labels), training_step(plain, x, labels))
+    assert model.units[0].conv1.weight.grad is None and model.units[1].bn1.weight.grad is None
+
+
+# ---- saved-tensor hooks -------------------------------------------------------------------------------------
+
+def _kept_unit_inputs(model, mode):
+    if mode == "bn_relu":
+        return list(range(len(model.units)))
+    step = 1 if mode == "unit" else model.segment_size
+    return list(range(0, len(model.units), step))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["bn_relu", "unit", "segment"])
+def test_backward_reads_kept_tensors_only_through_saved_tensor_hooks(mode, backend):
+    model = randomized_net(20, "bottleneck", recompute=mode, backend=backend)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 10, dtype=torch.float64)
+    wanted = [x, *model.parameters()]
+    expected = torch.autograd.grad(model(x), wanted, g)
+
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    unit_inputs, originals, packed, unpacked = {}, [], [], set()
+
+    def record_input(i):
+        def hook(module, args):
+            unit_inputs.setdefault(i, args[0].data_ptr())
+        return hook
+
+    handles = [u.register_forward_pre_hook(record_input(i)) for i, u in enumerate(model.units)]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own and t is not x:
+            originals.append(t)
+        packed.append(t.data_ptr())
+        return len(packed) - 1, t.clone()
+
+    def unpack(entry):
+        unpacked.add(entry[0])
+        return entry[1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        for t in originals:
+            t.fill_(float("nan"))
+    got = torch.autograd.grad(out, wanted, g)
+
+    for i in _kept_unit_inputs(model, mode):
+        assert unit_inputs[i] in packed, f"input of unit {i} is not saved through save_for_backward"
+    assert unpacked == set(range(len(packed)))
+    for name, a, b in zip(["input", *(n for n, _ in model.named_parameters())], got, expected):
+        assert_close(a, b, torch.float64, name, scale=max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("mode", ["bn_relu", "unit"])
+def test_training_under_save_on_cpu_gives_same_gradients(mode):
+    model = randomized_net(11, "bottleneck", recompute=mode)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    wanted = [x, *model.parameters()]
+    expected = torch.autograd.grad(model(x).square().sum(), wanted)
+    with torch.autograd.graph.save_on_cpu():
+        loss = model(x).square().sum()
+    for a, b in zip(torch.autograd.grad(loss, wanted), expected):
+        assert_close(a, b, torch.float64, scale=max(1.0, b.abs().max().item()))
+
+
+# ---- recompute() ------------------------------------------------------------------------------------------
+
+def _small_function():
+    w1 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def run(x):
+        calls.append(torch.is_grad_enabled())
+        return (torch.tanh(x @ w1 + b1) @ w2).square()
+
+    return run, [w1, b1, w2], calls
+
+
+@pytest.mark.parametrize("input_requires_grad", [True, False])
+def test_recompute_gives_same_gradients_as_direct_call(input_requires_grad):
+    run, params, calls = _small_function()
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=input_requires_grad)
+    g = torch.randn(6, 3, dtype=torch.float64)
+    direct = run(x)
+    wanted = [x, *params] if input_requires_grad else params
+    expected = torch.autograd.grad(direct, wanted, g)
+    calls.clear()
+    out = recompute(run, x, params)
+    assert calls == [False]
+    assert_close(out, direct, torch.float64, "output")
+    got = torch.autograd.grad(out, wanted, g)
+    assert calls == [False, True]
+    for a, b in zip(got, expected):
+        assert_close(a, b, torch.float64)
+
+
+def test_recompute_leaves_input_grad_none_when_input_does_not_require_grad():
+    run, params, _ = _small_function()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    recompute(run, x, params).sum().backward()
+    assert x.grad is None and all(p.grad is not None for p in params)
+
+
+def test_recompute_under_no_grad_runs_once_without_graph():
+    run, params, calls = _small_function()
+    with torch.no_grad():
+        out = recompute(run, torch.randn(6, 5, dtype=torch.float64), params)
+    assert calls == [False] and not out.requires_grad
+
+
+def test_frozen_running_stats_nests_and_restores():
+    assert not running_stats_frozen()
+    with frozen_running_stats():
+        assert running_stats_frozen()
+        with frozen_running_stats():
+            assert running_stats_frozen()
+        assert running_stats_frozen()
+    assert not running_stats_frozen()
+    with pytest.raises(KeyError), frozen_running_stats():
+        raise KeyError
+    assert not running_stats_frozen()
+
+
+def test_frozen_running_stats_is_per_thread():
+    seen = []
+    with frozen_running_stats():
+        thread = threading.Thread(target=lambda: seen.append(running_stats_frozen()))
+        thread.start()
+        thread.join()
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum0.1", "cumulative"])
+@pytest.mark.parametrize("fused, backend", [(True, "reference"), (True, "native"), (False, "reference")],
+                         ids=["fused-reference", "fused-native", "unfused"])
+def test_frozen_running_stats_keep_buffers_but_normalise_with_batch_stats(fused, backend, momentum):
+    mod = FusedBNReLUConv2d(4, 6, kernel_size=3, padding=1, momentum=momentum, fused=fused, backend=backend).double()
+    with torch.no_grad():
+        mod.bn.running_mean.uniform_(-1, 1)
+        mod.bn.running_var.uniform_(0.5, 2)
+    before = {n: b.clone() for n, b in mod.bn.named_buffers()}
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64) * 2 + 1
+    expected = F.conv2d(F.relu(F.batch_norm(x, None, None, mod.bn.weight, mod.bn.bias, True)), mod.conv.weight,
+                        padding=1)
+    with frozen_running_stats():
+        out = mod(x)
+    assert_close(out, expected, torch.float64, "output")
+    for name, b in mod.bn.named_buffers():
+        assert torch.equal(b, before[name]), name
+    mod(x)
+    assert int(mod.bn.num_batches_tracked) == 1 and not torch.equal(mod.bn.running_mean, before["running_mean"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_recomputed_module_updates_running_stats_once(fused):
+    mod = FusedBNReLUConv2d(4, 6, kernel_size=3, padding=1, fused=fused).double()
+    twin = FusedBNReLUConv2d(4, 6, kernel_size=3, padding=1, fused=fused).double()
+    twin.load_state_dict(mod.state_dict())
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64) + 1
+    recompute(mod, x.requires_grad_(), list(mod.parameters())).sum().backward()
+    twin(x).sum()
+    for name, b in twin.bn.named_buffers():
+        assert torch.equal(getattr(mod.bn, name), b), name
+
+
+def _autocast_probe():
+    lin = nn.Linear(8, 8)
+    seen = []
+
+    def run(x):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return torch.tanh(lin(x)) * lin(x)
+
+    return run, list(lin.parameters()), seen
+
+
+def test_recompute_restores_forward_autocast_state_in_backward():
+    run, params, seen = _autocast_probe()
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = recompute(run, x, params)
+        direct = run(x)
+    assert out.dtype == torch.float16
+    got = torch.autograd.grad(out.float().sum(), [x, *params])
+    expected = torch.autograd.grad(direct.float().sum(), [x, *params])
+    assert seen == [(True, torch.float16)] * 3
+    for a, b in zip(got, expected):
+        assert_close(a, b, torch.float64)
+
+
+def test_recompute_backward_ignores_autocast_active_at_backward_time():
+    run, params, seen = _autocast_probe()
+    x = torch.randn(4, 8, requires_grad=True)
+    out, direct = recompute(run, x, params), run(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(out.sum(), [x, *params])
+        expected = torch.autograd.grad(direct.sum(), [x, *params])
+    assert [enabled for enabled, _ in seen] == [False, False, False]
+    for a, b in zip(got, expected):
+        assert_close(a, b, torch.float64)
+
+
+# ---- saved bytes of ResNet-1001 ---------------------------------------------------------------------------
+
+CONFIGS = {"eager": (False, "none"), "bn_relu": (True, "bn_relu"), "unit": (True, "unit"),
+           "segment": (True, "segment")}
+
+
+@pytest.fixture(scope="module")
+def saved_bytes_1001():
+    x, result = torch.randn(1, 3, 32, 32), {}
+    for name, (fused, mode) in CONFIGS.items():
+        torch.manual_seed(0)
+        model = PreActResNet(1001, fused=fused, recompute=mode).train()
+        result[name] = saved_activation_bytes(lambda: model(x), model)
+        result[f"{name}:segment_size"] = model.segment_size
+    return result
+
+
+def expected_saved_bytes_1001(config, segment_size, size=32):
+    """fp32 bytes autograd keeps for one image, from the architecture: eager keeps each BN's input and each
+    ReLU's output, bn_relu only the BN input, unit/segment only the kept units' inputs; every config also
+    keeps the image, the head's BN input/ReLU output/fc input, and BN mean and invstd where BN runs eagerly."""
+    n, c_in, h, units = 111, 16, size, []
+    for stage, width in enumerate((16, 32, 64)):
+        for i in range(n):
+            h_out = h // 2 if stage > 0 and i == 0 else h
+            units.append([(c_in, h * h), (width, h_out * h_out), (width, h_out * h_out)])
+            c_in, h = 4 * width, h_out
+    head = 2 * c_in * h * h + 2 * c_in + c_in
+    acts = sum(c * hw for unit in units for c, hw in unit)
+    stats = 2 * sum(c for unit in units for c, _ in unit)
+    unit_inputs = [unit[0][0] * unit[0][1] for unit in units]
+    kept = {"eager": 2 * acts + stats, "bn_relu": acts + stats, "unit": sum(unit_inputs),
+            "segment": sum(unit_inputs[::segment_size])}[config]
+    return 4 * (3 * size * size + kept + head)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_resnet1001_saved_bytes_match_architecture(saved_bytes_1001, config):
+    expected = expected_saved_bytes_1001(config, saved_bytes_1001["segment:segment_size"])
+    assert saved_bytes_1001[config] == pytest.approx(expected, rel=1e-2)
+
+
+@pytest.mark.parametrize("config, bound", [("bn_relu", 0.51), ("unit", 0.34), ("segment", 0.06)])
+def test_resnet1001_saved_bytes_ratio_to_eager(saved_bytes_1001, config, bound):
+    assert saved_bytes_1001[config] / saved_bytes_1001["eager"] <= bound
