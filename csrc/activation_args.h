@@ -1,8 +1,12 @@
-// Argument checks and tensor -> ActView conversion shared by the CPU and CUDA
-// bindings, so both devices reject the same bad input with the same message.
+// Argument checks, tensor -> ActView conversion and operand preparation shared
+// by the CPU and CUDA bindings, so both devices reject the same bad input with
+// the same message and hand their kernels the same operands.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <optional>
 
 #include "core/view.h"
 
@@ -71,6 +75,63 @@ inline at::Tensor empty_activation_like(const at::Tensor& x) {
   return at::empty_like(x, x.options(), x.is_non_overlapping_and_dense()
                                             ? at::MemoryFormat::Preserve
                                             : x.suggest_memory_format());
+}
+
+#define FUSED_PREACT_DISPATCH(x, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
+
+// A tensor's data as the kernels' storage type T (same bit layout as its dtype).
+template <typename T>
+const T* data_as(const at::Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <typename T>
+T* mutable_data_as(at::Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? data_as<T>(t) : nullptr;
+}
+
+inline void check_eps(const char* op, double eps) {
+  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+}
+
+// Operands of the two backward ops, checked; the statistics vectors are dense.
+struct BackwardArgs {
+  at::Tensor grad, x, mean, invstd, scale, shift;
+};
+
+inline BackwardArgs backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& scale,
+                                  const at::Tensor& shift) {
+  check_activation(op, "x", x);
+  check_same_activation(op, "grad_act", grad, x);
+  check_channel_vector(op, "mean", mean, x);
+  check_channel_vector(op, "invstd", invstd, x);
+  check_channel_vector(op, "scale", scale, x);
+  check_channel_vector(op, "shift", shift, x);
+  return {as_kernel_operand(grad), as_kernel_operand(x), mean.contiguous(), invstd.contiguous(),
+          scale.contiguous(), shift.contiguous()};
+}
+
+// The training-mode sums of bn_relu_backward_input, or two undefined tensors
+// in eval mode (the kernels take null pointers for them).
+inline std::pair<at::Tensor, at::Tensor> backward_sums(const char* op, const at::Tensor& x,
+                                                       const std::optional<at::Tensor>& sum_dz,
+                                                       const std::optional<at::Tensor>& sum_dz_xhat) {
+  TORCH_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), op,
+              ": sum_dz and sum_dz_xhat must be given together (training) or both omitted (eval)");
+  if (!sum_dz.has_value()) return {};
+  check_channel_vector(op, "sum_dz", *sum_dz, x);
+  check_channel_vector(op, "sum_dz_xhat", *sum_dz_xhat, x);
+  return {sum_dz->contiguous(), sum_dz_xhat->contiguous()};
+}
+
+template <typename S>
+BnReluParams<S> bn_relu_params(const BackwardArgs& a) {
+  return {data_as<S>(a.mean), data_as<S>(a.invstd), data_as<S>(a.scale), data_as<S>(a.shift)};
 }
 
 }  // namespace fused_preact

@@ -3,7 +3,6 @@
 #include <Python.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "activation_args.h"
@@ -33,15 +32,6 @@ struct core_storage<at::BFloat16> {
   using type = bf16_t;
 };
 
-template <typename scalar_t>
-auto* core_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename core_storage<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
-}
-template <typename scalar_t>
-auto* core_mut_ptr(at::Tensor& t) {
-  return reinterpret_cast<typename core_storage<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
-}
-
 struct AtenParallelFor {
   template <typename F>
   void operator()(int64_t begin, int64_t end, F&& fn) const {
@@ -49,20 +39,17 @@ struct AtenParallelFor {
   }
 };
 
-#define FUSED_PREACT_DISPATCH(x, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
-
 std::tuple<at::Tensor, at::Tensor> cpu_batch_stats(const at::Tensor& x_in, double eps) {
   check_activation("batch_stats", "x", x_in);
-  TORCH_CHECK(eps > 0, "batch_stats: eps must be positive, got ", eps);
+  check_eps("batch_stats", eps);
   const at::Tensor x = as_kernel_operand(x_in);
   auto mean = at::empty({x.size(1)}, x.options().dtype(stats_dtype(x)));
   auto invstd = at::empty_like(mean);
   if (x.numel() == 0) return {mean.fill_(NAN), invstd.fill_(NAN)};
   FUSED_PREACT_DISPATCH(x, "batch_stats_cpu", [&] {
-    using S = stat_t<typename core_storage<scalar_t>::type>;
-    fused_preact::batch_stats_cpu(core_ptr<scalar_t>(x), activation_view(x), eps,
-                                  mean.mutable_data_ptr<S>(), invstd.mutable_data_ptr<S>(), AtenParallelFor{});
+    using T = typename core_storage<scalar_t>::type;
+    batch_stats_cpu(data_as<T>(x), activation_view(x), eps, mutable_data_as<stat_t<T>>(mean),
+                    mutable_data_as<stat_t<T>>(invstd), AtenParallelFor{});
   });
   return {mean, invstd};
 }
@@ -72,39 +59,14 @@ at::Tensor cpu_bn_relu_apply(const at::Tensor& x_in, const at::Tensor& scale, co
   check_channel_vector("bn_relu_apply", "scale", scale, x_in);
   check_channel_vector("bn_relu_apply", "shift", shift, x_in);
   const at::Tensor x = as_kernel_operand(x_in);
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
   at::Tensor out = empty_activation_like(x);
   FUSED_PREACT_DISPATCH(x, "bn_relu_apply_cpu", [&] {
-    using S = stat_t<typename core_storage<scalar_t>::type>;
-    const auto sc = scale.contiguous(), sh = shift.contiguous();
-    fused_preact::bn_relu_apply_cpu(core_ptr<scalar_t>(x), activation_view(x), sc.const_data_ptr<S>(),
-                                    sh.const_data_ptr<S>(), core_mut_ptr<scalar_t>(out),
-                                    activation_view(out), AtenParallelFor{});
+    using T = typename core_storage<scalar_t>::type;
+    bn_relu_apply_cpu(data_as<T>(x), activation_view(x), data_as<stat_t<T>>(sc), data_as<stat_t<T>>(sh),
+                      mutable_data_as<T>(out), activation_view(out), AtenParallelFor{});
   });
   return out;
-}
-
-// Shared checks of the two backward ops; returns the kernel operands.
-struct BackwardArgs {
-  at::Tensor grad, x, mean, invstd, scale, shift;
-};
-
-BackwardArgs backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x,
-                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& scale,
-                           const at::Tensor& shift) {
-  check_activation(op, "x", x);
-  check_same_activation(op, "grad_act", grad, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  check_channel_vector(op, "scale", scale, x);
-  check_channel_vector(op, "shift", shift, x);
-  return {as_kernel_operand(grad), as_kernel_operand(x), mean.contiguous(), invstd.contiguous(),
-          scale.contiguous(), shift.contiguous()};
-}
-
-template <typename S>
-BnReluParams<S> bn_relu_params(const BackwardArgs& a) {
-  return {a.mean.const_data_ptr<S>(), a.invstd.const_data_ptr<S>(), a.scale.const_data_ptr<S>(),
-          a.shift.const_data_ptr<S>()};
 }
 
 std::tuple<at::Tensor, at::Tensor> cpu_bn_relu_backward_reduce(const at::Tensor& grad_act, const at::Tensor& x,
@@ -114,11 +76,10 @@ std::tuple<at::Tensor, at::Tensor> cpu_bn_relu_backward_reduce(const at::Tensor&
   auto sum_dz = at::empty_like(a.mean);
   auto sum_dz_xhat = at::empty_like(a.mean);
   FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_reduce_cpu", [&] {
-    using S = stat_t<typename core_storage<scalar_t>::type>;
-    fused_preact::bn_relu_backward_reduce_cpu(core_ptr<scalar_t>(a.grad), activation_view(a.grad),
-                                              core_ptr<scalar_t>(a.x), activation_view(a.x), bn_relu_params<S>(a),
-                                              sum_dz.mutable_data_ptr<S>(), sum_dz_xhat.mutable_data_ptr<S>(),
-                                              AtenParallelFor{});
+    using T = typename core_storage<scalar_t>::type;
+    bn_relu_backward_reduce_cpu(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
+                                bn_relu_params<stat_t<T>>(a), mutable_data_as<stat_t<T>>(sum_dz),
+                                mutable_data_as<stat_t<T>>(sum_dz_xhat), AtenParallelFor{});
   });
   return {sum_dz, sum_dz_xhat};
 }
@@ -129,23 +90,14 @@ at::Tensor cpu_bn_relu_backward_input(const at::Tensor& grad_act, const at::Tens
                                       const std::optional<at::Tensor>& sum_dz_xhat) {
   const char* op = "bn_relu_backward_input";
   const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
-  TORCH_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), op,
-              ": sum_dz and sum_dz_xhat must be given together (training) or both omitted (eval)");
-  at::Tensor sdz, sdzx;
-  if (sum_dz.has_value()) {
-    check_channel_vector(op, "sum_dz", *sum_dz, x);
-    check_channel_vector(op, "sum_dz_xhat", *sum_dz_xhat, x);
-    sdz = sum_dz->contiguous();
-    sdzx = sum_dz_xhat->contiguous();
-  }
+  const auto [sdz, sdzx] = backward_sums(op, x, sum_dz, sum_dz_xhat);
   at::Tensor dx = empty_activation_like(a.x);
   FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_input_cpu", [&] {
-    using S = stat_t<typename core_storage<scalar_t>::type>;
-    fused_preact::bn_relu_backward_input_cpu(
-        core_ptr<scalar_t>(a.grad), activation_view(a.grad), core_ptr<scalar_t>(a.x), activation_view(a.x),
-        bn_relu_params<S>(a), sdz.defined() ? sdz.const_data_ptr<S>() : nullptr,
-        sdzx.defined() ? sdzx.const_data_ptr<S>() : nullptr, core_mut_ptr<scalar_t>(dx), activation_view(dx),
-        AtenParallelFor{});
+    using T = typename core_storage<scalar_t>::type;
+    bn_relu_backward_input_cpu(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
+                               bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sdz),
+                               data_or_null<stat_t<T>>(sdzx), mutable_data_as<T>(dx), activation_view(dx),
+                               AtenParallelFor{});
   });
   return dx;
 }

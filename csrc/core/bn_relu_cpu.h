@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "half.h"
@@ -29,11 +28,6 @@
 namespace fused_preact {
 
 constexpr int64_t kChunkSpatial = 1024;
-
-// fp64 tensors carry fp64 statistics (the binding allocates them so);
-// every other dtype carries fp32 statistics.
-template <typename T>
-using stat_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 struct SerialFor {
   template <typename F>
@@ -137,15 +131,6 @@ void bn_relu_apply_cpu(const T* x, const ActView& vx, const stat_t<T>* scale, co
       });
   });
 }
-
-// Per-channel BN parameters of the backward pass, all of length C.
-template <typename S>
-struct BnReluParams {
-  const S* mean;
-  const S* invstd;
-  const S* scale;
-  const S* shift;
-};
 
 template <typename T, typename ParallelFor = SerialFor>
 void bn_relu_backward_reduce_cpu(const T* grad, const ActView& vg, const T* x, const ActView& vx,

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "view.h"  // compute_t
+
 namespace fused_preact {
 
 struct bf16_t {
@@ -81,17 +83,5 @@ inline void store(float* p, float v) { *p = v; }
 inline void store(double* p, double v) { *p = v; }
 inline void store(bf16_t* p, float v) { *p = bf16_from_float(v); }
 inline void store(fp16_t* p, float v) { *p = fp16_from_float(v); }
-
-// fp64 tensors compute in fp64 (so gradcheck is meaningful); everything else in fp32.
-template <typename T>
-struct compute_type {
-  using type = float;
-};
-template <>
-struct compute_type<double> {
-  using type = double;
-};
-template <typename T>
-using compute_t = typename compute_type<T>::type;
 
 }  // namespace fused_preact

@@ -1,4 +1,5 @@
-// Torch-free description of a 4-D activation as the kernels see it.
+// Torch-free description of the kernels' operands: a 4-D activation as a
+// strided [N, C, H*W] view, and the per-channel statistics that go with it.
 //
 // BatchNorm reduces over (N, H, W) per channel, so every kernel in this package
 // walks an activation as [N, C, S] with S = H*W merged into one spatial axis.
@@ -8,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_preact {
 
@@ -21,6 +23,23 @@ struct ActView {
   int64_t offset(int64_t row, int64_t ch) const {
     return (row / s) * stride_n + (row % s) * stride_s + ch * stride_c;
   }
+};
+
+// Kernels accumulate in compute_t and keep per-channel vectors in stat_t:
+// fp32 for fp32/fp16/bf16 tensors, fp64 for fp64 tensors (where fp32 would
+// make gradcheck meaningless). The bindings allocate statistics accordingly.
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+template <typename T>
+using stat_t = compute_t<T>;
+
+// Per-channel BN parameters of the backward pass, all of length C.
+template <typename S>
+struct BnReluParams {
+  const S* mean;
+  const S* invstd;
+  const S* scale;
+  const S* shift;
 };
 
 }  // namespace fused_preact

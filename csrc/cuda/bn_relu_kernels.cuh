@@ -21,8 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "core/bn_relu_cpu.h"  // stat_t, BnReluParams: one definition for both devices
-#include "core/view.h"
+#include "core/view.h"  // ActView, stat_t, BnReluParams: one definition for both devices
 
 namespace fused_preact {
 namespace gpu {

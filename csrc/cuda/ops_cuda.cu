@@ -1,7 +1,6 @@
 // CUDA implementations of the fused_preact operators (schemas in ops.cpp).
 // Each mirrors its CPU twin in ops.cpp: same checks (activation_args.h), same
 // output allocation, same semantics; only the kernels differ.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,18 +30,6 @@ struct gpu_storage<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-template <typename scalar_t>
-auto* gpu_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename gpu_storage<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
-}
-template <typename scalar_t>
-auto* gpu_mut_ptr(at::Tensor& t) {
-  return reinterpret_cast<typename gpu_storage<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
-}
-
-#define FUSED_PREACT_DISPATCH(x, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)
-
 void check_cuda(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
 }
@@ -56,7 +43,7 @@ at::Tensor reduction_workspace(const at::Tensor& x, size_t bytes) {
 std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x_in, double eps) {
   check_activation("batch_stats", "x", x_in);
   check_cuda("batch_stats", "x", x_in);
-  TORCH_CHECK(eps > 0, "batch_stats: eps must be positive, got ", eps);
+  check_eps("batch_stats", eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = as_kernel_operand(x_in);
   auto mean = at::empty({x.size(1)}, x.options().dtype(stats_dtype(x)));
@@ -64,10 +51,9 @@ std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x_in, doub
   if (x.numel() == 0) return {mean.fill_(NAN), invstd.fill_(NAN)};
   FUSED_PREACT_DISPATCH(x, "batch_stats_cuda", [&] {
     using T = typename gpu_storage<scalar_t>::type;
-    using S = stat_t<T>;
     const ActView vx = activation_view(x);
     at::Tensor ws = reduction_workspace(x, gpu::reduction_workspace_bytes<T>(vx));
-    gpu::batch_stats(gpu_ptr<scalar_t>(x), vx, eps, mean.mutable_data_ptr<S>(), invstd.mutable_data_ptr<S>(),
+    gpu::batch_stats(data_as<T>(x), vx, eps, mutable_data_as<stat_t<T>>(mean), mutable_data_as<stat_t<T>>(invstd),
                      ws.mutable_data_ptr(), at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -81,57 +67,34 @@ at::Tensor bn_relu_apply_cuda(const at::Tensor& x_in, const at::Tensor& scale, c
   check_channel_vector("bn_relu_apply", "shift", shift, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = as_kernel_operand(x_in);
+  const at::Tensor sc = scale.contiguous(), sh = shift.contiguous();
   at::Tensor out = empty_activation_like(x);
   FUSED_PREACT_DISPATCH(x, "bn_relu_apply_cuda", [&] {
-    using S = stat_t<typename gpu_storage<scalar_t>::type>;
-    const auto sc = scale.contiguous(), sh = shift.contiguous();
-    gpu::bn_relu_apply(gpu_ptr<scalar_t>(x), activation_view(x), sc.const_data_ptr<S>(), sh.const_data_ptr<S>(),
-                       gpu_mut_ptr<scalar_t>(out), activation_view(out), at::cuda::getCurrentCUDAStream());
+    using T = typename gpu_storage<scalar_t>::type;
+    gpu::bn_relu_apply(data_as<T>(x), activation_view(x), data_as<stat_t<T>>(sc), data_as<stat_t<T>>(sh),
+                       mutable_data_as<T>(out), activation_view(out), at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
-}
-
-// Shared checks of the two backward ops (as in ops.cpp); returns the kernel operands.
-struct BackwardArgs {
-  at::Tensor grad, x, mean, invstd, scale, shift;
-};
-
-BackwardArgs backward_args(const char* op, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
-                           const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift) {
-  check_activation(op, "x", x);
-  check_cuda(op, "x", x);
-  check_same_activation(op, "grad_act", grad, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "invstd", invstd, x);
-  check_channel_vector(op, "scale", scale, x);
-  check_channel_vector(op, "shift", shift, x);
-  return {as_kernel_operand(grad), as_kernel_operand(x), mean.contiguous(), invstd.contiguous(),
-          scale.contiguous(), shift.contiguous()};
-}
-
-template <typename S>
-BnReluParams<S> bn_relu_params(const BackwardArgs& a) {
-  return {a.mean.const_data_ptr<S>(), a.invstd.const_data_ptr<S>(), a.scale.const_data_ptr<S>(),
-          a.shift.const_data_ptr<S>()};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(const at::Tensor& grad_act, const at::Tensor& x,
                                                                 const at::Tensor& mean, const at::Tensor& invstd,
                                                                 const at::Tensor& scale,
                                                                 const at::Tensor& shift) {
-  const auto a = backward_args("bn_relu_backward_reduce", grad_act, x, mean, invstd, scale, shift);
+  const char* op = "bn_relu_backward_reduce";
+  check_cuda(op, "x", x);
+  const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
   const c10::cuda::CUDAGuard guard(x.device());
   auto sum_dz = at::empty_like(a.mean);
   auto sum_dz_xhat = at::empty_like(a.mean);
   FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_reduce_cuda", [&] {
     using T = typename gpu_storage<scalar_t>::type;
-    using S = stat_t<T>;
     const ActView vx = activation_view(a.x);
     at::Tensor ws = reduction_workspace(a.x, gpu::reduction_workspace_bytes<T>(vx));
-    gpu::bn_relu_backward_reduce(gpu_ptr<scalar_t>(a.grad), activation_view(a.grad), gpu_ptr<scalar_t>(a.x), vx,
-                                 bn_relu_params<S>(a), sum_dz.mutable_data_ptr<S>(),
-                                 sum_dz_xhat.mutable_data_ptr<S>(), ws.mutable_data_ptr(),
+    gpu::bn_relu_backward_reduce(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), vx,
+                                 bn_relu_params<stat_t<T>>(a), mutable_data_as<stat_t<T>>(sum_dz),
+                                 mutable_data_as<stat_t<T>>(sum_dz_xhat), ws.mutable_data_ptr(),
                                  at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -143,25 +106,17 @@ at::Tensor bn_relu_backward_input_cuda(const at::Tensor& grad_act, const at::Ten
                                        const std::optional<at::Tensor>& sum_dz,
                                        const std::optional<at::Tensor>& sum_dz_xhat) {
   const char* op = "bn_relu_backward_input";
+  check_cuda(op, "x", x);
   const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
+  const auto [sdz, sdzx] = backward_sums(op, x, sum_dz, sum_dz_xhat);
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), op,
-              ": sum_dz and sum_dz_xhat must be given together (training) or both omitted (eval)");
-  at::Tensor sdz, sdzx;
-  if (sum_dz.has_value()) {
-    check_channel_vector(op, "sum_dz", *sum_dz, x);
-    check_channel_vector(op, "sum_dz_xhat", *sum_dz_xhat, x);
-    sdz = sum_dz->contiguous();
-    sdzx = sum_dz_xhat->contiguous();
-  }
   at::Tensor dx = empty_activation_like(a.x);
   FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_input_cuda", [&] {
-    using S = stat_t<typename gpu_storage<scalar_t>::type>;
-    gpu::bn_relu_backward_input(gpu_ptr<scalar_t>(a.grad), activation_view(a.grad), gpu_ptr<scalar_t>(a.x),
-                                activation_view(a.x), bn_relu_params<S>(a),
-                                sdz.defined() ? sdz.const_data_ptr<S>() : nullptr,
-                                sdzx.defined() ? sdzx.const_data_ptr<S>() : nullptr, gpu_mut_ptr<scalar_t>(dx),
-                                activation_view(dx), at::cuda::getCurrentCUDAStream());
+    using T = typename gpu_storage<scalar_t>::type;
+    gpu::bn_relu_backward_input(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
+                                bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sdz),
+                                data_or_null<stat_t<T>>(sdzx), mutable_data_as<T>(dx), activation_view(dx),
+                                at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return dx;
