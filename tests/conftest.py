@@ -51,3 +51,14 @@ LAYOUTS = ["nchw", "channels_last", "strided"]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny ops: intra-op threads gain nothing there, and OpenMP
+    spin-waiting on a loaded machine slows them tenfold. The kernels' threading is
+    exercised by test_kernels/test_op, which run with the default thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,14 +13,7 @@ from fused_preact import FusedBNReLUConv2d, PreActResNet
 from fused_preact.memory import saved_activation_bytes
 from fused_preact.recompute import frozen_running_stats, recompute, running_stats_frozen
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and OpenMP spin-waiting on a shared machine
-    slows these many small ops down tenfold; the kernels' threading is exercised by test_op/test_kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NETS = [(20, "bottleneck"), (14, "basic")]
