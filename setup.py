@@ -55,19 +55,23 @@ def extension():
     # (C++17 for older torch, C++20 from torch 2.14 on).
     # -ffp-contract=off: the ReLU mask x * scale + shift is recomputed in several
     # kernels and must round identically in each (no FMA in some places only).
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel
+    # when the including file is compiled with OpenMP (it binds to the libgomp
+    # torch already loaded).
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     include_dirs = [str(ROOT / "csrc")]
     use_cuda, why_not = want_cuda()
     if not use_cuda:
         print(f"fused_preact: building the CPU kernels only ({why_not})")
         return CppExtension("fused_preact._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     print(f"fused_preact: building CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
     return CUDAExtension("fused_preact._C", sources, include_dirs=include_dirs + cuda_library_includes(),
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 
 
 # Package metadata lives in pyproject.toml; this file only describes the extension.

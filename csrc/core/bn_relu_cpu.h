@@ -61,6 +61,23 @@ inline int64_t at(const ActView& v, int64_t n, int64_t s, int64_t c) {
   return n * v.stride_n + s * v.stride_s + c * v.stride_c;
 }
 
+// Per-channel sums kept as kLanes interleaved partial sums (by spatial
+// position): consecutive elements of a channel then add into independent
+// accumulators instead of one serial dependency chain. Folded in a fixed order.
+template <typename A>
+struct LaneSums {
+  static constexpr int64_t kLanes = 8;
+  std::vector<A> v;
+  explicit LaneSums(int64_t channels) : v(channels * kLanes) {}
+  void clear() { std::fill(v.begin(), v.end(), A(0)); }
+  A& operator()(int64_t c, int64_t s) { return v[c * kLanes + (s & (kLanes - 1))]; }
+  A total(int64_t c) const {
+    A t(0);
+    for (int64_t k = 0; k < kLanes; ++k) t += v[c * kLanes + k];
+    return t;
+  }
+};
+
 // Count, mean and sum of squared deviations of one group of values.
 struct Moments {
   double count = 0, mean = 0, m2 = 0;
@@ -82,29 +99,31 @@ void batch_stats_cpu(const T* x, const ActView& vx, double eps, stat_t<T>* mean,
   const Chunks chunks(vx);
   std::vector<Moments> partial(chunks.count * vx.c);
   pfor(0, chunks.count, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> mean(vx.c), resid(vx.c), m2(vx.c);
+    LaneSums<acc_t> sum(vx.c), resid(vx.c), m2(vx.c);
+    std::vector<acc_t> mean(vx.c);
     for (int64_t chunk = b; chunk < e; ++chunk) {
       // Corrected two-pass over a cache-resident chunk: a provisional mean,
       // then deviations from it. The provisional mean carries the rounding of
       // an fp32 sum; the deviations' own sum (resid) measures that error and
       // removes it from both the mean and m2 (Chan, Golub & LeVeque 1983).
-      std::fill(mean.begin(), mean.end(), acc_t(0));
-      std::fill(resid.begin(), resid.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
+      sum.clear();
+      resid.clear();
+      m2.clear();
       for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
-        mean[c] += load(x + at(vx, n, s, c));
+        sum(c, s) += load(x + at(vx, n, s, c));
       });
       const int64_t s0 = (chunk % chunks.per_image) * kChunkSpatial;
       const acc_t cnt = acc_t(std::min(vx.s, s0 + kChunkSpatial) - s0);
-      for (int64_t c = 0; c < vx.c; ++c) mean[c] /= cnt;
+      for (int64_t c = 0; c < vx.c; ++c) mean[c] = sum.total(c) / cnt;
       for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
         const acc_t d = acc_t(load(x + at(vx, n, s, c))) - mean[c];
-        resid[c] += d;
-        m2[c] += d * d;
+        resid(c, s) += d;
+        m2(c, s) += d * d;
       });
       for (int64_t c = 0; c < vx.c; ++c) {
-        const double r = double(resid[c]);
-        partial[chunk * vx.c + c] = {double(cnt), double(mean[c]) + r / double(cnt), double(m2[c]) - r * r / double(cnt)};
+        const double r = double(resid.total(c));
+        partial[chunk * vx.c + c] = {double(cnt), double(mean[c]) + r / double(cnt),
+                                     double(m2.total(c)) - r * r / double(cnt)};
       }
     }
   });
@@ -140,20 +159,22 @@ void bn_relu_backward_reduce_cpu(const T* grad, const ActView& vg, const T* x, c
   const Chunks chunks(vx);
   std::vector<double> part_dz(chunks.count * vx.c), part_dzx(chunks.count * vx.c);
   pfor(0, chunks.count, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> dz_acc(vx.c), dzx_acc(vx.c);
+    LaneSums<acc_t> dz_acc(vx.c), dzx_acc(vx.c);
     for (int64_t chunk = b; chunk < e; ++chunk) {
-      std::fill(dz_acc.begin(), dz_acc.end(), acc_t(0));
-      std::fill(dzx_acc.begin(), dzx_acc.end(), acc_t(0));
+      dz_acc.clear();
+      dzx_acc.clear();
       for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
         const acc_t xv = load(x + at(vx, n, s, c));
-        if (!(xv * acc_t(p.scale[c]) + acc_t(p.shift[c]) > acc_t(0))) return;  // ReLU mask, as in apply (NaN: off)
-        const acc_t dz = load(grad + at(vg, n, s, c));
-        dz_acc[c] += dz;
-        dzx_acc[c] += dz * ((xv - acc_t(p.mean[c])) * acc_t(p.invstd[c]));
+        const acc_t g = load(grad + at(vg, n, s, c));
+        // ReLU mask as in apply (NaN: off), as a select rather than a branch
+        // that random data would mispredict half the time.
+        const acc_t dz = xv * acc_t(p.scale[c]) + acc_t(p.shift[c]) > acc_t(0) ? g : acc_t(0);
+        dz_acc(c, s) += dz;
+        dzx_acc(c, s) += dz * ((xv - acc_t(p.mean[c])) * acc_t(p.invstd[c]));
       });
       for (int64_t c = 0; c < vx.c; ++c) {
-        part_dz[chunk * vx.c + c] = dz_acc[c];
-        part_dzx[chunk * vx.c + c] = dzx_acc[c];
+        part_dz[chunk * vx.c + c] = dz_acc.total(c);
+        part_dzx[chunk * vx.c + c] = dzx_acc.total(c);
       }
     }
   });
