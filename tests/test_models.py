@@ -273,12 +273,13 @@ class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("recompute", ["bn_relu", "unit", "segment"])
 def test_fused_modes_route_every_unit_through_the_fused_op(recompute):
-    model = PreActResNet(11, recompute=recompute)  # 3 bottleneck units: 9 BN-ReLU-convs
+    model = PreActResNet(11, recompute=recompute, backend="native")  # 3 bottleneck units: 9 BN-ReLU-convs
     x = _input(torch.float32, size=8).requires_grad_()
     with _OpCounter() as counter:
         model(x).sum().backward()
-    fused_calls = sum(name.startswith("fused_preact::bn_relu_conv2d") for name in counter.names)
-    batch_norms = sum("batch_norm" in name for name in counter.names)
-    recomputed = 0 if recompute == "bn_relu" else 9  # the unit/segment forward runs again in backward
-    assert fused_calls == 9 + recomputed
-    assert batch_norms == 2  # the head's BN-ReLU, forward and backward
+    forwards = 1 if recompute == "bn_relu" else 2  # unit/segment run the forward again in backward
+    # relu(bn(x)) is computed once per forward and recomputed once in backward
+    assert counter.names.count("fused_preact::bn_relu_apply") == 9 * (forwards + 1)
+    assert counter.names.count("fused_preact::batch_stats") == 9 * forwards
+    assert counter.names.count("fused_preact::bn_relu_backward_input") == 9
+    assert sum("batch_norm" in name for name in counter.names) == 2  # the head's BN-ReLU, forward and backward

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .backends import backend_names, register_backend, resolve_backend
-from .bn_relu_conv import bn_relu_conv2d_op, normalization_stats
+from .bn_relu_conv import bn_relu_convs_autograd, normalization_stats
 
 __all__ = ["bn_relu_conv2d", "bn_relu_conv2d_with_shortcut", "backend_names", "register_backend"]
 
@@ -75,7 +75,8 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     paddings = [i for _, _, p in convs for i in _pair("padding", fn, p, 0)]
     backend = resolve_backend(backend, x.device)
     mean, invstd = normalization_stats(x, running_mean, running_var, training, momentum, eps, backend)
-    return bn_relu_conv2d_op(x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend)
+    return bn_relu_convs_autograd(x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training,
+                                  backend)
 
 
 def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):

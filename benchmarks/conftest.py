@@ -1,0 +1,77 @@
+"""Shared fixtures of the benchmark suites, and the post-processing that turns
+pytest-benchmark's JSON into ratios against eager measured in the same run.
+
+Every benchmark records in extra_info: `group` (what is compared), `provider`,
+`images` per call, and a memory figure `memory_bytes_per_image` with its
+`memory_kind` ("saved" = exact bytes autograd keeps, on the CPU; "peak" =
+torch.cuda.max_memory_allocated above the parameters and optimizer state).
+"""
+import datetime
+import platform
+
+import pytest
+import torch
+
+import fused_preact
+from fused_preact.memory import saved_activation_bytes
+from providers import sizes_for
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def sizes(device):
+    return sizes_for(device.type)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_per_image(device, model, run, batch: int) -> tuple[str, float]:
+    """(kind, bytes per image) of one call of `run` (a forward, or a whole step)."""
+    if device.type == "cpu":
+        return "saved", saved_activation_bytes(run, model) / batch
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    out = run()
+    if out is not None and out.requires_grad:
+        out.sum().backward()
+    del out
+    synchronize(device)
+    return "peak", (torch.cuda.max_memory_allocated(device) - baseline) / batch
+
+
+def record(benchmark, group: str, provider: str, images: int, memory: tuple[str, float], **extra):
+    benchmark.extra_info.update(group=group, provider=provider, images=images, memory_kind=memory[0],
+                                memory_bytes_per_image=memory[1], **extra)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Ratios to eager of the same group and run, and the software versions."""
+    rows = output_json["benchmarks"]
+    eager = {r["extra_info"]["group"]: r for r in rows if r["extra_info"].get("provider") == "eager"}
+    for r in rows:
+        info, base = r["extra_info"], eager.get(r["extra_info"].get("group"))
+        info["images_per_s"] = info["images"] / r["stats"]["median"]
+        if base is not None:
+            info["time_ratio_to_eager"] = r["stats"]["median"] / base["stats"]["median"]
+            info["memory_ratio_to_eager"] = info["memory_bytes_per_image"] / base["extra_info"]["memory_bytes_per_image"]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    output_json["fused_preact"] = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "triton": triton_version,
+        "python": platform.python_version(), "version": fused_preact.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
