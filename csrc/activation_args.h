@@ -69,13 +69,10 @@ inline ActView activation_view(const at::Tensor& t) {
   return v;
 }
 
-// Output with x's layout: empty_like keeps the strides of a dense x and picks
-// x's suggested memory format for a strided slice.
-inline at::Tensor empty_activation_like(const at::Tensor& x) {
-  return at::empty_like(x, x.options(), x.is_non_overlapping_and_dense()
-                                            ? at::MemoryFormat::Preserve
-                                            : x.suggest_memory_format());
-}
+// Outputs take the kernel operand's layout by at::empty_like's rule (its
+// strides when dense, else its suggested memory format); the fake
+// implementations in fused_preact/ops/kernels.py follow the same rule.
+inline at::Tensor empty_activation_like(const at::Tensor& operand) { return at::empty_like(operand); }
 
 #define FUSED_PREACT_DISPATCH(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (x).scalar_type(), name, __VA_ARGS__)

@@ -90,13 +90,13 @@ at::Tensor cpu_bn_relu_backward_input(const at::Tensor& grad_act, const at::Tens
                                       const std::optional<at::Tensor>& sum_dz_xhat) {
   const char* op = "bn_relu_backward_input";
   const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
-  const auto [sdz, sdzx] = backward_sums(op, x, sum_dz, sum_dz_xhat);
+  const std::pair<at::Tensor, at::Tensor> sums = backward_sums(op, x, sum_dz, sum_dz_xhat);
   at::Tensor dx = empty_activation_like(a.x);
   FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_input_cpu", [&] {
     using T = typename core_storage<scalar_t>::type;
     bn_relu_backward_input_cpu(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
-                               bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sdz),
-                               data_or_null<stat_t<T>>(sdzx), mutable_data_as<T>(dx), activation_view(dx),
+                               bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sums.first),
+                               data_or_null<stat_t<T>>(sums.second), mutable_data_as<T>(dx), activation_view(dx),
                                AtenParallelFor{});
   });
   return dx;

@@ -16,12 +16,12 @@ def kernels():
 
 
 def _inputs(shape, dtype, layout, mean=0.5, std=2.0):
-    x = make_layout(torch.randn(shape, dtype=torch.float64) * std + mean, layout).to(dtype)
+    x = make_layout((torch.randn(shape, dtype=torch.float64) * std + mean).to(dtype), layout)
     c = shape[1]
     sd = reference.stats_dtype(x)
     scale = torch.randn(c, dtype=sd)
     shift = torch.randn(c, dtype=sd)
-    grad = make_layout(torch.randn(shape, dtype=torch.float64), layout).to(dtype)
+    grad = make_layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
     return x, scale, shift, grad
 
 

@@ -20,9 +20,6 @@ struct ActView {
   int64_t rows() const { return n * s; }        // elements per channel (m)
   // Channels are the fastest axis (channels_last): iterate channels innermost.
   bool channels_inner() const { return stride_c < stride_s; }
-  int64_t offset(int64_t row, int64_t ch) const {
-    return (row / s) * stride_n + (row % s) * stride_s + ch * stride_c;
-  }
 };
 
 // Kernels accumulate in compute_t and keep per-channel vectors in stat_t:

@@ -108,14 +108,14 @@ at::Tensor bn_relu_backward_input_cuda(const at::Tensor& grad_act, const at::Ten
   const char* op = "bn_relu_backward_input";
   check_cuda(op, "x", x);
   const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
-  const auto [sdz, sdzx] = backward_sums(op, x, sum_dz, sum_dz_xhat);
+  const std::pair<at::Tensor, at::Tensor> sums = backward_sums(op, x, sum_dz, sum_dz_xhat);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = empty_activation_like(a.x);
   FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_input_cuda", [&] {
     using T = typename gpu_storage<scalar_t>::type;
     gpu::bn_relu_backward_input(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
-                                bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sdz),
-                                data_or_null<stat_t<T>>(sdzx), mutable_data_as<T>(dx), activation_view(dx),
+                                bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sums.first),
+                                data_or_null<stat_t<T>>(sums.second), mutable_data_as<T>(dx), activation_view(dx),
                                 at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -130,7 +130,8 @@ class PreActResNet(nn.Module):
             raise ValueError(f"PreActResNet: recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
         if recompute == "bn_relu" and not fused:
             raise ValueError("PreActResNet: recompute='bn_relu' needs fused=True (it is the fused op's recompute)")
-        if segment_size is not None and (recompute != "segment" or segment_size < 1):
+        if segment_size is not None and (recompute != "segment" or not isinstance(segment_size, int)
+                                         or segment_size < 1):
             raise ValueError(f"PreActResNet: segment_size must be a positive int and needs recompute='segment', "
                              f"got {segment_size!r} with recompute={recompute!r}")
         n = (depth - 2) // per_unit

@@ -67,10 +67,12 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     weights = [w for w, _, _ in convs]
     if torch.is_autocast_enabled(x.device.type):
-        # Mirror autocast's conv2d policy (activations and weights in the autocast
-        # dtype; BN parameters and statistics stay fp32) inside the opaque op.
+        # Mirror autocast's conv2d policy inside the opaque op: float32
+        # activations and weights run in the autocast dtype (float64 is left
+        # alone); BN parameters and statistics stay float32. Unlike eager
+        # autocast, the batch statistics are then those of the rounded x.
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        x, *weights = (t.to(dtype) if t.dtype == torch.float32 else t for t in (x, *weights))
     strides = [i for _, s, _ in convs for i in _pair("stride", fn, s, 1)]
     paddings = [i for _, _, p in convs for i in _pair("padding", fn, p, 0)]
     backend = resolve_backend(backend, x.device)
@@ -94,6 +96,8 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
             raise TypeError(f"{fn}: {name} must have x's dtype {x.dtype}, got {w.dtype}")
     vectors = {"bn_weight": bn_weight, "bn_bias": bn_bias, "running_mean": running_mean, "running_var": running_var}
     for name, v in vectors.items():
+        if v is not None and not isinstance(v, Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor or None, got {type(v).__name__}")
         if v is not None and (v.dim() != 1 or v.shape[0] != c):
             raise ValueError(f"{fn}: {name} must have shape ({c},), one value per channel of x, got {tuple(v.shape)}")
     for name, t in [*((n, w) for (w, _, _), n in zip(convs, ("conv_weight", "shortcut_weight"))), *vectors.items()]:
@@ -106,7 +110,8 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if training and x.numel() // max(c, 1) <= 1:
         raise ValueError(f"{fn}: training needs more than one value per channel to compute batch statistics, "
                          f"got x of shape {tuple(x.shape)}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"{fn}: momentum must be in [0, 1], got {momentum}")
-    if not eps > 0:
-        raise ValueError(f"{fn}: eps must be positive, got {eps}")
+    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{fn}: momentum must be a number in [0, 1] (the module resolves momentum=None), "
+                         f"got {momentum!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{fn}: eps must be a positive number, got {eps!r}")

@@ -68,12 +68,10 @@ class KernelBackend:
             grad_weights.append(dw)
         if grad_act is None:
             return None, grad_weights, None, None
-        sum_dz, sum_dz_xhat = k.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
-        if training:
-            dx = k.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, sum_dz, sum_dz_xhat)
-        else:
-            dx = k.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, None, None)
-        return dx, grad_weights, sum_dz, sum_dz_xhat
+        sums = k.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
+        # Eval-mode statistics are constants: dx takes no correction terms.
+        dx = k.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, *(sums if training else (None, None)))
+        return dx, grad_weights, *sums
 
 
 def _native_supports(device: torch.device) -> bool:

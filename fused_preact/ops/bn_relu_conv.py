@@ -19,13 +19,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..reference import stats_dtype
 from .backends import Conv, get_backend
 
 _OP = "fused_preact::bn_relu_conv2d"
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def bn_affine(mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]):
@@ -47,7 +44,7 @@ def normalization_stats(x: Tensor, running_mean: Optional[Tensor], running_var: 
     """(mean, invstd) that normalise x: batch statistics in training (updating the
     running ones in place), running statistics in eval. They are constants to
     autograd: the op's backward differentiates through them itself."""
-    stats = _stats_dtype(x)
+    stats = stats_dtype(x)
     if not training:
         return running_mean.to(stats), torch.rsqrt(running_var.to(stats) + eps)
     mean, invstd = get_backend(backend).batch_stats(x.detach(), eps)

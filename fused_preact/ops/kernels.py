@@ -30,7 +30,8 @@ REFERENCE = BnReluKernels(
 
 def _kernel_output_like(x: torch.Tensor) -> torch.Tensor:
     """The layout the compiled kernels give their activation-shaped outputs:
-    x's own strides when H and W merge into one axis, else a dense copy's."""
+    empty_like of their operand, which is x itself when H and W merge into one
+    axis and otherwise a dense copy of x in its suggested memory format."""
     h, w = x.shape[2], x.shape[3]
     if h == 1 or w == 1 or x.stride(2) == w * x.stride(3):
         return torch.empty_like(x)
