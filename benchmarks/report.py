@@ -1,7 +1,7 @@
 """Turn a pytest-benchmark JSON of this suite into a markdown report, a plot of
 memory against depth, and (optionally) the README's performance section.
 
-    python benchmarks/report.py benchmarks/results/cpu.json --out-dir benchmarks/results [--readme README.md]
+    python benchmarks/report.py benchmarks/results/cpu.json [more.json ...] --out-dir benchmarks/results [--readme README.md]
 """
 import argparse
 import json
@@ -12,11 +12,15 @@ MiB = 2**20
 README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
 
 
-def load(path):
-    data = json.loads(Path(path).read_text())
-    rows = [dict(r["extra_info"], name=r["name"], median_s=r["stats"]["median"], iqr_s=r["stats"]["iqr"],
-                 min_s=r["stats"]["min"], max_s=r["stats"]["max"]) for r in data["benchmarks"]]
-    return data["fused_preact"], rows
+def load(paths):
+    """(metadata of the first file, rows of all files); rows without a record() are skipped."""
+    meta, rows = None, []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        meta = meta or data["fused_preact"]
+        rows += [dict(r["extra_info"], name=r["name"], median_s=r["stats"]["median"], min_s=r["stats"]["min"],
+                      max_s=r["stats"]["max"]) for r in data["benchmarks"] if "group" in r["extra_info"]]
+    return meta, rows
 
 
 def _ratio(row, key):
@@ -31,24 +35,34 @@ def group_table(rows, kind):
     for group in groups:
         members = [r for r in rows if r["group"] == group]
         label = "saved for backward" if members[0]["memory_kind"] == "saved" else "peak above weights"
-        out += [f"**{group.split('|', 1)[1]}**", "",
-                f"| provider | median ms | spread ms (min–max) | images/s | MiB/image ({label}) | × eager time | × eager memory |",
-                "|---|---|---|---|---|---|---|"]
-        for r in sorted(members, key=lambda r: r.get("time_ratio_to_eager", 0)):
-            out.append(f"| {r['provider']} | {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}–{r['max_s'] * 1e3:.2f} | "
-                       f"{r['images_per_s']:.0f} | {r['memory_bytes_per_image'] / MiB:.3f} | "
-                       f"{_ratio(r, 'time_ratio_to_eager')} | {_ratio(r, 'memory_ratio_to_eager')} |")
+        out += [f"**{group.split('|', 1)[1]}**", ""]
+        if kind == "memory":  # one untimed-quality round: memory figures only
+            out += [f"| provider | MiB/image ({label}) | × eager memory |", "|---|---|---|"]
+            for r in sorted(members, key=lambda r: r["memory_bytes_per_image"]):
+                out.append(f"| {r['provider']} | {r['memory_bytes_per_image'] / MiB:.3f} | "
+                           f"{_ratio(r, 'memory_ratio_to_eager')} |")
+        else:
+            out += [f"| provider | median ms | spread ms (min–max) | images/s | MiB/image ({label}) | × eager time "
+                    f"| × eager memory |", "|---|---|---|---|---|---|---|"]
+            for r in sorted(members, key=lambda r: r.get("time_ratio_to_eager", 0)):
+                out.append(f"| {r['provider']} | {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}–"
+                           f"{r['max_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | {r['memory_bytes_per_image'] / MiB:.3f} | "
+                           f"{_ratio(r, 'time_ratio_to_eager')} | {_ratio(r, 'memory_ratio_to_eager')} |")
         extra = [r for r in members if "largest_batch_on_card" in r]
         if extra:
             out.append("")
-            out.append("Largest batch on the card: " + ", ".join(f"{r['provider']} {r['largest_batch_on_card']}"
+            out.append("Largest batch on the card (estimate): " + ", ".join(f"{r['provider']} {r['largest_batch_on_card']}"
                                                                for r in extra))
         out.append("")
     return out
 
 
 def plot_memory(rows, meta, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,18 +103,20 @@ def update_readme(readme, meta, rows, source):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json")
+    p.add_argument("json", nargs="+", help="pytest-benchmark JSON files of one run")
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--name", help="stem of the report files (default: the first JSON's)")
     p.add_argument("--readme")
     args = p.parse_args()
     meta, rows = load(args.json)
-    out, stem = Path(args.out_dir), Path(args.json).stem
+    out, stem = Path(args.out_dir), args.name or Path(args.json[0]).stem
+    source = ", ".join(args.json)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(report(meta, rows, args.json) + "\n")
+    (out / f"{stem}.md").write_text(report(meta, rows, source) + "\n")
     if any(r["group"].startswith("memory|") for r in rows):
         plot_memory(rows, meta, out / f"{stem}_memory_vs_depth.png")
     if args.readme:
-        update_readme(args.readme, meta, rows, args.json)
+        update_readme(args.readme, meta, rows, source)
 
 
 if __name__ == "__main__":

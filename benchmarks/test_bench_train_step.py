@@ -4,34 +4,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import memory_per_image, record, synchronize
-from providers import build_model, model_providers, sizes_for
+from conftest import DEVICE, SIZES, memory_per_image, record, synchronize
+from providers import build_model, model_providers
 
-_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SIZES = sizes_for(_DEVICE.type)
-CASES = [(depth, provider) for depth in SIZES.depths for provider in model_providers(_DEVICE)
+CASES = [(depth, provider) for depth in SIZES.depths for provider in model_providers(DEVICE)
          if provider != "compile" or depth <= SIZES.max_compile_depth]
 
 
 @pytest.mark.parametrize("depth, provider", CASES, ids=[f"{d}-{p}" for d, p in CASES])
-def test_train_step(benchmark, device, sizes, depth, provider):
-    model, forward = build_model(provider, depth, device)
+def test_train_step(benchmark, depth, provider):
+    model, forward = build_model(provider, depth, DEVICE)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    gen = torch.Generator(device=device).manual_seed(1)
-    x = torch.randn(sizes.batch, 3, 32, 32, device=device, generator=gen)
-    y = torch.randint(0, 10, (sizes.batch,), device=device, generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(SIZES.batch, 3, 32, 32, device=DEVICE, generator=gen)
+    y = torch.randint(0, 10, (SIZES.batch,), device=DEVICE, generator=gen)
 
     def step():
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
-        synchronize(device)
+        synchronize(DEVICE)
         return loss
 
     loss = float(step())  # warm-up; creates the optimizer state (and compiles)
-    benchmark.pedantic(step, rounds=sizes.rounds, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=SIZES.rounds, warmup_rounds=1)
     # Memory of a forward (CPU: what autograd keeps) or of a whole step (GPU peak).
-    record(benchmark, f"train|ResNet-{depth}", provider, sizes.batch,
-           memory_per_image(device, model, lambda: forward(x), sizes.batch), depth=depth, first_loss=loss)
+    record(benchmark, f"train|ResNet-{depth}", provider, SIZES.batch,
+           memory_per_image(DEVICE, model, lambda: forward(x), SIZES.batch), depth=depth, first_loss=loss)

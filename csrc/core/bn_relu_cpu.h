@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "half.h"
@@ -61,22 +62,66 @@ inline int64_t at(const ActView& v, int64_t n, int64_t s, int64_t c) {
   return n * v.stride_n + s * v.stride_s + c * v.stride_c;
 }
 
-// Per-channel sums kept as kLanes interleaved partial sums (by spatial
-// position): consecutive elements of a channel then add into independent
-// accumulators instead of one serial dependency chain. Folded in a fixed order.
+// Two per-channel sums, each kept as kLanes interleaved partial sums:
+// consecutive elements of a channel add into independent accumulators instead
+// of one serial dependency chain. Folded in a fixed order.
 template <typename A>
-struct LaneSums {
+struct LanePair {
   static constexpr int64_t kLanes = 8;
-  std::vector<A> v;
-  explicit LaneSums(int64_t channels) : v(channels * kLanes) {}
-  void clear() { std::fill(v.begin(), v.end(), A(0)); }
-  A& operator()(int64_t c, int64_t s) { return v[c * kLanes + (s & (kLanes - 1))]; }
-  A total(int64_t c) const {
+  A first[kLanes] = {}, second[kLanes] = {};
+  A total_first() const { return fold(first); }
+  A total_second() const { return fold(second); }
+
+ private:
+  static A fold(const A* v) {
     A t(0);
-    for (int64_t k = 0; k < kLanes; ++k) t += v[c * kLanes + k];
+    for (int64_t k = 0; k < kLanes; ++k) t += v[k];
     return t;
   }
 };
+
+// Reduces one chunk into acc[c] (one LanePair per channel): elem(n, s, c)
+// returns the pair of terms of one element. Visits x's memory order. For a
+// planar (NCHW) run the lanes are unrolled with compile-time indices, so the
+// accumulators live in registers; for channels_last the inner loop runs over
+// channels, each with its own accumulators.
+template <typename A, typename Elem>
+inline void reduce_in_chunk(const ActView& lead, const Chunks& chunks, int64_t chunk, std::vector<LanePair<A>>& acc,
+                            Elem&& elem) {
+  constexpr int64_t K = LanePair<A>::kLanes;
+  const int64_t n = chunk / chunks.per_image;
+  const int64_t s0 = (chunk % chunks.per_image) * kChunkSpatial;
+  const int64_t s1 = std::min(lead.s, s0 + kChunkSpatial);
+  if (lead.channels_inner()) {
+    std::fill(acc.begin(), acc.end(), LanePair<A>{});
+    for (int64_t s = s0; s < s1; ++s)
+      for (int64_t c = 0; c < lead.c; ++c) {
+        const auto [u, v] = elem(n, s, c);
+        acc[c].first[s % K] += u;
+        acc[c].second[s % K] += v;
+      }
+    return;
+  }
+  for (int64_t c = 0; c < lead.c; ++c) {
+    A u_lane[K] = {}, v_lane[K] = {};
+    int64_t s = s0;
+    for (; s + K <= s1; s += K) {
+#pragma GCC unroll 8
+      for (int64_t k = 0; k < K; ++k) {
+        const auto [u, v] = elem(n, s + k, c);
+        u_lane[k] += u;
+        v_lane[k] += v;
+      }
+    }
+    for (; s < s1; ++s) {
+      const auto [u, v] = elem(n, s, c);
+      u_lane[0] += u;
+      v_lane[0] += v;
+    }
+    std::copy(u_lane, u_lane + K, acc[c].first);
+    std::copy(v_lane, v_lane + K, acc[c].second);
+  }
+}
 
 // Count, mean and sum of squared deviations of one group of values.
 struct Moments {
@@ -99,31 +144,27 @@ void batch_stats_cpu(const T* x, const ActView& vx, double eps, stat_t<T>* mean,
   const Chunks chunks(vx);
   std::vector<Moments> partial(chunks.count * vx.c);
   pfor(0, chunks.count, [&](int64_t b, int64_t e) {
-    LaneSums<acc_t> sum(vx.c), resid(vx.c), m2(vx.c);
+    std::vector<LanePair<acc_t>> acc(vx.c);
     std::vector<acc_t> mean(vx.c);
     for (int64_t chunk = b; chunk < e; ++chunk) {
       // Corrected two-pass over a cache-resident chunk: a provisional mean,
       // then deviations from it. The provisional mean carries the rounding of
       // an fp32 sum; the deviations' own sum (resid) measures that error and
       // removes it from both the mean and m2 (Chan, Golub & LeVeque 1983).
-      sum.clear();
-      resid.clear();
-      m2.clear();
-      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
-        sum(c, s) += load(x + at(vx, n, s, c));
+      reduce_in_chunk(vx, chunks, chunk, acc, [&](int64_t n, int64_t s, int64_t c) {
+        return std::pair<acc_t, acc_t>(load(x + at(vx, n, s, c)), acc_t(0));
       });
       const int64_t s0 = (chunk % chunks.per_image) * kChunkSpatial;
       const acc_t cnt = acc_t(std::min(vx.s, s0 + kChunkSpatial) - s0);
-      for (int64_t c = 0; c < vx.c; ++c) mean[c] = sum.total(c) / cnt;
-      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+      for (int64_t c = 0; c < vx.c; ++c) mean[c] = acc[c].total_first() / cnt;
+      reduce_in_chunk(vx, chunks, chunk, acc, [&](int64_t n, int64_t s, int64_t c) {
         const acc_t d = acc_t(load(x + at(vx, n, s, c))) - mean[c];
-        resid(c, s) += d;
-        m2(c, s) += d * d;
+        return std::pair<acc_t, acc_t>(d, d * d);  // (resid, m2)
       });
       for (int64_t c = 0; c < vx.c; ++c) {
-        const double r = double(resid.total(c));
+        const double r = double(acc[c].total_first());
         partial[chunk * vx.c + c] = {double(cnt), double(mean[c]) + r / double(cnt),
-                                     double(m2.total(c)) - r * r / double(cnt)};
+                                     double(acc[c].total_second()) - r * r / double(cnt)};
       }
     }
   });
@@ -159,22 +200,19 @@ void bn_relu_backward_reduce_cpu(const T* grad, const ActView& vg, const T* x, c
   const Chunks chunks(vx);
   std::vector<double> part_dz(chunks.count * vx.c), part_dzx(chunks.count * vx.c);
   pfor(0, chunks.count, [&](int64_t b, int64_t e) {
-    LaneSums<acc_t> dz_acc(vx.c), dzx_acc(vx.c);
+    std::vector<LanePair<acc_t>> acc(vx.c);  // (sum dz, sum dz * xhat)
     for (int64_t chunk = b; chunk < e; ++chunk) {
-      dz_acc.clear();
-      dzx_acc.clear();
-      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+      reduce_in_chunk(vx, chunks, chunk, acc, [&](int64_t n, int64_t s, int64_t c) {
         const acc_t xv = load(x + at(vx, n, s, c));
         const acc_t g = load(grad + at(vg, n, s, c));
         // ReLU mask as in apply (NaN: off), as a select rather than a branch
         // that random data would mispredict half the time.
         const acc_t dz = xv * acc_t(p.scale[c]) + acc_t(p.shift[c]) > acc_t(0) ? g : acc_t(0);
-        dz_acc(c, s) += dz;
-        dzx_acc(c, s) += dz * ((xv - acc_t(p.mean[c])) * acc_t(p.invstd[c]));
+        return std::pair<acc_t, acc_t>(dz, dz * ((xv - acc_t(p.mean[c])) * acc_t(p.invstd[c])));
       });
       for (int64_t c = 0; c < vx.c; ++c) {
-        part_dz[chunk * vx.c + c] = dz_acc.total(c);
-        part_dzx[chunk * vx.c + c] = dzx_acc.total(c);
+        part_dz[chunk * vx.c + c] = acc[c].total_first();
+        part_dzx[chunk * vx.c + c] = acc[c].total_second();
       }
     }
   });
@@ -199,20 +237,37 @@ void bn_relu_backward_input_cpu(const T* grad, const ActView& vg, const T* x, co
                                 ParallelFor&& pfor = {}) {
   using acc_t = compute_t<T>;
   const Chunks chunks(vx);
+  // Per-channel coefficients, computed once: dx = scale * dz - shift_c - (x - mean) * slope_c
+  // with shift_c = scale * sum_dz / m and slope_c = scale * invstd * sum_dz_xhat / m
+  // (both zero in eval mode, where the statistics are constants).
   const acc_t inv_m = acc_t(1) / acc_t(vx.rows());
+  std::vector<acc_t> shift_c(vx.c, acc_t(0)), slope_c(vx.c, acc_t(0));
+  if (sum_dz != nullptr) {
+    for (int64_t c = 0; c < vx.c; ++c) {
+      shift_c[c] = acc_t(p.scale[c]) * acc_t(sum_dz[c]) * inv_m;
+      slope_c[c] = acc_t(p.scale[c]) * acc_t(p.invstd[c]) * acc_t(sum_dz_xhat[c]) * inv_m;
+    }
+  }
+  const auto dz_at = [&](int64_t n, int64_t s, int64_t c, acc_t xv) {
+    const acc_t g = load(grad + at(vg, n, s, c));
+    return xv * acc_t(p.scale[c]) + acc_t(p.shift[c]) > acc_t(0) ? g : acc_t(0);
+  };
+  // Two loops rather than a per-element test of the mode: the compiler does
+  // not hoist that test, and it costs a factor of 20 on this kernel.
   pfor(0, chunks.count, [&](int64_t b, int64_t e) {
-    for (int64_t chunk = b; chunk < e; ++chunk)
-      for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
-        const acc_t xv = load(x + at(vx, n, s, c));
-        const acc_t scale = p.scale[c];
-        const bool active = xv * scale + acc_t(p.shift[c]) > acc_t(0);
-        acc_t dz = active ? acc_t(load(grad + at(vg, n, s, c))) : acc_t(0);
-        if (sum_dz != nullptr) {
-          const acc_t xhat = (xv - acc_t(p.mean[c])) * acc_t(p.invstd[c]);
-          dz -= (acc_t(sum_dz[c]) + xhat * acc_t(sum_dz_xhat[c])) * inv_m;
-        }
-        store(dx + at(vdx, n, s, c), scale * dz);
-      });
+    for (int64_t chunk = b; chunk < e; ++chunk) {
+      if (sum_dz != nullptr) {
+        for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+          const acc_t xv = load(x + at(vx, n, s, c));
+          store(dx + at(vdx, n, s, c),
+                acc_t(p.scale[c]) * dz_at(n, s, c, xv) - shift_c[c] - (xv - acc_t(p.mean[c])) * slope_c[c]);
+        });
+      } else {
+        for_each_in_chunk(vx, chunks, chunk, [&](int64_t n, int64_t s, int64_t c) {
+          store(dx + at(vdx, n, s, c), acc_t(p.scale[c]) * dz_at(n, s, c, load(x + at(vx, n, s, c))));
+        });
+      }
+    }
   });
 }
 
