@@ -60,7 +60,7 @@ _CPU_OP_SHAPES = tuple(s for s in _paper_op_shapes() if s[2] == 3 or s[:2] == (6
 def sizes_for(device_type: str) -> Sizes:
     if device_type == "cuda":
         return Sizes(batch=128, op_batch=128, depths=(110, 164, 1001), memory_depths=(110, 164, 290, 1001),
-                     max_compile_depth=110, op_shapes=_paper_op_shapes(), rounds=10)
+                     max_compile_depth=110, op_shapes=_paper_op_shapes(), rounds=5)
     full = os.environ.get("FUSED_PREACT_BENCH_FULL", "0") not in ("", "0")
     return Sizes(batch=8 if full else 4, op_batch=16 if full else 8, depths=(110, 164, 1001) if full else (110, 164),
                  memory_depths=(110, 164, 290, 1001), max_compile_depth=1001 if full else 110,
