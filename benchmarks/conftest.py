@@ -45,6 +45,14 @@ def record(benchmark, group: str, provider: str, images: int, memory: tuple[str,
                                 memory_bytes_per_image=memory[1], **extra)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Ratios to eager of the same group and run, and the software versions."""
     # A benchmark that failed after timing has no record(); leave it as it is.
@@ -63,7 +71,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         triton_version = None
     cuda = torch.cuda.is_available()
     output_json["fused_preact"] = {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if cuda else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "triton": triton_version,
         "python": platform.python_version(), "version": fused_preact.__version__,

@@ -69,9 +69,11 @@ def plot_memory(rows, meta, path):
 
     mem = [r for r in rows if r["group"].startswith("memory|")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for provider in sorted({r["provider"] for r in mem}):
+    # Providers that keep the same tensors draw the same line: vary the marks so each stays visible.
+    for i, provider in enumerate(sorted({r["provider"] for r in mem})):
         pts = sorted((r["depth"], r["memory_bytes_per_image"] / MiB) for r in mem if r["provider"] == provider)
-        ax.plot(*zip(*pts), marker="o", label=provider)
+        ax.plot(*zip(*pts), marker="os^vDx+*"[i % 8], markersize=9 - i % 4 * 2, label=provider,
+                linestyle="--" if provider.endswith("-reference") else "-", alpha=0.85)
     kind = "saved for backward" if mem and mem[0]["memory_kind"] == "saved" else "peak above weights"
     ax.set(xscale="log", yscale="log", xlabel="depth", ylabel=f"MiB per image ({kind})",
            title=f"PreActResNet memory vs depth — {meta['device']}, {meta['date'][:10]}")

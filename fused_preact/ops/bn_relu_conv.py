@@ -127,6 +127,7 @@ class _BnReluConvFunction(torch.autograd.Function):
         weights = list(conv_weights)
         outs = _forward(x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, backend)
         _save(ctx, x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its conv backward is skipped
         return tuple(outs)
 
     @staticmethod
