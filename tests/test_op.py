@@ -111,6 +111,19 @@ def test_with_shortcut_equals_two_modules(backend, kernel, padding):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", [("x",), ("weight",), ("gamma", "beta"), ("x", "weight")])
+def test_gradients_of_a_subset_of_inputs(backend, trainable):
+    x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float64, requires_grad=False)
+    named = dict(x=x, weight=weight, gamma=gamma, beta=beta)
+    wanted = [named[n].requires_grad_() for n in trainable]
+    y = bn_relu_conv2d(x, weight, gamma, beta, running[0].clone(), running[1].clone(), backend=backend, **conv)
+    truth = reference.bn_relu_conv2d_eager(x, weight, gamma, beta, running[0].clone(), running[1].clone(), **conv)
+    g = torch.randn_like(y)
+    for name, got, want in zip(trainable, torch.autograd.grad(y, wanted, g), torch.autograd.grad(truth, wanted, g)):
+        assert_close(got, want, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_keeps_only_input_statistics_and_parameters(backend):
     x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float32)
     saved = []

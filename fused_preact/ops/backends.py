@@ -8,8 +8,9 @@ only provides three steps:
 
 - batch_stats(x, eps) -> (mean, invstd)
 - forward(x, scale, shift, convs) -> one output per conv: conv(relu(z))
-- backward(grads, x, mean, invstd, scale, shift, convs, training, needs_weight)
-      -> (dx, [dW per conv], sum_dz, sum_dz_xhat)
+- backward(grads, x, mean, invstd, scale, shift, convs, training, needs_weight, needs_bn)
+      -> (dx, [dW per conv], sum_dz, sum_dz_xhat); needs_bn: x, gamma or beta wants a
+      gradient (else dx and the sums are None)
 
 `convs` is a list of `Conv` (weight, stride, padding) all reading the same
 activation: one conv normally, two for a stage's first unit (conv1 and the
@@ -52,21 +53,25 @@ class KernelBackend:
         return [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding) for c in convs]
 
     def backward(self, grads: list[Optional[torch.Tensor]], x, mean, invstd, scale, shift, convs: list[Conv],
-                 training: bool, needs_weight: list[bool]):
+                 training: bool, needs_weight: list[bool], needs_bn: bool):
         k = self._kernels()
-        a = k.bn_relu_apply(x, scale, shift)  # recomputed, freed on return
+        # The conv weight gradient needs relu(bn(x)) (recomputed, freed on
+        # return); the input gradient reads only its input's shape.
+        wanted = [need_w and grad is not None for grad, need_w in zip(grads, needs_weight)]
+        a = k.bn_relu_apply(x, scale, shift) if any(wanted) else x
         grad_act, grad_weights = None, []
-        for grad, conv, need_w in zip(grads, convs, needs_weight):
+        for grad, conv, need_w in zip(grads, convs, wanted):
             if grad is None:
                 grad_weights.append(None)
                 continue
             da, dw, _ = torch.ops.aten.convolution_backward(
                 grad, a, conv.weight, None, conv.stride, conv.padding, (1, 1), False, (0, 0), 1,
-                (True, need_w, False),
+                (needs_bn, need_w, False),
             )
-            grad_act = da if grad_act is None else grad_act + da
+            if needs_bn:
+                grad_act = da if grad_act is None else grad_act + da
             grad_weights.append(dw)
-        if grad_act is None:
+        if grad_act is None:  # nothing upstream of the convolutions wants a gradient
             return None, grad_weights, None, None
         sums = k.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
         # Eval-mode statistics are constants: dx takes no correction terms.

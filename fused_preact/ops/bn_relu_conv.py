@@ -89,14 +89,15 @@ def _save(ctx, x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddi
     ctx.conf = (strides, paddings, training, backend)
 
 
-def _grads(ctx, grad_outputs, needs_weight: list[bool]):
-    """(dx, [dW per conv], d_gamma, d_beta) from what `_save` kept."""
+def _grads(ctx, grad_outputs, needs_weight: list[bool], needs_bn: bool):
+    """(dx, [dW per conv], d_gamma, d_beta) from what `_save` kept; needs_bn says
+    whether x, gamma or beta wants a gradient."""
     x, mean, invstd, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
     strides, paddings, training, backend = ctx.conf
     scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
         list(grad_outputs), x, mean, invstd, scale, shift, _convs(conv_weights, strides, paddings), training,
-        needs_weight,
+        needs_weight, needs_bn,
     )
     # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
     d_gamma = None if bn_weight is None or sum_dz_xhat is None else sum_dz_xhat.to(bn_weight.dtype)
@@ -109,9 +110,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_outputs):
-    needs = ctx.needs_input_grad[1]
-    needs_weight = list(needs) if isinstance(needs, (list, tuple)) else [needs] * len(grad_outputs)
-    dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, needs_weight)
+    needs = ctx.needs_input_grad
+    needs_weight = list(needs[1]) if isinstance(needs[1], (list, tuple)) else [needs[1]] * len(grad_outputs)
+    dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, needs_weight, any((needs[0], needs[2], needs[3])))
     return dx, d_weights, d_gamma, d_beta, None, None, None, None, None, None
 
 
@@ -132,7 +133,8 @@ class _BnReluConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(ctx.needs_input_grad[6:]))
+        needs = ctx.needs_input_grad  # (x, bn_weight, bn_bias, mean, invstd, conf, *conv_weights)
+        dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(needs[6:]), any(needs[:3]))
         return dx, d_gamma, d_beta, None, None, None, *d_weights
 
 
