@@ -15,12 +15,6 @@ from .recompute import running_stats_frozen
 def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto"):
     """[conv(relu(bn(x))) for conv in convs], with bn's exact nn semantics
     (momentum=None cumulative averaging, track_running_stats, eval mode)."""
-    for i, conv in enumerate(convs):
-        unsupported = {"bias": conv.bias is not None, "groups": conv.groups != 1,
-                       "dilation": conv.dilation != (1, 1), "padding_mode": conv.padding_mode != "zeros"}
-        if any(unsupported.values()):
-            raise ValueError(f"bn_relu_conv: convs[{i}] must be a bias-free, ungrouped, undilated, zero-padded "
-                             f"nn.Conv2d; unsupported: {[k for k, bad in unsupported.items() if bad]}")
     update = bn.training and bn.track_running_stats and not running_stats_frozen()
     momentum = bn.momentum if bn.momentum is not None else 0.0
     if update:
@@ -33,6 +27,12 @@ def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: b
     if not fused:
         a = F.relu(F.batch_norm(x, *running, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps))
         return [conv(a) for conv in convs]
+    for i, conv in enumerate(convs):  # what the fused op computes; the plain path takes any conv
+        unsupported = {"bias": conv.bias is not None, "groups": conv.groups != 1,
+                       "dilation": conv.dilation != (1, 1), "padding_mode": conv.padding_mode != "zeros"}
+        if any(unsupported.values()):
+            raise ValueError(f"bn_relu_conv: convs[{i}] must be a bias-free, ungrouped, undilated, zero-padded "
+                             f"nn.Conv2d; unsupported: {[k for k, bad in unsupported.items() if bad]}")
     return bn_relu_convs(
         "bn_relu_conv", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
         use_batch_stats, momentum, bn.eps, backend,
