@@ -8,8 +8,12 @@ from .preact_resnet import (
     preact_resnet164,
     preact_resnet1001,
 )
+from .registry import create_model, list_models, register_model
 
 __all__ = [
+    "create_model",
+    "list_models",
+    "register_model",
     "RECOMPUTE_MODES",
     "PreActBlock",
     "PreActBottleneck",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..modules import bn_relu_conv
 from ..recompute import recompute
+from .registry import register_model
 
 RECOMPUTE_MODES = ("none", "bn_relu", "unit", "segment")
 
@@ -190,3 +191,13 @@ def preact_resnet164(num_classes: int = 10, **kwargs) -> PreActResNet:
 
 def preact_resnet1001(num_classes: int = 10, **kwargs) -> PreActResNet:
     return PreActResNet(1001, num_classes, **kwargs)
+
+
+def preact_resnet(num_classes: int = 10, depth: int = 164, **kwargs) -> PreActResNet:
+    """Any depth: 6n+2 (basic units) or 9n+2 (bottleneck units)."""
+    return PreActResNet(depth, num_classes, **kwargs)
+
+
+register_model("preact_resnet", preact_resnet)
+for _depth, _factory in ((110, preact_resnet110), (164, preact_resnet164), (1001, preact_resnet1001)):
+    register_model(f"preact_resnet{_depth}", _factory)
