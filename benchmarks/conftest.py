@@ -53,14 +53,28 @@ def _cpu_name() -> str:
         return platform.machine()
 
 
+def _peak_bandwidth():
+    """The card's DRAM bandwidth in bytes/s (double data rate x bus width), or None."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties()
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Ratios to eager of the same group and run, and the software versions."""
     # A benchmark that failed after timing has no record(); leave it as it is.
     rows = [r for r in output_json["benchmarks"] if "group" in r["extra_info"]]
     eager = {r["extra_info"]["group"]: r for r in rows if r["extra_info"]["provider"] == "eager"}
+    peak = _peak_bandwidth()
     for r in rows:
         info, base = r["extra_info"], eager.get(r["extra_info"]["group"])
         info["images_per_s"] = info["images"] / r["stats"]["median"]
+        if "ideal_bytes" in info:
+            info["bytes_per_s"] = info["ideal_bytes"] / r["stats"]["median"]
+            if peak:
+                info["bandwidth_fraction"] = info["bytes_per_s"] / peak
         if base is not None:
             info["time_ratio_to_eager"] = r["stats"]["median"] / base["stats"]["median"]
             info["memory_ratio_to_eager"] = info["memory_bytes_per_image"] / base["extra_info"]["memory_bytes_per_image"]
@@ -75,5 +89,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "triton": triton_version,
         "python": platform.python_version(), "version": fused_preact.__version__,
+        "peak_bandwidth_bytes_per_s": _peak_bandwidth(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

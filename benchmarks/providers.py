@@ -9,7 +9,7 @@ Providers build a runnable model (or one BN -> ReLU -> conv layer) on a device:
   tensors, but out of the hooks' sight);
 - compile: torch.compile (inductor) of the plain model / the eager layer;
 - fused-<recompute>-<backend>: fused_preact in each recompute mode (models) and
-  each backend available on the device.
+  each backend available on the device (triton: CUDA only).
 """
 import functools
 import os
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from fused_preact import PreActResNet, reference
+from fused_preact import PreActBottleneck, PreActResNet, reference
 from fused_preact.ops import bn_relu_conv2d
 from fused_preact.ops.backends import get_backend
 
@@ -27,7 +27,9 @@ FUSED_MODES = ("bn_relu", "unit", "segment")
 
 
 def available_backends(device: torch.device) -> list[str]:
-    return [b for b in ("native", "reference") if get_backend(b).supports(device)]
+    # Interpreted Triton (CPU) is for tests only, not worth timing.
+    return [b for b in ("triton", "native", "reference")
+            if get_backend(b).supports(device, torch.float32) and get_backend(b).automatic(device)]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Sizes:
     memory_depths: tuple[int, ...]
     max_compile_depth: int  # inductor compile time grows with depth
     op_shapes: tuple  # (in_channels, out_channels, kernel, size)
+    unit_shapes: tuple  # (bottleneck width, size)
+    dtypes: tuple[torch.dtype, ...]
     rounds: int
 
 
@@ -60,11 +64,31 @@ _CPU_OP_SHAPES = tuple(s for s in _paper_op_shapes() if s[2] == 3 or s[:2] == (6
 def sizes_for(device_type: str) -> Sizes:
     if device_type == "cuda":
         return Sizes(batch=128, op_batch=128, depths=(110, 164, 1001), memory_depths=(110, 164, 290, 1001),
-                     max_compile_depth=110, op_shapes=_paper_op_shapes(), rounds=5)
+                     max_compile_depth=110, op_shapes=_paper_op_shapes(), unit_shapes=((16, 32), (32, 16), (64, 8)),
+                     dtypes=(torch.float32, torch.bfloat16), rounds=5)
     full = os.environ.get("FUSED_PREACT_BENCH_FULL", "0") not in ("", "0")
     return Sizes(batch=8 if full else 4, op_batch=16 if full else 8, depths=(110, 164, 1001) if full else (110, 164),
                  memory_depths=(110, 164, 290, 1001), max_compile_depth=1001 if full else 110,
-                 op_shapes=_paper_op_shapes() if full else _CPU_OP_SHAPES, rounds=3)
+                 op_shapes=_paper_op_shapes() if full else _CPU_OP_SHAPES,
+                 unit_shapes=((16, 32), (32, 16), (64, 8)) if full else ((16, 32),), dtypes=(torch.float32,),
+                 rounds=3)
+
+
+def unit_providers(device: torch.device) -> list[str]:
+    return ["eager", "compile", *(f"fused-{backend}" for backend in available_backends(device))]
+
+
+def build_unit(provider: str, width: int, device: torch.device):
+    """(unit, forward): a stage's identity bottleneck unit (4w -> w -> w -> 4w)."""
+    torch.manual_seed(0)
+    fused = provider.startswith("fused-")
+    unit = PreActBottleneck(4 * width, width, fused=fused, backend=provider.split("-", 1)[1] if fused else "auto")
+    unit = unit.to(device=device, memory_format=torch.channels_last)
+    if provider == "compile":
+        return unit, torch.compile(unit)
+    if provider not in ("eager", *unit_providers(device)):
+        raise ValueError(f"unknown unit provider {provider!r}")
+    return unit, unit
 
 
 def model_providers(device: torch.device) -> list[str]:

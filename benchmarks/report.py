@@ -28,7 +28,7 @@ def _ratio(row, key):
 
 
 def group_table(rows, kind):
-    """One markdown table per group of `kind` ('op', 'train' or 'memory')."""
+    """One markdown table per group of `kind` ('op', 'unit', 'train' or 'memory')."""
     out = []
     groups = sorted({r["group"] for r in rows if r["group"].split("|")[0] == kind},
                     key=lambda g: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)])
@@ -42,12 +42,18 @@ def group_table(rows, kind):
                 out.append(f"| {r['provider']} | {r['memory_bytes_per_image'] / MiB:.3f} | "
                            f"{_ratio(r, 'memory_ratio_to_eager')} |")
         else:
+            # Fraction of the card's DRAM bandwidth that the least possible
+            # traffic (ideal_bytes) would use at the measured time.
+            bandwidth = any("bandwidth_fraction" in r for r in members)
             out += [f"| provider | median ms | spread ms (min–max) | images/s | MiB/image ({label}) | × eager time "
-                    f"| × eager memory |", "|---|---|---|---|---|---|---|"]
+                    f"| × eager memory |" + (" DRAM bandwidth |" if bandwidth else ""),
+                    "|---|---|---|---|---|---|---|" + ("---|" if bandwidth else "")]
             for r in sorted(members, key=lambda r: r.get("time_ratio_to_eager", 0)):
                 out.append(f"| {r['provider']} | {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}–"
                            f"{r['max_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | {r['memory_bytes_per_image'] / MiB:.3f} | "
-                           f"{_ratio(r, 'time_ratio_to_eager')} | {_ratio(r, 'memory_ratio_to_eager')} |")
+                           f"{_ratio(r, 'time_ratio_to_eager')} | {_ratio(r, 'memory_ratio_to_eager')} |"
+                           + (f" {r['bandwidth_fraction']:.0%} |" if "bandwidth_fraction" in r else
+                              (" n/a |" if bandwidth else "")))
         extra = [r for r in members if "largest_batch_on_card" in r]
         if extra:
             out.append("")
@@ -89,6 +95,7 @@ def report(meta, rows, source):
             f"triton {meta['triton']}, {meta['date']}.", ""]
     return "\n".join(head + ["### Training step", ""] + group_table(rows, "train")
                      + ["### Memory against depth", ""] + group_table(rows, "memory")
+                     + ["### One pre-activation bottleneck unit (forward + backward)", ""] + group_table(rows, "unit")
                      + ["### One BN→ReLU→conv layer", ""] + group_table(rows, "op"))
 
 

@@ -5,16 +5,35 @@ so a fused network and its plain twin have identical state dicts; `fused`
 only chooses how forward computes: the recomputing op, or the modules
 themselves (what eager PyTorch keeps for backward).
 """
+from typing import Optional
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import bn_relu_convs
 from .recompute import running_stats_frozen
 
+Stats = tuple[Tensor, Tensor]  # per-channel batch (mean, invstd) of an activation, for one BatchNorm's eps
 
-def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto"):
-    """[conv(relu(bn(x))) for conv in convs], with bn's exact nn semantics
-    (momentum=None cumulative averaging, track_running_stats, eval mode)."""
+
+def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto",
+                 residual: Optional[Tensor] = None) -> list[Tensor]:
+    """[conv(relu(bn(x))) for conv in convs], with `residual` added to the first,
+    and bn's exact nn semantics (momentum=None cumulative averaging,
+    track_running_stats, eval mode)."""
+    return bn_relu_conv_chained(x, None, bn, convs, fused, backend, residual)[0]
+
+
+def bn_relu_conv_chained(x: Tensor, x_stats: Optional[Stats], bn: nn.BatchNorm2d, convs: list[nn.Conv2d],
+                         fused: bool, backend: str = "auto", residual: Optional[Tensor] = None,
+                         next_bn: Optional[nn.BatchNorm2d] = None) -> tuple[list[Tensor], Optional[Stats]]:
+    """bn_relu_conv that hands BatchNorm statistics along a chain of layers:
+    x_stats is x's batch (mean, invstd) for bn.eps from the layer before (or
+    None), and when `next_bn` (the BatchNorm that reads the first output) is
+    given, the first output's statistics for next_bn.eps come back with the
+    outputs, computed in the convolution's epilogue, so no layer reads its
+    input an extra time for statistics. Statistics are only handed along where
+    they are used: batch statistics in training on the fused path."""
     update = bn.training and bn.track_running_stats and not running_stats_frozen()
     momentum = bn.momentum if bn.momentum is not None else 0.0
     if update:
@@ -26,16 +45,21 @@ def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: b
     running = (bn.running_mean, bn.running_var) if update or not use_batch_stats else (None, None)
     if not fused:
         a = F.relu(F.batch_norm(x, *running, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps))
-        return [conv(a) for conv in convs]
+        outs = [conv(a) for conv in convs]
+        if residual is not None:
+            outs[0] = outs[0] + residual
+        return outs, None
     for i, conv in enumerate(convs):  # what the fused op computes; the plain path takes any conv
         unsupported = {"bias": conv.bias is not None, "groups": conv.groups != 1,
                        "dilation": conv.dilation != (1, 1), "padding_mode": conv.padding_mode != "zeros"}
         if any(unsupported.values()):
             raise ValueError(f"bn_relu_conv: convs[{i}] must be a bias-free, ungrouped, undilated, zero-padded "
                              f"nn.Conv2d; unsupported: {[k for k, bad in unsupported.items() if bad]}")
+    hand_on = next_bn is not None and next_bn.training
     return bn_relu_convs(
         "bn_relu_conv", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
-        use_batch_stats, momentum, bn.eps, backend,
+        use_batch_stats, momentum, bn.eps, backend, residual=residual, x_stats=x_stats if use_batch_stats else None,
+        stats_eps=next_bn.eps if hand_on else None,
     )
 
 

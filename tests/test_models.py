@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import BACKENDS, assert_close, make_layout
+from fused_preact.ops.backends import get_backend
 from fused_preact import (
     FusedBNReLUConv2d,
     PreActBlock,
@@ -283,3 +284,23 @@ def test_fused_modes_route_every_unit_through_the_fused_op(recompute):
     assert counter.names.count("fused_preact::batch_stats") == 9 * forwards
     assert counter.names.count("fused_preact::bn_relu_backward_input") == 9
     assert sum("batch_norm" in name for name in counter.names) == 2  # the head's BN-ReLU, forward and backward
+
+
+@pytest.mark.parametrize("recompute, chains", [("bn_relu", 1), ("unit", 3), ("segment", 2)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_units_hand_batch_statistics_along_so_only_chain_starts_read_their_input_for_them(
+        recompute, chains, backend, monkeypatch):
+    # 3 bottleneck units; segment_size 2 makes two recompute groups. Statistics
+    # come from the epilogue of the op before, except at the start of a group
+    # (its input arrives through a recompute boundary).
+    model = PreActResNet(11, recompute=recompute, backend=backend,
+                         **({"segment_size": 2} if recompute == "segment" else {}))
+    passes = []
+    op_backend = get_backend(backend)
+    count = op_backend.batch_stats
+    monkeypatch.setattr(op_backend, "batch_stats", lambda x, eps: passes.append(1) or count(x, eps))
+    x = _input(torch.float32, size=8).requires_grad_()
+    out = model(x)
+    assert len(passes) == chains
+    out.sum().backward()
+    assert len(passes) == chains * (1 if recompute == "bn_relu" else 2)

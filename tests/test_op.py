@@ -167,11 +167,13 @@ def test_opcheck(backend):
     mean, invstd = reference.batch_stats(x.detach(), 1e-5)
     for training in (True, False):
         torch.library.opcheck(bn_relu_conv2d_op,
-                              (x, [weight], gamma, beta, mean, invstd, [2, 2], [1, 1], training, backend))
+                              (x, [weight], gamma, beta, mean, invstd, None, [2, 2], [1, 1], training, backend, None))
     shortcut = torch.randn(4, x.shape[1], 1, 1, requires_grad=True)
+    y = torch.nn.functional.conv2d(x.detach(), weight.detach(), None, 2, 1)
+    residual = torch.randn(y.shape, requires_grad=True)
     torch.library.opcheck(bn_relu_conv2d_op,
-                          (x, [weight, shortcut], gamma, beta, mean, invstd, [2, 2, 2, 2], [1, 1, 0, 0], True,
-                           backend))
+                          (x, [weight, shortcut], gamma, beta, mean, invstd, residual, [2, 2, 2, 2], [1, 1, 0, 0],
+                           True, backend, 1e-3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,6 +10,11 @@ from .preact_resnet import (
 )
 from .registry import create_model, list_models, register_model
 
+# Imported for their register_model calls as much as for these names.
+from .original_resnet import ORDERINGS, ResidualUnit, ResNet
+from .shortcut_variants import ConstantScaling, DropoutShortcut, Gating
+from .imagenet_preact import IMAGENET_STAGES, ImageNetPreActResNet, ImageNetPreActUnit
+
 __all__ = [
     "create_model",
     "list_models",
@@ -22,4 +27,13 @@ __all__ = [
     "preact_resnet110",
     "preact_resnet164",
     "preact_resnet1001",
+    "ORDERINGS",
+    "ResidualUnit",
+    "ResNet",
+    "ConstantScaling",
+    "Gating",
+    "DropoutShortcut",
+    "IMAGENET_STAGES",
+    "ImageNetPreActUnit",
+    "ImageNetPreActResNet",
 ]

@@ -12,6 +12,7 @@ resnet-1k-layers, resnet-pre-act.lua):
 - head: BN-ReLU, global average pool, Linear;
 - init: conv ~ N(0, sqrt(2 / (k*k*out))), BN weight 1 / bias 0, Linear bias 0.
 """
+import functools
 import math
 from typing import Optional
 
@@ -19,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules import bn_relu_conv
+from ..modules import Stats, bn_relu_conv_chained
 from ..recompute import recompute
 from .registry import register_model
 
 RECOMPUTE_MODES = ("none", "bn_relu", "unit", "segment")
+Chain = tuple[Optional[Stats], Optional[nn.BatchNorm2d]]
 
 
 class PreActBlock(nn.Module):
@@ -46,14 +48,21 @@ class PreActBlock(nn.Module):
         self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if reshapes and shortcut == "B" else None
         self.pad_shortcut = (stride, planes - in_planes) if reshapes and shortcut == "A" else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, chain: Optional[Chain] = None):
+        """The unit's output; called with `chain` = (x's statistics or None, the
+        BatchNorm that reads the output or None), returns (output, its statistics
+        for that BatchNorm) instead: see modules.bn_relu_conv_chained."""
+        x_stats, next_bn = chain or (None, None)
         if self.shortcut is not None:
-            out, residual = bn_relu_conv(x, self.bn1, [self.conv1, self.shortcut], self.fused, self.backend)
+            (out, residual), stats = self._layer(x, x_stats, self.bn1, [self.conv1, self.shortcut], self.bn2)
         else:
-            (out,) = bn_relu_conv(x, self.bn1, [self.conv1], self.fused, self.backend)
+            (out,), stats = self._layer(x, x_stats, self.bn1, [self.conv1], self.bn2)
             residual = x if self.pad_shortcut is None else _zero_padded_identity(x, *self.pad_shortcut)
-        (out,) = bn_relu_conv(out, self.bn2, [self.conv2], self.fused, self.backend)
-        return out + residual
+        (out,), stats = self._layer(out, stats, self.bn2, [self.conv2], next_bn, residual)
+        return out if chain is None else (out, stats)
+
+    def _layer(self, x, x_stats, bn, convs, next_bn, residual=None):
+        return bn_relu_conv_chained(x, x_stats, bn, convs, self.fused, self.backend, residual, next_bn)
 
 
 def _zero_padded_identity(x: Tensor, stride: int, extra_channels: int) -> Tensor:
@@ -82,14 +91,21 @@ class PreActBottleneck(nn.Module):
         reshapes = stride != 1 or in_planes != out_planes
         self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False) if reshapes else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, chain: Optional[Chain] = None):
+        """The unit's output; called with `chain` = (x's statistics or None, the
+        BatchNorm that reads the output or None), returns (output, its statistics
+        for that BatchNorm) instead: see modules.bn_relu_conv_chained."""
+        x_stats, next_bn = chain or (None, None)
         if self.shortcut is not None:
-            out, residual = bn_relu_conv(x, self.bn1, [self.conv1, self.shortcut], self.fused, self.backend)
+            (out, residual), stats = self._layer(x, x_stats, self.bn1, [self.conv1, self.shortcut], self.bn2)
         else:
-            (out,), residual = bn_relu_conv(x, self.bn1, [self.conv1], self.fused, self.backend), x
-        (out,) = bn_relu_conv(out, self.bn2, [self.conv2], self.fused, self.backend)
-        (out,) = bn_relu_conv(out, self.bn3, [self.conv3], self.fused, self.backend)
-        return out + residual
+            (out,), stats = self._layer(x, x_stats, self.bn1, [self.conv1], self.bn2)
+            residual = x
+        (out,), stats = self._layer(out, stats, self.bn2, [self.conv2], self.bn3)
+        (out,), stats = self._layer(out, stats, self.bn3, [self.conv3], next_bn, residual)
+        return out if chain is None else (out, stats)
+
+    _layer = PreActBlock._layer
 
 
 _BLOCKS = {"basic": (PreActBlock, 6, (16, 32, 64)), "bottleneck": (PreActBottleneck, 9, (16, 32, 64))}
@@ -167,11 +183,11 @@ class PreActResNet(nn.Module):
 
     def _run_units(self, x: Tensor) -> Tensor:
         if self.recompute not in ("unit", "segment"):
-            return self.units(x)
+            return _run_chain(self.units, x)
         size = 1 if self.recompute == "unit" else self.segment_size
         for start in range(0, len(self.units), size):
             group = self.units[start:start + size]
-            x = recompute(group, x, [p for p in group.parameters() if p.requires_grad])
+            x = recompute(functools.partial(_run_chain, group), x, [p for p in group.parameters() if p.requires_grad])
         return x
 
     def forward(self, x: Tensor) -> Tensor:
@@ -179,6 +195,17 @@ class PreActResNet(nn.Module):
         x = F.relu(self.bn(x))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
+
+
+def _run_chain(units: nn.Sequential, x: Tensor) -> Tensor:
+    """The units in order, each handing its output's BatchNorm statistics to
+    the next unit's first BatchNorm (computed in its last convolution's
+    epilogue), so no unit reads its input just for statistics."""
+    stats = None
+    for i, unit in enumerate(units):
+        next_bn = units[i + 1].bn1 if i + 1 < len(units) else None
+        x, stats = unit(x, (stats, next_bn))
+    return x
 
 
 def preact_resnet110(num_classes: int = 10, **kwargs) -> PreActResNet:

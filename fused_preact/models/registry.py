@@ -28,11 +28,14 @@ def list_models(pattern: Optional[str] = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
-def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
-    """The network registered as `name`, with `num_classes` outputs; `options`
+def create_model(name: str, num_classes: Optional[int] = None, **options) -> nn.Module:
+    """The network registered as `name`, with `num_classes` outputs (default:
+    the network's own, 10 for CIFAR nets, 1000 for ImageNet nets); `options`
     go to its factory (e.g. fused, recompute, backend, shortcut)."""
     if name not in _MODELS:
         close = fnmatch.filter(_MODELS, f"*{name}*")
         hint = f"; did you mean one of {sorted(close)}?" if close else "; see fused_preact.list_models()"
         raise ValueError(f"create_model: unknown model name {name!r}{hint}")
-    return _MODELS[name](num_classes=num_classes, **options)
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    return _MODELS[name](**options)

@@ -26,15 +26,18 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], stride: IntOrPair = 1,
                    padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                   backend: str = "auto") -> Tensor:
-    """conv2d(relu(batch_norm(x)), conv_weight, stride, padding); see the module docstring.
+                   backend: str = "auto", residual: Optional[Tensor] = None) -> Tensor:
+    """conv2d(relu(batch_norm(x)), conv_weight, stride, padding) [+ residual]; see
+    the module docstring.
 
     running_mean/running_var are updated in place in training mode (pass None
     for both to use batch statistics without tracking, like
     BatchNorm2d(track_running_stats=False)); eval mode normalises with them.
+    residual (the output's shape) is added to the result in the convolution's
+    epilogue where the backend fuses it (a ResNet unit's identity shortcut).
     """
-    (y,) = bn_relu_convs("bn_relu_conv2d", x, [(conv_weight, stride, padding)], bn_weight, bn_bias, running_mean,
-                 running_var, training, momentum, eps, backend)
+    (y,), _ = bn_relu_convs("bn_relu_conv2d", x, [(conv_weight, stride, padding)], bn_weight, bn_bias, running_mean,
+                            running_var, training, momentum, eps, backend, residual=residual)
     return y
 
 
@@ -47,9 +50,9 @@ def bn_relu_conv2d_with_shortcut(x: Tensor, conv_weight: Tensor, shortcut_weight
     """The first unit of a ResNet stage: a = relu(bn(x)) feeds both conv1 and the
     projection shortcut (same stride). Returns (conv(a, conv_weight),
     conv(a, shortcut_weight)); a is computed once and recomputed once."""
-    y, shortcut = bn_relu_convs("bn_relu_conv2d_with_shortcut", x,
-                        [(conv_weight, stride, padding), (shortcut_weight, stride, shortcut_padding)],
-                        bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend)
+    (y, shortcut), _ = bn_relu_convs("bn_relu_conv2d_with_shortcut", x,
+                                     [(conv_weight, stride, padding), (shortcut_weight, stride, shortcut_padding)],
+                                     bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend)
     return y, shortcut
 
 
@@ -60,10 +63,18 @@ def _pair(name: str, fn: str, v: IntOrPair, minimum: int) -> tuple[int, int]:
     return pair
 
 
-def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend):
+def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend,
+                  residual=None, x_stats=None, stats_eps=None):
     """Checked entry shared by the public functions and the nn modules: `convs`
     is a list of (weight, stride, padding) reading relu(bn(x)); `fn` names the
-    caller in error messages."""
+    caller in error messages. Returns (outputs, stats):
+
+    - residual: added to the first output (fused into the epilogue where the
+      backend can);
+    - x_stats: x's batch (mean, invstd) for this eps, from the epilogue of the
+      op that produced x (skips the statistics pass over x in training);
+    - stats_eps: when given, stats = the first output's (mean, invstd) for a
+      next BatchNorm with that eps (else None)."""
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     weights = [w for w, _, _ in convs]
     if torch.is_autocast_enabled(x.device.type):
@@ -75,10 +86,24 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         x, *weights = (t.to(dtype) if t.dtype == torch.float32 else t for t in (x, *weights))
     strides = [i for _, s, _ in convs for i in _pair("stride", fn, s, 1)]
     paddings = [i for _, _, p in convs for i in _pair("padding", fn, p, 0)]
-    backend = resolve_backend(backend, x.device)
-    mean, invstd = normalization_stats(x, running_mean, running_var, training, momentum, eps, backend)
-    return bn_relu_convs_autograd(x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training,
-                                  backend)
+    backend = resolve_backend(backend, x.device, x.dtype)
+    if residual is not None:
+        _check_residual(fn, residual, x, weights[0], strides[:2], paddings[:2])
+        residual = residual.to(x.dtype)
+    mean, invstd = normalization_stats(x, running_mean, running_var, training, momentum, eps, backend, x_stats)
+    return bn_relu_convs_autograd(x, weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings,
+                                  training, backend, stats_eps)
+
+
+def _check_residual(fn, residual, x, weight, stride, padding):
+    h, w = (((size + 2 * p - k) // s + 1) for size, p, k, s in zip(x.shape[2:], padding, weight.shape[2:], stride))
+    expected = (x.shape[0], weight.shape[0], h, w)
+    if not isinstance(residual, Tensor) or tuple(residual.shape) != expected:
+        raise ValueError(f"{fn}: residual must be a tensor of the output's shape {expected}, got "
+                         f"{tuple(residual.shape) if isinstance(residual, Tensor) else type(residual).__name__}")
+    if residual.device != x.device or not residual.is_floating_point():
+        raise ValueError(f"{fn}: residual must be a floating-point tensor on x's device {x.device}, got "
+                         f"{residual.dtype} on {residual.device}")
 
 
 def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):

@@ -7,7 +7,10 @@ and the gamma/beta gradients stay in one place (bn_relu_conv.py), and a backend
 only provides three steps:
 
 - batch_stats(x, eps) -> (mean, invstd)
-- forward(x, scale, shift, convs) -> one output per conv: conv(relu(z))
+- forward(x, scale, shift, convs, residual, stats_eps) -> (outs, stats): one
+      output per conv, conv(relu(z)), with `residual` (or None) added to the
+      first; stats = the first output's (mean, invstd) for eps=stats_eps (the
+      next BatchNorm's statistics), or None when stats_eps is None
 - backward(grads, x, mean, invstd, scale, shift, convs, training, needs_weight, needs_bn)
       -> (dx, [dW per conv], sum_dz, sum_dz_xhat); needs_bn: x, gamma or beta wants a
       gradient (else dx and the sums are None)
@@ -22,6 +25,7 @@ import torch
 
 from .. import _extension
 from .kernels import REFERENCE, BnReluKernels, native
+from .triton_backend import TritonBackend
 
 
 class Conv(NamedTuple):
@@ -42,15 +46,26 @@ class KernelBackend:
         self._kernels = kernels
         self._supports = devices
 
-    def supports(self, device: torch.device) -> bool:
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return self._supports(device)
+
+    def automatic(self, device: torch.device) -> bool:
+        """Whether "auto" may pick this backend on `device`."""
+        return True
+
+    def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
+        return ""
 
     def batch_stats(self, x, eps):
         return self._kernels().batch_stats(x, eps)
 
-    def forward(self, x, scale, shift, convs: list[Conv]):
-        a = self._kernels().bn_relu_apply(x, scale, shift)
-        return [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding) for c in convs]
+    def forward(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None):
+        k = self._kernels()
+        a = k.bn_relu_apply(x, scale, shift)
+        outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding) for c in convs]
+        if residual is not None:
+            outs[0] += residual
+        return outs, (None if stats_eps is None else k.batch_stats(outs[0], stats_eps))
 
     def backward(self, grads: list[Optional[torch.Tensor]], x, mean, invstd, scale, shift, convs: list[Conv],
                  training: bool, needs_weight: list[bool], needs_bn: bool):
@@ -88,9 +103,11 @@ def _native_supports(device: torch.device) -> bool:
 _BACKENDS = {
     "reference": KernelBackend(lambda: REFERENCE, lambda device: True),
     "native": KernelBackend(native, _native_supports),
+    "triton": TritonBackend(),
 }
-# "auto" tries these in order and takes the first that supports the device.
-_AUTO_ORDER = ["native", "reference"]
+# "auto" tries these in order and takes the first that supports the device and
+# dtype and allows automatic use there (Triton: CUDA only).
+_AUTO_ORDER = ["triton", "native", "reference"]
 
 
 def register_backend(name: str, backend, auto_priority: Optional[int] = None) -> None:
@@ -104,16 +121,18 @@ def backend_names() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend name for `name` on `device`, or a clear error."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend name for `name` and tensors of `dtype` on `device`,
+    or a clear error."""
     if name == "auto":
-        return next(b for b in _AUTO_ORDER if _BACKENDS[b].supports(device))
+        return next(b for b in _AUTO_ORDER if _BACKENDS[b].supports(device, dtype) and _BACKENDS[b].automatic(device))
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
-    if not _BACKENDS[name].supports(device):
+    if not _BACKENDS[name].supports(device, dtype):
         if name == "native":
             _extension.load()  # raises the build error when the extension is missing altogether
-        raise RuntimeError(f"backend={name!r} has no kernels for device {device} in this build")
+        raise RuntimeError(f"backend={name!r} has no kernels for {dtype} tensors on device {device} in this "
+                           f"environment" + _BACKENDS[name].missing_hint(device, dtype))
     return name
 
 

@@ -40,14 +40,18 @@ def _convs(weights: list[Tensor], strides: list[int], paddings: list[int]) -> li
 
 
 def normalization_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-                        momentum: float, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+                        momentum: float, eps: float, backend: str,
+                        batch_stats: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
     """(mean, invstd) that normalise x: batch statistics in training (updating the
     running ones in place), running statistics in eval. They are constants to
-    autograd: the op's backward differentiates through them itself."""
+    autograd: the op's backward differentiates through them itself.
+
+    batch_stats: x's (mean, invstd) for this eps when the op that produced x
+    already computed them in its epilogue; then no statistics pass reads x."""
     stats = stats_dtype(x)
     if not training:
         return running_mean.to(stats), torch.rsqrt(running_var.to(stats) + eps)
-    mean, invstd = get_backend(backend).batch_stats(x.detach(), eps)
+    mean, invstd = batch_stats if batch_stats is not None else get_backend(backend).batch_stats(x.detach(), eps)
     if running_mean is not None:
         # Same update as nn.BatchNorm2d: the running variance is the unbiased one.
         m = x.numel() // x.shape[1]
@@ -61,30 +65,41 @@ def normalization_stats(x: Tensor, running_mean: Optional[Tensor], running_var: 
 @torch.library.custom_op(_OP, mutates_args=())
 def bn_relu_conv2d_op(
     x: Tensor, conv_weights: list[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
-    invstd: Tensor, strides: list[int], paddings: list[int], training: bool, backend: str,
+    invstd: Tensor, residual: Optional[Tensor], strides: list[int], paddings: list[int], training: bool,
+    backend: str, stats_eps: Optional[float],
 ) -> list[Tensor]:
-    """[conv(relu((x - mean) * invstd * bn_weight + bn_bias), w) for w in conv_weights].
+    """[conv(relu((x - mean) * invstd * bn_weight + bn_bias), w) for w in conv_weights],
+    with `residual` added to the first output; when stats_eps is given, followed
+    by that output's per-channel (mean, invstd) for a next BatchNorm with that eps.
 
     `training` says whether mean/invstd are x's own batch statistics (so the
     gradient of x flows through them) or constants (running statistics)."""
-    return _forward(x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, backend)
+    outs, stats = _forward(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, backend,
+                           stats_eps)
+    return [*outs, *(stats or ())]
 
 
-def _forward(x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, backend) -> list[Tensor]:
+def _forward(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, backend, stats_eps):
     scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
-    return get_backend(backend).forward(x, scale, shift, _convs(conv_weights, strides, paddings))
+    return get_backend(backend).forward(x, scale, shift, _convs(conv_weights, strides, paddings), residual,
+                                        stats_eps)
 
 
 @bn_relu_conv2d_op.register_fake
-def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend):
+def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend, stats_eps):
     a = torch.empty_like(x)
-    return [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding)
+    outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding)
             for c in _convs(conv_weights, strides, paddings)]
+    if stats_eps is not None:
+        outs += [outs[0].new_empty((outs[0].shape[1],), dtype=mean.dtype) for _ in range(2)]
+    return outs
 
 
 def _save(ctx, x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend):
     # Everything backward needs goes through save_for_backward, so
     # saved_tensors_hooks (and save_on_cpu) see and may offload all of it.
+    # The residual is only added: its gradient is the first output's, and
+    # nothing of it is kept.
     ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, *conv_weights)
     ctx.conf = (strides, paddings, training, backend)
 
@@ -96,8 +111,8 @@ def _grads(ctx, grad_outputs, needs_weight: list[bool], needs_bn: bool):
     strides, paddings, training, backend = ctx.conf
     scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
-        list(grad_outputs), x, mean, invstd, scale, shift, _convs(conv_weights, strides, paddings), training,
-        needs_weight, needs_bn,
+        list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
+        _convs(conv_weights, strides, paddings), training, needs_weight, needs_bn,
     )
     # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
     d_gamma = None if bn_weight is None or sum_dz_xhat is None else sum_dz_xhat.to(bn_weight.dtype)
@@ -106,14 +121,17 @@ def _grads(ctx, grad_outputs, needs_weight: list[bool], needs_bn: bool):
 
 
 def _setup_context(ctx, inputs, output):
-    _save(ctx, *inputs)
+    x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend, _ = inputs
+    _save(ctx, x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend)
 
 
 def _op_backward(ctx, grad_outputs):
     needs = ctx.needs_input_grad
-    needs_weight = list(needs[1]) if isinstance(needs[1], (list, tuple)) else [needs[1]] * len(grad_outputs)
+    n = len(ctx.conf[0]) // 2
+    needs_weight = list(needs[1]) if isinstance(needs[1], (list, tuple)) else [needs[1]] * n
     dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, needs_weight, any((needs[0], needs[2], needs[3])))
-    return dx, d_weights, d_gamma, d_beta, None, None, None, None, None, None
+    d_residual = grad_outputs[0] if needs[6] else None
+    return dx, d_weights, d_gamma, d_beta, None, None, d_residual, None, None, None, None, None
 
 
 bn_relu_conv2d_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -123,27 +141,36 @@ class _BnReluConvFunction(torch.autograd.Function):
     """bn_relu_conv2d_op's forward and backward for eager mode (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, mean, invstd, conf, *conv_weights):
-        strides, paddings, training, backend = conf
+    def forward(ctx, x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights):
+        strides, paddings, training, backend, stats_eps = conf
         weights = list(conv_weights)
-        outs = _forward(x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, backend)
+        outs, stats = _forward(x, weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, backend,
+                               stats_eps)
         _save(ctx, x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its conv backward is skipped
-        return tuple(outs)
+        if stats is not None:
+            ctx.mark_non_differentiable(*stats)
+        return (*outs, *(stats or ()))
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        needs = ctx.needs_input_grad  # (x, bn_weight, bn_bias, mean, invstd, conf, *conv_weights)
-        dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(needs[6:]), any(needs[:3]))
-        return dx, d_gamma, d_beta, None, None, None, *d_weights
+        needs = ctx.needs_input_grad  # (x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights)
+        dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(needs[7:]), any(needs[:3]))
+        d_residual = grad_outputs[0] if needs[5] else None
+        return dx, d_gamma, d_beta, None, None, d_residual, None, *d_weights
 
 
-def bn_relu_convs_autograd(x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training,
-                           backend) -> list[Tensor]:
-    """[conv(relu(bn(x)), w) for w in conv_weights], differentiable in x, the
-    weights and gamma/beta; mean/invstd are x's batch statistics when training."""
+def bn_relu_convs_autograd(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training,
+                           backend, stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
+    """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
+    first, and that output's (mean, invstd) for eps=stats_eps or None),
+    differentiable in x, the weights, gamma/beta and the residual; mean/invstd
+    are x's batch statistics when training."""
     if torch.compiler.is_compiling():
-        return bn_relu_conv2d_op(x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training,
-                                 backend)
-    conf = (strides, paddings, training, backend)
-    return list(_BnReluConvFunction.apply(x, bn_weight, bn_bias, mean, invstd, conf, *conv_weights))
+        outs = bn_relu_conv2d_op(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings,
+                                 training, backend, stats_eps)
+    else:
+        conf = (strides, paddings, training, backend, stats_eps)
+        outs = list(_BnReluConvFunction.apply(x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights))
+    n = len(conv_weights)
+    return outs[:n], (tuple(outs[n:]) if stats_eps is not None else None)

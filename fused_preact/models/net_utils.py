@@ -1,0 +1,94 @@
+"""What the model zoo's networks share with PreActResNet: the recompute modes,
+the paper's weight init, and a BatchNorm call that recompute can rerun.
+
+Recompute modes (see PreActResNet): "none" keeps what eager autograd keeps;
+"bn_relu" (needs fused=True) keeps each fused BN-ReLU-conv's input and BN
+statistics; "unit" keeps each residual unit's input; "segment" keeps every
+`segment_size`-th unit's input. All compute the same values.
+"""
+import math
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..recompute import recompute, running_stats_frozen
+from .preact_resnet import RECOMPUTE_MODES
+
+
+def check_recompute(owner: str, recompute: Optional[str], fused: bool, segment_size: Optional[int]) -> str:
+    """The recompute mode to use (default "bn_relu" when fused, else "none"),
+    after checking it and segment_size; `owner` names the class in errors."""
+    recompute = ("bn_relu" if fused else "none") if recompute is None else recompute
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"{owner}: recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
+    if recompute == "bn_relu" and not fused:
+        raise ValueError(f"{owner}: recompute='bn_relu' needs fused=True (it is the fused op's recompute)")
+    if segment_size is not None and (recompute != "segment" or not isinstance(segment_size, int)
+                                     or segment_size < 1):
+        raise ValueError(f"{owner}: segment_size must be a positive int and needs recompute='segment', "
+                         f"got {segment_size!r} with recompute={recompute!r}")
+    return recompute
+
+
+def default_segment_size(num_units: int) -> int:
+    return max(1, round(math.sqrt(num_units)))
+
+
+def run_units(units: nn.Sequential, x: Tensor, mode: str, segment_size: int) -> Tensor:
+    """units(x), keeping for backward what `mode` says."""
+    if mode not in ("unit", "segment"):
+        return units(x)
+    size = 1 if mode == "unit" else segment_size
+    for start in range(0, len(units), size):
+        group = units[start:start + size]
+        x = recompute(group, x, [p for p in group.parameters() if p.requires_grad])
+    return x
+
+
+def init_weights(model: nn.Module) -> None:
+    """The official code's init (resnet-pre-act.lua, fb.resnet.torch): conv
+    weights ~ N(0, sqrt(2 / (k*k*out))), BN weight 1 / bias 0, Linear bias 0.
+    Conv biases (only the gating convs have one) keep what their module set."""
+    for m in model.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            continue  # no values to set (e.g. counting parameters); meta init is slow, not free
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+def batch_norm(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    """bn(x), except that in a recompute's second run (frozen running
+    statistics) it normalises the same way but leaves running_mean/var and
+    num_batches_tracked alone, as the fused op does; calling bn directly there
+    would update them twice."""
+    if not running_stats_frozen():
+        return bn(x)
+    use_batch_stats = bn.training or bn.running_mean is None
+    running = (None, None) if use_batch_stats else (bn.running_mean, bn.running_var)
+    return F.batch_norm(x, *running, bn.weight, bn.bias, use_batch_stats, 0.0, bn.eps)
+
+
+def check_choice(owner: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def fixed_depth_factory(family, depth: int, name: str, default_classes: int = 10):
+    """family(num_classes, depth=depth, **options) registered as `name`; a
+    `depth` option (e.g. from a trainer's --depth) must agree with the name."""
+    def factory(num_classes: int = default_classes, **options):
+        if options.setdefault("depth", depth) != depth:
+            raise ValueError(f"{name}: depth is fixed at {depth} by the name, got depth={options['depth']}; "
+                             f"use the family that takes depth= instead")
+        return family(num_classes, **options)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{family.__doc__ or family.__name__} (depth {depth})"
+    return factory

@@ -1,0 +1,144 @@
+"""The "triton" backend: every step of the op in fused Triton kernels
+(fused_preact.triton_kernels), so relu(bn(x)) is never written to memory:
+
+- forward: one implicit-GEMM convolution per group of convs that share kernel
+  size, stride and padding (conv1 + a 1x1 projection shortcut is one GEMM),
+  BN-affine + ReLU applied while loading x; the residual add and the next
+  BatchNorm's statistics come from the epilogue;
+- backward: dgrad whose epilogue recomputes the ReLU mask and reduces
+  sum dz, sum dz*xhat; one elementwise pass for dx; wgrad recomputing the
+  activation in its operand loader.
+
+Runs on CUDA, and on CPU tensors under the Triton interpreter
+(TRITON_INTERPRET=1), which is how it is tested without a GPU. "auto" picks it
+on CUDA only.
+"""
+import functools
+import importlib.util
+from itertools import groupby
+
+import torch
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _kernels():
+    from ..triton_kernels import batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward, conv_wgrad
+
+    return batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward, conv_wgrad
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class TritonBackend:
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        if dtype not in _DTYPES or not _triton_installed():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and _kernels()[2].interpreting())
+
+    def automatic(self, device: torch.device) -> bool:
+        # Interpreted kernels are for testing, never a default.
+        return device.type == "cuda"
+
+    def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
+        if not _triton_installed():
+            return " (triton is not installed)"
+        if dtype not in _DTYPES:
+            return f" (its kernels take {', '.join(str(d) for d in _DTYPES)})"
+        return " (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+
+    def batch_stats(self, x, eps):
+        return triton_batch_stats(x, eps)
+
+    def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
+        conv_forward = _kernels()[4].conv_forward
+        outs, stats = [], None
+        # convs[0] leads the first group, so the residual and the statistics
+        # belong to that launch's first output.
+        for index, (_, group) in enumerate(groupby(convs, key=_geometry)):
+            group = list(group)
+            results, group_stats = conv_forward(
+                x, scale, shift, [c.weight for c in group], group[0].stride, group[0].padding,
+                residual=residual if index == 0 else None, stats=stats_eps is not None and index == 0,
+            )
+            outs += results
+            if group_stats is not None:
+                mean, var = group_stats
+                stats = (mean, torch.rsqrt(var + stats_eps))
+        return outs, stats
+
+    def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
+                 needs_bn: bool):
+        grad_weights = [
+            triton_weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding) if need and g is not None else None
+            for g, c, need in zip(grads, convs, needs_weight)
+        ]
+        used = [(g, c) for g, c in zip(grads, convs) if g is not None]
+        if not needs_bn or not used:
+            return None, grad_weights, None, None
+        dx, sum_dz, sum_dz_xhat = triton_input_grad(
+            [g for g, _ in used], [c.weight for _, c in used], [i for _, c in used for i in c.stride],
+            [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training,
+        )
+        return dx, grad_weights, sum_dz, sum_dz_xhat
+
+
+# The backward steps are torch.library ops (with fake implementations) rather
+# than bare kernel launches, because the op's registered backward is traced by
+# torch.compile / AOT autograd, and a Triton launch cannot run on fake tensors.
+
+@torch.library.custom_op("fused_preact::triton_batch_stats", mutates_args=())
+def triton_batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's per-channel batch (mean, invstd) for eps, in fp32."""
+    mean, var = _kernels()[0].batch_mean_var(x)
+    return mean, torch.rsqrt(var + eps)
+
+
+@triton_batch_stats.register_fake
+def _(x, eps):
+    return tuple(x.new_empty((x.shape[1],), dtype=torch.float32) for _ in range(2))
+
+
+@torch.library.custom_op("fused_preact::triton_input_grad", mutates_args=())
+def triton_input_grad(grads: list[torch.Tensor], weights: list[torch.Tensor], strides: list[int],
+                      paddings: list[int], x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                      scale: torch.Tensor, shift: torch.Tensor,
+                      training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, sum dz, sum dz*xhat) of BN -> ReLU -> the convs, from their output
+    gradients: dgrad with the ReLU mask and the sums in its epilogue, then one
+    elementwise pass for dx. strides/paddings are flat [h0, w0, h1, w1, ...]."""
+    _, bn_relu_backward, _, conv_dgrad, _, _ = _kernels()
+    pairs = [(strides[i], strides[i + 1]) for i in range(0, len(strides), 2)]
+    pads = [(paddings[i], paddings[i + 1]) for i in range(0, len(paddings), 2)]
+    dz, sum_dz, sum_dz_xhat = conv_dgrad.conv_dgrad(grads, weights, pairs, pads, x, mean, invstd, scale, shift)
+    dx = bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat, training)
+    # The two sums are views of one buffer; outputs of an op may not alias.
+    return dx, sum_dz, sum_dz_xhat.clone()
+
+
+@triton_input_grad.register_fake
+def _(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training):
+    return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.custom_op("fused_preact::triton_weight_grad", mutates_args=())
+def triton_weight_grad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                       weight: torch.Tensor, stride: list[int], padding: list[int]) -> torch.Tensor:
+    """dW of conv(relu(x * scale + shift), weight) from the output gradient,
+    the activation recomputed in the GEMM's operand loader."""
+    conv_wgrad = _kernels()[5]
+    return conv_wgrad.conv_wgrad(grad, x, scale, shift, weight.shape, tuple(stride), tuple(padding), weight.dtype)
+
+
+@triton_weight_grad.register_fake
+def _(grad, x, scale, shift, weight, stride, padding):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _geometry(conv):
+    """Convs with equal geometry (kernel size, stride, padding) share one GEMM."""
+    return tuple(conv.weight.shape[2:]), conv.stride, conv.padding

@@ -1,0 +1,269 @@
+"""Per-channel batch statistics of x [N, C, H, W] over (N, H, W), in two passes
+that never synchronise with the host.
+
+Math. For channel c and the m = N*H*W values x_i:
+    mean = sum(x_i) / m,   var = M2 / m  with  M2 = sum((x_i - mean)^2)   (biased),
+    invstd = 1 / sqrt(var + eps).
+A raw sum of squares (E[x^2] - E[x]^2) cancels catastrophically when |mean| >> std
+(mean 1e4, std 1 in fp32 loses every digit), so nothing here forms one:
+
+1. `_partial_stats_kernel`: each program owns one run of rows (a "partial") for a block
+   of channels. It walks its rows one tile at a time; for each tile it computes the
+   tile's own (count, mean, M2) exactly (two passes over registers: mean, then the
+   squared deviations from it) and folds it into its running triple with Chan's
+   pairwise formula
+       n = n_a + n_b,  d = mean_b - mean_a,
+       mean = mean_a + d * n_b / n,   M2 = M2_a + M2_b + d^2 * n_a * n_b / n.
+   (The first mean is refined by the mean deviation from it, the "corrected two-pass"
+   of Chan, Golub & LeVeque, so 1e4-sized values do not cost digits in the mean.)
+   The triple is stored in row p of three [P, C] fp32 buffers.
+2. `_merge_partials_kernel` combines the P partials per channel in a FIXED order: chunks
+   of BLOCK_P partials, each chunk combined exactly (n_b = sum n_i,
+   mean_b = sum n_i mean_i / n_b, M2_b = sum M2_i + n_i (mean_i - mean_b)^2) and folded
+   into the running triple with the same Chan step. No atomics: results are bit-identical
+   from run to run. (What remains is the fp32 rounding of each stored partial mean:
+   a variance error of about ulp(|mean|) / (sqrt(m) * std) relative, 3e-5 for mean 1e4,
+   std 1, m = 1e3.) `merge_partials` is public: the conv forward epilogue
+   (conv_forward.py) writes the same kind of partials for the next BatchNorm.
+
+Rows are addressed through x's strides. The host folds (N, H, W) into at most two
+"outer" dimensions, indexed by a per-program scalar, and one inner dimension (the run a
+program walks), so a program's loads are contiguous along C for channels_last and along
+H*W for NCHW, and the compiler sees the unit stride (triton specialises arguments equal
+to 1) and coalesces along it.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpreting
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's pairwise combination of two (count, mean, M2) triples; an empty side
+    (count 0) leaves the other unchanged."""
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac
+    m2 = m2_a + m2_b + delta * delta * n_a * frac
+    return n, mean, m2
+
+
+@triton.jit
+def _two_pass(v, ok, n, axis: tl.constexpr):
+    """(mean, M2) along `axis` of the `ok` entries of v, n of them (n > 0), by the
+    corrected two-pass algorithm: the rounding error of the first mean is recovered
+    from the sum of the deviations, so the mean stays exact to a few ulps even when it
+    is 1e4 times the spread (a plain sum of 1e4-sized values is not)."""
+    mean = tl.sum(tl.where(ok, v, 0.0), axis=axis) / n
+    d = tl.where(ok, v - tl.expand_dims(mean, axis), 0.0)
+    sum_d = tl.sum(d, axis=axis)
+    return mean + sum_d / n, tl.sum(d * d, axis=axis) - sum_d * sum_d / n
+
+
+@triton.jit
+def _partial_stats_kernel(
+    x_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    C, L, SEGS, SEG, OUTER1,
+    s_outer0, s_outer1, s_inner, s_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+):
+    # Partial p = (outer index a, segment of the inner run); a = (a0, a1) with a1 < OUTER1.
+    p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    a = p // SEGS
+    seg = p % SEGS
+    a0 = a // OUTER1
+    a1 = a % OUTER1
+    if IDX64:
+        a0 = a0.to(tl.int64)
+        a1 = a1.to(tl.int64)
+    base = a0 * s_outer0 + a1 * s_outer1
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    if IDX64:
+        cols = cols.to(tl.int64)
+    start = seg * SEG
+    end = tl.minimum(start + SEG, L)
+    n = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < end
+        if IDX64:
+            rows = rows.to(tl.int64)
+        ok = row_ok[:, None] & col_ok[None, :]
+        v = tl.load(x_ptr + base + rows[:, None] * s_inner + cols[None, :] * s_c, mask=ok, other=0.0)
+        v = v.to(tl.float32)
+        # This tile's (count, mean, M2) by the corrected two-pass method.
+        n_b = tl.sum(row_ok.to(tl.float32), axis=0)
+        mean_b, m2_b = _two_pass(v, ok, n_b, axis=0)
+        n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, m2_b)
+    offs = p * C + cols
+    tl.store(cnt_ptr + offs, n, mask=col_ok)
+    tl.store(mean_ptr + offs, mean, mask=col_ok)
+    tl.store(m2_ptr + offs, m2, mask=col_ok)
+
+
+@triton.jit
+def _merge_partials_kernel(
+    cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_second_ptr, P, C, eps,
+    INVSTD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per block of channels walks all P partials in order: deterministic.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    n = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        ok = (rows < P)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        n_i = tl.load(cnt_ptr + offs, mask=ok, other=0.0)
+        # An empty partial contributes nothing whatever its mean/M2 slots hold.
+        has = n_i > 0.0
+        mean_i = tl.where(has, tl.load(mean_ptr + offs, mask=ok, other=0.0), 0.0)
+        m2_i = tl.where(has, tl.load(m2_ptr + offs, mask=ok, other=0.0), 0.0)
+        # Exact combination of the chunk: weighted mean (corrected as in _two_pass),
+        # then the within-partial M2 plus the spread of the means about it.
+        n_b = tl.sum(n_i, axis=0)
+        inv_n = 1.0 / tl.maximum(n_b, 1.0)
+        mean_b = tl.sum(n_i * mean_i, axis=0) * inv_n
+        d = tl.where(has, mean_i - mean_b[None, :], 0.0)
+        sum_d = tl.sum(n_i * d, axis=0)
+        mean_b += sum_d * inv_n
+        m2_b = tl.sum(m2_i + n_i * d * d, axis=0) - sum_d * sum_d * inv_n
+        n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, m2_b)
+    # n == 0 (a channel with no data) gives nan, as torch.var_mean of nothing does;
+    # lanes past C divide by 1 only to keep the interpreter free of 0/0 warnings.
+    var = m2 / tl.where(col_ok, n, 1.0)
+    tl.store(out_mean_ptr + cols, mean, mask=col_ok)
+    if INVSTD:
+        tl.store(out_second_ptr + cols, 1.0 / tl.sqrt_rn(var + eps), mask=col_ok)
+    else:
+        tl.store(out_second_ptr + cols, var, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- host
+
+
+def check_device(x: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
+        raise ValueError(f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got device {x.device}")
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"x must be float32, float16 or bfloat16 for the triton kernels, got {x.dtype}")
+    if x.shape[1] == 0 or x.numel() == 0:
+        raise ValueError(f"x must have at least one channel and one value per channel, got shape {tuple(x.shape)}")
+    check_device(x)
+
+
+def _span(t: torch.Tensor) -> int:
+    """One past the largest element offset t's strides reach."""
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+
+
+def _row_view(x: torch.Tensor):
+    """(N, H, W) folded into (outer0, outer1, inner) dims, as (sizes, strides): size-1
+    dims dropped, adjacent dims merged where their strides chain, padded with size-1."""
+    dims = [(s, st) for s, st in zip((x.shape[0], x.shape[2], x.shape[3]), (x.stride(0), x.stride(2), x.stride(3)))
+            if s != 1]
+    merged = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == size * stride:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    merged = [(1, 0)] * (3 - len(merged)) + merged
+    return merged
+
+
+def _stats_partials(x: torch.Tensor):
+    """Launch the partial-statistics kernel; returns the three [P, C] buffers."""
+    C = x.shape[1]
+    (o0, so0), (o1, so1), (L, s_inner) = _row_view(x)
+    s_c = x.stride(1)
+    outer = o0 * o1
+    # Tile: wide along whichever axis is contiguous in memory, ~2K elements.
+    if s_c == 1 and C > 1:
+        block_c = min(triton.next_power_of_2(C), 64)
+    else:
+        block_c = min(triton.next_power_of_2(C), 8)
+    block_r = max(16, min(triton.next_power_of_2(L), 2048 // block_c))
+    cblocks = triton.cdiv(C, block_c)
+    # Enough programs to fill a GPU (~1K), each walking several tiles of one run.
+    target = 4 if interpreting() else 1024
+    tiles = triton.cdiv(L, block_r)
+    segs_wanted = max(1, triton.cdiv(target, outer * cblocks))
+    seg = triton.cdiv(tiles, min(segs_wanted, tiles)) * block_r
+    segs = triton.cdiv(L, seg)
+    P = outer * segs
+    cnt = torch.empty((P, C), dtype=torch.float32, device=x.device)
+    mean = torch.empty_like(cnt)
+    m2 = torch.empty_like(cnt)
+    _partial_stats_kernel[(P, cblocks)](
+        x, cnt, mean, m2, C, L, segs, seg, o1, so0, so1, s_inner, s_c,
+        BLOCK_R=block_r, BLOCK_C=block_c, IDX64=_span(x) > _INT32_MAX, num_warps=4,
+    )
+    return cnt, mean, m2
+
+
+def _merge(count, mean, m2, eps, invstd):
+    for name, t in (("count", count), ("mean", mean), ("m2", m2)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a 2-D float32 tensor [num_partials, C], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.shape != count.shape or t.device != count.device:
+            raise ValueError(f"{name} must have count's shape {tuple(count.shape)} and device {count.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")
+    P, C = count.shape
+    if P == 0 or C == 0:
+        raise ValueError(f"count must hold at least one partial and one channel, got shape {(P, C)}")
+    count, mean, m2 = count.contiguous(), mean.contiguous(), m2.contiguous()
+    out_mean = torch.empty(C, dtype=torch.float32, device=count.device)
+    out_second = torch.empty_like(out_mean)
+    block_c = min(triton.next_power_of_2(C), 32)
+    block_p = min(triton.next_power_of_2(P), 128 if block_c <= 16 else 64)
+    _merge_partials_kernel[(triton.cdiv(C, block_c),)](
+        count, mean, m2, out_mean, out_second, P, C, float(eps),
+        INVSTD=invstd, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
+    )
+    return out_mean, out_second
+
+
+def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
+    """(mean, biased var) per channel, fp32 [C], from partial statistics: three
+    [num_partials, C] fp32 buffers holding each partial's count, mean and M2 (sum of
+    squared deviations from its own mean). Partials with count 0 are ignored. Merged in
+    a fixed order (deterministic), on the device, without host synchronisation."""
+    return _merge(count, mean, m2, 0.0, invstd=False)
+
+
+def batch_mean_var(x: torch.Tensor):
+    """(mean, biased var) of x [N, C, H, W] per channel over (N, H, W), fp32 [C]."""
+    _check_x(x)
+    return merge_partials(*_stats_partials(x))
+
+
+def batch_stats(x: torch.Tensor, eps: float):
+    """(mean, invstd) of x [N, C, H, W] per channel, fp32 [C]: invstd = 1/sqrt(var + eps)
+    with the biased variance, as BatchNorm2d's training forward uses them."""
+    _check_x(x)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    return _merge(*_stats_partials(x), eps, invstd=True)

@@ -1,0 +1,114 @@
+"""The last, elementwise step of the BN -> ReLU backward: dx from dz.
+
+With dz = da * [z > 0] (from conv_dgrad), xhat = (x - mean) * invstd,
+scale = gamma * invstd and m = N*H*W per channel:
+
+    training (batch statistics):  dx = scale / m * (m * dz - sum_dz - xhat * sum_dz_xhat)
+                                     = scale * (dz - (sum_dz + xhat * sum_dz_xhat) / m)
+    eval (constant statistics):   dx = scale * dz
+
+optionally plus an incoming residual gradient (the identity branch of a
+pre-activation block), added in the same pass so dx is written once. Computed
+in fp32, stored in x's dtype.
+
+The kernel walks dx in its memory order (dx = empty_like(x) is dense in x's
+layout); the channel of flat offset i is (i // stride_c) % C in any dense layout.
+Operands laid out like dx are read at offset i directly; others (a strided x or
+residual) at offsets rebuilt from i's coordinates.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .conv_dgrad import channel_vector, check_activation
+
+
+@triton.jit
+def _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_n, s_c, s_h, s_w, SAME: tl.constexpr):
+    """Offsets in a tensor of strides s_* of the elements at dx's flat offsets i."""
+    if SAME:
+        off = i
+    else:
+        off = (((i // so_n) % N) * s_n + ((i // so_c) % C) * s_c
+               + ((i // so_h) % H) * s_h + ((i // so_w) % W) * s_w)
+    return off
+
+
+@triton.jit
+def _input_grad_kernel(
+    dz_ptr, x_ptr, res_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
+    numel, N, C, H, W, inv_m,
+    so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw,
+    TRAINING: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    DZ_SAME: tl.constexpr, X_SAME: tl.constexpr, RES_SAME: tl.constexpr,
+    INT64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if INT64:  # only tensors of 2**31 elements or more pay for 64-bit index arithmetic
+        pid = pid.to(tl.int64)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = i < numel
+    c = (i // so_c) % C
+    scale = tl.load(scale_ptr + c, mask=ok, other=0.0)
+    dz = tl.load(dz_ptr + _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, DZ_SAME),
+                 mask=ok, other=0.0).to(tl.float32)
+    if TRAINING:
+        # The batch statistics depend on x: subtract dz's projection on 1 and xhat.
+        xv = tl.load(x_ptr + _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_xn, s_xc, s_xh, s_xw, X_SAME),
+                     mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + c, mask=ok, other=0.0)
+        invstd = tl.load(invstd_ptr + c, mask=ok, other=0.0)
+        sum_dz = tl.load(sum_dz_ptr + c, mask=ok, other=0.0)
+        sum_dz_xhat = tl.load(sum_dz_xhat_ptr + c, mask=ok, other=0.0)
+        xhat = (xv - mean) * invstd
+        dz = dz - (sum_dz + xhat * sum_dz_xhat) * inv_m
+    dx = dz * scale
+    if HAS_RESIDUAL:
+        dx += tl.load(res_ptr + _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_rn, s_rc, s_rh, s_rw, RES_SAME),
+                      mask=ok, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + i, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                       scale: torch.Tensor, sum_dz, sum_dz_xhat, training: bool, grad_residual=None) -> torch.Tensor:
+    """dx of BN -> ReLU given dz (see the module docstring), in x's dtype and layout.
+
+    training: mean/invstd are x's batch statistics (sum_dz and sum_dz_xhat, fp32
+    [C], are then required); otherwise they are constants and the sums are
+    ignored (may be None). grad_residual, if given, is added to dx."""
+    check_activation(x)
+    for name, t in (("dz", dz), ("grad_residual", grad_residual)):
+        if t is None and name == "grad_residual":
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != x.shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {got}")
+        if not t.is_floating_point() or t.dtype == torch.float64:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    scale = channel_vector(scale, "scale", x)
+    if training:
+        mean, invstd = channel_vector(mean, "mean", x), channel_vector(invstd, "invstd", x)
+        sum_dz, sum_dz_xhat = channel_vector(sum_dz, "sum_dz", x), channel_vector(sum_dz_xhat, "sum_dz_xhat", x)
+    else:  # unused by the kernel: any pointer will do
+        mean = invstd = sum_dz = sum_dz_xhat = scale
+
+    dx = torch.empty_like(x)  # dense, in x's memory format (preserve_format)
+    n, c, h, w = x.shape
+    numel = x.numel()
+    if numel == 0:
+        return dx
+    res = grad_residual if grad_residual is not None else dz
+    # Size-1 dimensions' strides are arbitrary: compare only the others.
+    same = [all(t.stride(d) == dx.stride(d) for d in range(4) if x.shape[d] > 1) for t in (dz, x, res)]
+    block = 1024
+    _input_grad_kernel[(triton.cdiv(numel, block),)](
+        dz, x, res, dx, mean, invstd, scale, sum_dz, sum_dz_xhat,
+        numel, n, c, h, w, 1.0 / (numel // c),
+        *dx.stride(), *dz.stride(), *x.stride(), *res.stride(),
+        TRAINING=bool(training), HAS_RESIDUAL=grad_residual is not None,
+        DZ_SAME=same[0], X_SAME=same[1], RES_SAME=same[2],
+        INT64=numel >= 2**31, BLOCK=block, num_warps=4,
+    )
+    return dx

@@ -1,0 +1,287 @@
+"""Input gradient of BN -> ReLU -> conv(s), up to the BN sums, in one kernel.
+
+Forward was y_i = conv2d(a, W_i, stride, padding_i), a = relu(z), z = x * scale + shift
+(per channel c; scale = gamma * invstd, shift = beta - mean * scale), for one conv or
+two (a stage's first unit: conv1 and the projection shortcut, same stride). Backward:
+
+    da[n, c, h, w] = sum_i sum_{k, r, s} dy_i[n, k, ho, wo] * W_i[k, c, r, s]
+                     where ho = (h + p_h - r) / stride_h and wo = (w + p_w - s) / stride_w
+                     are integers inside dy_i (the transposed convolution);
+    dz  = da * [z > 0]
+    sum_dz      = sum_{n,h,w} dz          (= d beta)
+    sum_dz_xhat = sum_{n,h,w} dz * xhat   (= d gamma), xhat = (x - mean) * invstd
+
+`conv_dgrad` computes da as an implicit GEMM (rows: the N*H*W positions of x,
+columns: its C channels, reduction: K*R*S of each conv) whose epilogue recomputes
+z from x, so neither a nor da is ever written: only dz (x's dtype, x's layout),
+and per-row-tile partial sums that a second small kernel adds in a fixed order
+(no atomics: deterministic; no host synchronisation: CUDA-graph capturable).
+`bn_relu_backward.bn_relu_input_grad` then finishes dx.
+
+Strided convolutions: a position h only receives taps r with (h + p_h - r) divisible
+by the stride. Rather than masking the other taps (3 of 4 wasted at stride 2), the
+rows are split into stride_h * stride_w phases (h % stride_h, w % stride_w); in one
+phase the valid taps are r = r0, r0 + stride_h, ... with r0 = (phase_h + p_h) % stride_h,
+and ho = i + (phase_h + p_h - r) / stride_h for the i-th row of the phase. Each
+program works on one phase, so it visits only valid taps and does dense GEMM steps.
+"""
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_precision, interpreting
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _accumulate_conv(acc, dy_ptr, w_ptr, n64, i, j, row_ok, offs_c, c_ok, qh, qw, sh, sw,
+                     K, R, S, ph, pw, Ho, Wo,
+                     s_dyn, s_dyk, s_dyh, s_dyw, s_wk, s_wc, s_wr, s_ws,
+                     PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[rows, channels] += the rows' da from one conv: dy tap tiles [BLOCK_M, BLOCK_K]
+    times W tiles [BLOCK_K, BLOCK_N], over the taps valid in this phase."""
+    offs_k = tl.arange(0, BLOCK_K)
+    # First valid tap of the phase; the rest follow every `stride` taps.
+    r0 = (qh + ph) % sh
+    s0 = (qw + pw) % sw
+    for r in range(r0, R, sh):
+        # qh + ph - r is an exact multiple of sh, so truncating division is exact.
+        ho = i + (qh + ph - r) // sh
+        h_ok = row_ok & (ho >= 0) & (ho < Ho)
+        for s in range(s0, S, sw):
+            wo = j + (qw + pw - s) // sw
+            ok = h_ok & (wo >= 0) & (wo < Wo)
+            dy_rows = dy_ptr + n64 * s_dyn + ho * s_dyh + wo * s_dyw
+            w_tap = w_ptr + r * s_wr + s * s_ws + offs_c[None, :] * s_wc
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                k_ok = kk < K
+                g = tl.load(dy_rows[:, None] + kk[None, :] * s_dyk, mask=ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w_tap + kk[:, None] * s_wk, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                # The weight is cast to dy's dtype, as autocast casts it for the conv.
+                acc = tl.dot(g, wt.to(g.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _dgrad_kernel(
+    dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, x_ptr, dz_ptr, part_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    N, C, H, W, Hq, Wq, sh, sw, num_m_tiles,
+    K1, R1, S1, ph1, pw1, Ho1, Wo1, s_dy1n, s_dy1k, s_dy1h, s_dy1w, s_w1k, s_w1c, s_w1r, s_w1s,
+    K2, R2, S2, ph2, pw2, Ho2, Wo2, s_dy2n, s_dy2k, s_dy2h, s_dy2w, s_w2k, s_w2c, s_w2r, s_w2s,
+    s_xn, s_xc, s_xh, s_xw, s_zn, s_zc, s_zh, s_zw,
+    HAS_SECOND: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Channel tiles of one row tile are neighbouring programs: they share the dy rows in L2.
+    pid = tl.program_id(0)
+    num_c_tiles = tl.cdiv(C, BLOCK_N)
+    pid_c = pid % num_c_tiles
+    tile = pid // num_c_tiles  # row tile over all phases: the partial-sum row it writes
+    phase = tile // num_m_tiles
+    qh = phase // sw
+    qw = phase % sw
+
+    rows = (tile % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = rows // (Hq * Wq)
+    i = (rows // Wq) % Hq
+    j = rows % Wq
+    h = qh + i * sh
+    w = qw + j * sw
+    row_ok = (n < N) & (h < H) & (w < W)
+    n64 = n.to(tl.int64)  # whole-tensor offsets may pass 2**31; per-image ones do not
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < C
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_conv(acc, dy1_ptr, w1_ptr, n64, i, j, row_ok, offs_c, c_ok, qh, qw, sh, sw,
+                           K1, R1, S1, ph1, pw1, Ho1, Wo1,
+                           s_dy1n, s_dy1k, s_dy1h, s_dy1w, s_w1k, s_w1c, s_w1r, s_w1s, PRECISION, BLOCK_K)
+    if HAS_SECOND:  # the projection shortcut: summed into the same da, one epilogue
+        acc = _accumulate_conv(acc, dy2_ptr, w2_ptr, n64, i, j, row_ok, offs_c, c_ok, qh, qw, sh, sw,
+                               K2, R2, S2, ph2, pw2, Ho2, Wo2,
+                               s_dy2n, s_dy2k, s_dy2h, s_dy2w, s_w2k, s_w2c, s_w2r, s_w2s, PRECISION, BLOCK_K)
+
+    # Epilogue: the ReLU mask and xhat recomputed from x.
+    mask = row_ok[:, None] & c_ok[None, :]
+    xv = tl.load(x_ptr + (n64 * s_xn + h * s_xh + w * s_xw)[:, None] + offs_c[None, :] * s_xc,
+                 mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
+    mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + offs_c, mask=c_ok, other=0.0)
+    z = xv * scale[None, :] + shift[None, :]
+    # dz is stored in x's dtype (as eager stores the conv's input gradient) and
+    # the sums are taken of that rounded value, so that dx's correction terms
+    # are exactly the sums of the dz that dx reads.
+    dz = tl.where(mask & (z > 0.0), acc, 0.0).to(dz_ptr.dtype.element_ty)
+    tl.store(dz_ptr + (n64 * s_zn + h * s_zh + w * s_zw)[:, None] + offs_c[None, :] * s_zc, dz, mask=mask)
+    dzf = dz.to(tl.float32)
+    xhat = (xv - mean[None, :]) * invstd[None, :]
+    part = part_ptr + tile * (2 * C) + offs_c
+    tl.store(part, tl.sum(dzf, axis=0), mask=c_ok)
+    tl.store(part + C, tl.sum(dzf * xhat, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _sum_rows_kernel(src_ptr, dst_ptr, T, P, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dst[p] = sum_t src[t, p] for a contiguous fp32 [T, P], in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    col_ok = cols < P
+    acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        acc += tl.load(src_ptr + t.to(tl.int64)[:, None] * P + cols[None, :],
+                       mask=(t < T)[:, None] & col_ok[None, :], other=0.0)
+    tl.store(dst_ptr + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
+
+
+# ------------------------------------------------------------------------------ host
+
+
+def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Sum a contiguous fp32 [T, P] buffer over T into a new [P] tensor of
+    `out_dtype`: the same order every run (bit-reproducible), no atomics."""
+    t, p = partials.shape
+    out = torch.empty(p, dtype=out_dtype, device=partials.device)
+    block_p = 64
+    _sum_rows_kernel[(triton.cdiv(p, block_p),)](partials, out, t, p, BLOCK_T=32, BLOCK_P=block_p)
+    return out
+
+
+def check_activation(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernels, got {x.dtype}")
+
+
+def channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel fp32 statistic as a contiguous [C] tensor on x's device."""
+    c = x.shape[1]
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != (c,):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({c},) (one value per channel of x), got {got}")
+    if v.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (statistics are fp32 for every activation dtype), got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {v.device}")
+    return v.contiguous()
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(e, int) for e in t):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _check_conv(i: int, grad, weight, stride, padding, x):
+    """Validated (grad, weight, stride, padding) of conv i."""
+    stride, padding = _pair(stride, f"strides[{i}]"), _pair(padding, f"paddings[{i}]")
+    if min(stride) < 1 or min(padding) < 0:
+        raise ValueError(f"strides[{i}] must be >= 1 and paddings[{i}] >= 0, got {stride} and {padding}")
+    n, c, h, w = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != c:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weights[{i}] must be a (K, {c}, R, S) tensor (C = x's channels), got {got}")
+    k, _, r, s = weight.shape
+    ho, wo = conv_out_size(h, r, stride[0], padding[0]), conv_out_size(w, s, stride[1], padding[1])
+    if ho < 1 or wo < 1:
+        raise ValueError(f"weights[{i}] ({r}x{s} with padding {padding}) does not fit x's {h}x{w} image")
+    if tuple(grad.shape) != (n, k, ho, wo):
+        raise ValueError(f"grads[{i}] must have the conv's output shape {(n, k, ho, wo)}, got {tuple(grad.shape)}")
+    if grad.dtype != x.dtype:
+        raise TypeError(f"grads[{i}] must have x's dtype {x.dtype}, got {grad.dtype}")
+    if grad.device != x.device or weight.device != x.device:
+        raise ValueError(f"grads[{i}] and weights[{i}] must be on x's device {x.device}")
+    return grad, weight, stride, padding
+
+
+@functools.lru_cache(maxsize=None)
+def _dgrad_configs():
+    if interpreting():  # one small config: the interpreter is slow and has nothing to tune
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    # Channel tiles x reduction steps for channel counts 16-256 (pruned to the
+    # problem below); BLOCK_M (64 or 128 rows) is set by the host.
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4 if bn <= 64 else 8, num_stages=3)
+            for bn in (16, 32, 64, 128) for bk in (16, 32, 64)]
+
+
+def _prune_dgrad(configs, named_args, **kwargs):
+    # Tiles much wider than the channel counts only compute zeros; channel
+    # tiles under 32 are never the fastest when there are more channels.
+    c_cap = max(16, triton.next_power_of_2(named_args["C"]))
+    k_cap = max(16, triton.next_power_of_2(max(named_args["K1"], named_args["K2"])))
+    kept = [cf for cf in configs if min(c_cap, 32) <= cf.kwargs["BLOCK_N"] <= c_cap and cf.kwargs["BLOCK_K"] <= k_cap]
+    return kept or configs[:1]
+
+
+# BLOCK_M is not tuned: it fixes the number of partial-sum rows, which the host
+# must know to size that buffer and to launch the sum (no device -> host sync).
+_dgrad = triton.autotune(configs=_dgrad_configs(), key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2"],
+                         prune_configs_by={"early_config_prune": _prune_dgrad})(_dgrad_kernel)
+
+
+def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor], strides: list[tuple[int, int]],
+               paddings: list[tuple[int, int]], x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+               scale: torch.Tensor, shift: torch.Tensor):
+    """(dz, sum_dz, sum_dz_xhat) of BN -> ReLU -> conv_i (see the module docstring).
+
+    grads[i] is dy of conv i (weights[i], strides[i], paddings[i]), or None when
+    that output has no gradient; at most two convs, which must share the stride.
+    dz has x's shape, dtype and layout (empty_like); the sums are fp32 [C]."""
+    check_activation(x)
+    if not (len(grads) == len(weights) == len(strides) == len(paddings)) or not 1 <= len(grads) <= 2:
+        raise ValueError(f"grads, weights, strides and paddings must be lists of one or two entries each, got "
+                         f"lengths {len(grads)}, {len(weights)}, {len(strides)}, {len(paddings)}")
+    convs = [_check_conv(i, g, wt, st, p, x) for i, (g, wt, st, p) in enumerate(zip(grads, weights, strides, paddings))
+             if g is not None]
+    if not convs:
+        raise ValueError("grads: at least one conv output must have a gradient, got only None")
+    if len(convs) == 2 and convs[0][2] != convs[1][2]:
+        raise ValueError(f"strides must be equal for two convs (they share one GEMM's rows), got "
+                         f"{convs[0][2]} and {convs[1][2]}")
+    mean, invstd, scale, shift = (channel_vector(v, nm, x) for v, nm in
+                                  ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift")))
+
+    n, c, h, w = x.shape
+    if x.numel() == 0:  # nothing to launch
+        zeros = torch.zeros(c, dtype=torch.float32, device=x.device)
+        return torch.zeros_like(x), zeros, zeros.clone()
+    sh, sw = convs[0][2]
+    hq, wq = triton.cdiv(h, sh), triton.cdiv(w, sw)  # rows of the largest phase
+    rows = n * hq * wq
+    block_m = 64 if interpreting() else (128 if rows >= 4096 else 64)
+    num_m_tiles = triton.cdiv(rows, block_m)
+    tiles = sh * sw * num_m_tiles
+    dz = torch.empty_like(x)
+    partials = torch.empty((tiles, 2 * c), dtype=torch.float32, device=x.device)
+
+    def conv_args(grad, weight, stride, padding):
+        k, _, r, s = weight.shape
+        return (k, r, s, padding[0], padding[1], grad.shape[2], grad.shape[3], *grad.stride(), *weight.stride())
+
+    first = convs[0]
+    second = convs[1] if len(convs) == 2 else convs[0]  # unused unless HAS_SECOND
+    _dgrad[lambda meta: (tiles * triton.cdiv(c, meta["BLOCK_N"]),)](
+        first[0], first[1], second[0], second[1], x, dz, partials, mean, invstd, scale, shift,
+        n, c, h, w, hq, wq, sh, sw, num_m_tiles,
+        *conv_args(*first), *conv_args(*second),
+        *x.stride(), *dz.stride(),
+        HAS_SECOND=len(convs) == 2, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
+    )
+    sums = sum_partials(partials, torch.float32)
+    return dz, sums[:c], sums[c:]

@@ -1,0 +1,350 @@
+"""Triton forward kernels: batch statistics and the fused BN-ReLU implicit-GEMM conv,
+against float64 references built from plain PyTorch.
+
+Runs on CPU tensors under the triton interpreter (TRITON_INTERPRET=1, set before
+triton is imported: the CI sets it for the whole suite), else on CUDA; shapes are
+tiny because the interpreter is slow. The @gpu tests run the compiled kernels at
+the paper's shapes, bf16 included (the interpreter's bf16 tl.dot is not usable).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from conftest import TOLERANCES, assert_close, make_layout  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from fused_preact.triton_kernels import conv_forward as cf  # noqa: E402
+from fused_preact.triton_kernels.batch_stats import batch_mean_var, batch_stats, merge_partials  # noqa: E402
+from fused_preact.triton_kernels.conv_forward import conv_forward  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _bn_params(C, device=DEV):
+    return torch.randn(C, device=device), torch.randn(C, device=device)
+
+
+def _ref_conv(x, scale, shift, w, stride, padding):
+    """conv2d(relu(x*scale+shift)) in float64, the activation rounded to x's dtype first
+    (as eager PyTorch stores it)."""
+    z = x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    a = torch.relu(z).to(x.dtype).double()
+    return F.conv2d(a, w.double(), None, stride, padding)
+
+
+def _var_mean(t):
+    return torch.var_mean(t.double(), dim=(0, 2, 3), correction=0)
+
+
+def _check_moments(moments, out, dtype=torch.float32, name="out"):
+    var, mean = _var_mean(out)
+    spread = float(var.max().sqrt()) + 1.0
+    assert moments[0].dtype == moments[1].dtype == torch.float32
+    assert_close(moments[0], mean, dtype, f"{name} mean", scale=spread)
+    assert_close(moments[1], var, dtype, f"{name} var", scale=spread ** 2)
+
+
+# ----------------------------------------------------------------------------- batch_stats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided", "hw_slice"])
+def test_batch_stats(layout, dtype):
+    x = (torch.randn(3, 5, 7, 9) * 2 + 0.5).to(dtype)
+    if layout == "hw_slice":  # H and W strides that do not chain: the 3-level row view
+        x = x.contiguous(memory_format=torch.channels_last)[:, :, 1:, ::2]
+    else:
+        x = make_layout(x, layout)
+    mean, invstd = batch_stats(x, 1e-5)
+    var_ref, mean_ref = _var_mean(x)
+    assert mean.dtype == invstd.dtype == torch.float32 and mean.shape == (5,)
+    assert_close(mean, mean_ref, torch.float32, "mean")
+    assert_close(invstd, (var_ref + 1e-5).rsqrt(), torch.float32, "invstd")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_batch_stats_large_mean(layout):
+    # mean 1e4, std 1: a sum-of-squares formula would lose every digit of the variance.
+    x = make_layout(torch.randn(4, 3, 16, 16) + 1e4, layout)
+    mean, var = batch_mean_var(x)
+    var_ref, mean_ref = _var_mean(x)
+    assert_close(mean, mean_ref, torch.float32, "mean")
+    assert_close(var, var_ref, torch.float32, "var")
+    _, invstd = batch_stats(x, 1e-5)
+    assert_close(invstd, (var_ref + 1e-5).rsqrt(), torch.float32, "invstd")
+
+
+def test_merge_partials_skips_empty_and_matches_pooled():
+    data = torch.randn(40, 3, dtype=torch.float64) * 3 + 100
+    cuts = [0, 7, 7, 20, 33, 40]  # an empty partial in the middle
+    cnt, mean, m2 = [], [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        part = data[a:b]
+        cnt.append(torch.full((3,), float(b - a), dtype=torch.float64))
+        mean.append(part.mean(0) if b > a else torch.full((3,), float("nan"), dtype=torch.float64))
+        m2.append(((part - part.mean(0)) ** 2).sum(0) if b > a else torch.zeros(3, dtype=torch.float64))
+    cnt, mean, m2 = (torch.stack(t).float().to(DEV) for t in (cnt, mean, m2))
+    out_mean, out_var = merge_partials(cnt, mean, m2)
+    var_ref, mean_ref = torch.var_mean(data, dim=0, correction=0)
+    assert_close(out_mean, mean_ref, torch.float32, "mean")
+    assert_close(out_var, var_ref, torch.float32, "var")
+
+
+def test_batch_stats_deterministic():
+    x = torch.randn(4, 6, 9, 11).contiguous(memory_format=torch.channels_last) + 3
+    first, second = batch_stats(x, 1e-5), batch_stats(x, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ----------------------------------------------------------------------------- conv_forward
+
+# (N, C, H, W, K, kernel, stride, padding, layout, dtype): odd sizes, channels not a
+# multiple of the 16-wide tiles, rows not a multiple of BLOCK_M.
+CASES = [
+    (3, 5, 7, 9, 6, 1, 1, 0, "nchw", torch.float32),
+    (3, 5, 7, 9, 6, 1, 1, 0, "channels_last", torch.float16),
+    (3, 5, 7, 9, 6, 1, 1, 0, "strided", torch.float32),
+    (3, 5, 7, 9, 6, 3, 1, 1, "channels_last", torch.float32),
+    (3, 5, 7, 9, 6, 3, 1, 1, "nchw", torch.float16),
+    (2, 5, 7, 9, 6, 3, 2, 1, "strided", torch.float16),
+    (2, 20, 6, 5, 20, 3, 2, 1, "channels_last", torch.float32),
+    (2, 20, 7, 6, 34, 1, 2, 0, "channels_last", torch.float16),
+    (2, 3, 6, 7, 17, 3, 2, 0, "nchw", torch.float32),
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,K,k,stride,pad,layout,dtype", CASES)
+def test_conv_forward(N, C, H, W, K, k, stride, pad, layout, dtype):
+    x = make_layout(torch.randn(N, C, H, W).to(dtype), layout)
+    scale, shift = _bn_params(C)
+    w = (torch.randn(K, C, k, k) / (C * k * k) ** 0.5).to(dtype)
+    outs, moments = conv_forward(x, scale, shift, [w], (stride, stride), (pad, pad))
+    assert moments is None and len(outs) == 1
+    out = outs[0]
+    ref = _ref_conv(x, scale, shift, w, stride, pad)
+    assert out.dtype == dtype and out.shape == ref.shape
+    channels_last = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_close(out, ref, dtype, "out")
+
+
+def test_two_weights_one_gemm(monkeypatch):
+    # Stage entry: conv1 (1x1 here) and the 1x1 projection shortcut, stride 2: one launch.
+    launches = []
+    real = cf._launch
+    monkeypatch.setattr(cf, "_launch", lambda *a: launches.append(len(a[3])) or real(*a))
+    x = make_layout(torch.randn(2, 6, 9, 7), "channels_last")
+    scale, shift = _bn_params(6)
+    w1, w2 = torch.randn(10, 6, 1, 1), torch.randn(12, 6, 1, 1)
+    outs, moments = conv_forward(x, scale, shift, [w1, w2], (2, 2), (0, 0), stats=True)
+    assert launches == [2]
+    for i, w in enumerate((w1, w2)):
+        assert_close(outs[i], _ref_conv(x, scale, shift, w, 2, 0), torch.float32, f"outs[{i}]")
+        assert outs[i].is_contiguous(memory_format=torch.channels_last)
+    _check_moments(moments, outs[0])
+
+
+def test_mixed_kernel_sizes_residual_stats():
+    # Basic-block stage entry: 3x3 conv1 (padding 1) + 1x1 shortcut (padding 0), stride 2;
+    # residual and statistics belong to outs[0] only.
+    x = torch.randn(2, 5, 7, 9).half()
+    scale, shift = _bn_params(5)
+    w1 = (torch.randn(8, 5, 3, 3) / 6.7).half()
+    w2 = (torch.randn(4, 5, 1, 1) / 2.2).half()
+    res = make_layout(torch.randn(2, 8, 4, 5).half(), "strided")
+    outs, moments = conv_forward(x, scale, shift, [w1, w2], (2, 2), [(1, 1), (0, 0)], residual=res, stats=True)
+    assert_close(outs[0], _ref_conv(x, scale, shift, w1, 2, 1) + res.double(), torch.float16, "outs[0]")
+    assert_close(outs[1], _ref_conv(x, scale, shift, w2, 2, 0), torch.float16, "outs[1]")
+    _check_moments(moments, outs[0])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_residual_and_stats_epilogue(layout):
+    x = make_layout(torch.randn(2, 20, 5, 7), layout)
+    scale, shift = _bn_params(20)
+    w = torch.randn(18, 20, 3, 3) / 13.4
+    res = make_layout(torch.randn(2, 18, 5, 7), "channels_last" if layout == "nchw" else "strided")
+    outs, moments = conv_forward(x, scale, shift, [w], 1, 1, residual=res, stats=True)
+    assert_close(outs[0], _ref_conv(x, scale, shift, w, 1, 1) + res.double(), torch.float32, "out")
+    _check_moments(moments, outs[0])
+
+
+def test_stats_large_mean():
+    # Output mean 1e4, std ~1: the partials must not cancel.
+    x = make_layout(torch.randn(4, 8, 12, 12), "channels_last")
+    scale, shift = _bn_params(8)
+    w = torch.randn(6, 8, 1, 1) / 2.8
+    res = torch.randn(4, 6, 12, 12) * 0.5 + 1e4
+    outs, moments = conv_forward(x, scale, shift, [w], 1, 0, residual=res, stats=True)
+    _check_moments(moments, outs[0])
+
+
+def test_stats_of_rounded_output_fp16():
+    x = torch.randn(2, 7, 6, 6).half()
+    scale, shift = _bn_params(7)
+    w = (torch.randn(5, 7, 1, 1) / 2.6).half()
+    outs, moments = conv_forward(x, scale, shift, [w], 1, 0, stats=True)
+    # Statistics of the fp16 values as stored: fp32-accurate against them.
+    _check_moments(moments, outs[0], torch.float32)
+
+
+def test_conv_forward_deterministic():
+    x = make_layout(torch.randn(2, 6, 7, 7), "channels_last")
+    scale, shift = _bn_params(6)
+    w = torch.randn(7, 6, 3, 3)
+    res = torch.randn(2, 7, 7, 7)
+    runs = [conv_forward(x, scale, shift, [w], 1, 1, residual=res, stats=True) for _ in range(2)]
+    assert torch.equal(runs[0][0][0], runs[1][0][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_int64_offsets(monkeypatch):
+    # The 64-bit offset path (taken past 2**31 elements), forced on a small tensor.
+    from fused_preact.triton_kernels import batch_stats as bs
+    monkeypatch.setattr(cf, "_INT32_MAX", 0)
+    monkeypatch.setattr(bs, "_INT32_MAX", 0)
+    x = make_layout(torch.randn(2, 5, 6, 7), "strided")
+    scale, shift = _bn_params(5)
+    w = torch.randn(6, 5, 3, 3) / 6.7
+    res = torch.randn(2, 6, 6, 7)
+    outs, moments = conv_forward(x, scale, shift, [w], 1, 1, residual=res, stats=True)
+    assert_close(outs[0], _ref_conv(x, scale, shift, w, 1, 1) + res.double(), torch.float32, "out")
+    _check_moments(moments, outs[0])
+    var_ref, mean_ref = _var_mean(x)
+    mean, var = batch_mean_var(x)
+    assert_close(mean, mean_ref, torch.float32, "mean")
+    assert_close(var, var_ref, torch.float32, "var")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors():
+    x = torch.randn(2, 4, 5, 5)
+    scale, shift = _bn_params(4)
+    w = torch.randn(3, 4, 3, 3)
+    with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16.*float64"):
+        conv_forward(x.double(), scale, shift, [w.double()], 1, 1)
+    with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16.*float64"):
+        batch_stats(x.double(), 1e-5)
+    with pytest.raises(ValueError, match=r"x must be a 4-D"):
+        conv_forward(x[0], scale, shift, [w], 1, 1)
+    with pytest.raises(TypeError, match=r"scale must be a float32 tensor of shape \(4,\)"):
+        conv_forward(x, scale[:3], shift, [w], 1, 1)
+    with pytest.raises(TypeError, match=r"shift must be a float32"):
+        conv_forward(x, scale, shift.half(), [w], 1, 1)
+    with pytest.raises(ValueError, match=r"scale must be on x's device"):
+        conv_forward(x, scale.to("meta"), shift, [w], 1, 1)
+    with pytest.raises(ValueError, match=r"weights\[1\] must be a tensor \[K, 4, R, S\]"):
+        conv_forward(x, scale, shift, [w, torch.randn(3, 5, 1, 1)], 1, [(1, 1), (0, 0)])
+    with pytest.raises(TypeError, match=r"weights\[0\] must have x's dtype"):
+        conv_forward(x, scale, shift, [w.half()], 1, 1)
+    with pytest.raises(ValueError, match=r"weights must hold at least one"):
+        conv_forward(x, scale, shift, [], 1, 1)
+    with pytest.raises(ValueError, match=r"stride must be the same for all weights"):
+        conv_forward(x, scale, shift, [w, w], [(1, 1), (2, 2)], 1)
+    with pytest.raises(ValueError, match=r"padding must be an int or a pair"):
+        conv_forward(x, scale, shift, [w], 1, (1, -1))
+    with pytest.raises(ValueError, match=r"empty output"):
+        conv_forward(x, scale, shift, [torch.randn(3, 4, 7, 7)], 1, 0)
+    with pytest.raises(ValueError, match=r"residual must have outs\[0\]'s shape \(2, 3, 5, 5\)"):
+        conv_forward(x, scale, shift, [w], 1, 1, residual=torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"m2 must have count's shape"):
+        merge_partials(torch.ones(2, 3), torch.ones(2, 3), torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"eps must be a non-negative"):
+        batch_stats(x, -1.0)
+
+
+# ----------------------------------------------------------------------------- GPU, paper shapes
+
+gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(),
+                         reason="compiled triton kernels need CUDA (and no TRITON_INTERPRET)")
+
+# (C, K, kernel, stride, padding) at N=128, 32x32: the CIFAR pre-act ResNet's convs.
+PAPER = [(64, 16, 1, 1, 0), (16, 16, 3, 1, 1), (64, 128, 1, 2, 0), (128, 128, 3, 1, 1)]
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 checked at fp32 tolerance (ieee tl.dot)
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("C,K,k,stride,pad", PAPER)
+def test_gpu_paper_shapes(C, K, k, stride, pad, dtype, no_tf32):
+    x = torch.randn(128, C, 32, 32, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    scale, shift = _bn_params(C, "cuda")
+    w = (torch.randn(K, C, k, k, device="cuda") / (C * k * k) ** 0.5).to(dtype)
+    res = torch.randn(128, K, 32 // stride, 32 // stride, device="cuda").to(dtype)
+    outs, moments = conv_forward(x, scale, shift, [w], stride, pad, residual=res, stats=True)
+    a = torch.relu(x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype)
+    ref = F.conv2d(a.double(), w.double(), None, stride, pad) + res.double()
+    assert outs[0].is_contiguous(memory_format=torch.channels_last)
+    assert_close(outs[0], ref, dtype, "out", scale=2.0)
+    _check_moments(moments, outs[0])
+    # And against torch's own conv of the materialised activation, in dtype.
+    torch_out = F.conv2d(a, w, None, stride, pad) + res
+    assert_close(outs[0], torch_out.double(), dtype, "out vs torch", scale=2.0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_stage_entry_pair(dtype, layout):
+    x = make_layout(torch.randn(128, 64, 32, 32, device="cuda").to(dtype), layout)
+    scale, shift = _bn_params(64, "cuda")
+    w1 = (torch.randn(128, 64, 3, 3, device="cuda") / 24).to(dtype)
+    w2 = (torch.randn(128, 64, 1, 1, device="cuda") / 8).to(dtype)
+    outs, moments = conv_forward(x, scale, shift, [w1, w2], 2, [(1, 1), (0, 0)], stats=True)
+    assert_close(outs[0], _ref_conv(x, scale, shift, w1, 2, 1), dtype, "outs[0]")
+    assert_close(outs[1], _ref_conv(x, scale, shift, w2, 2, 0), dtype, "outs[1]")
+    _check_moments(moments, outs[0])
+    w3 = (torch.randn(128, 64, 1, 1, device="cuda") / 8).to(dtype)
+    outs2, _ = conv_forward(x, scale, shift, [w2, w3], 2, 0)  # one GEMM over 256 columns
+    assert_close(outs2[0], outs[1].double(), dtype, "outs2[0]")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_batch_stats(dtype):
+    x = (torch.randn(128, 64, 32, 32, device="cuda") * 2 + 1e3).to(dtype)
+    for layout in ("nchw", "channels_last"):
+        xl = make_layout(x, layout)
+        mean, invstd = batch_stats(xl, 1e-5)
+        var_ref, mean_ref = _var_mean(xl)
+        assert_close(mean, mean_ref, torch.float32, "mean", scale=10.0)
+        assert_close(invstd, (var_ref + 1e-5).rsqrt(), torch.float32, "invstd")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_capture():
+    x = torch.randn(128, 16, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    scale, shift = _bn_params(16, "cuda")
+    w = torch.randn(16, 16, 3, 3, device="cuda") / 12
+    run = lambda: (conv_forward(x, scale, shift, [w], 1, 1, stats=True), batch_stats(x, 1e-5))  # noqa: E731
+    eager = run()  # autotunes outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[0][0][0], eager[0][0][0])
+    assert all(torch.equal(a, b) for a, b in zip(captured[0][1], eager[0][1]))
+    assert all(torch.equal(a, b) for a, b in zip(captured[1], eager[1]))

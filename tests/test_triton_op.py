@@ -1,0 +1,158 @@
+"""backend="triton" end to end: the op, its residual and statistics epilogues,
+and whole networks, against the float64 truth and the reference backend.
+On a CPU these run the Triton kernels in the interpreter (TRITON_INTERPRET=1,
+as CI sets it)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close, make_layout
+from fused_preact import PreActResNet, reference
+from fused_preact.ops import bn_relu_conv2d, bn_relu_conv2d_with_shortcut
+from fused_preact.ops.backends import resolve_backend
+from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
+from test_models import randomize
+from test_op import CASES, _problem, _run
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set before triton is imported)",
+                allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton(*args, **kwargs):
+    return bn_relu_conv2d(*args, backend="triton", **kwargs)
+
+
+def _truth(x, weight, gamma, beta, running, conv, training):
+    x64, w64, g64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, gamma, beta))
+    return _run(reference.bn_relu_conv2d_eager, x64, w64, g64, b64, (running[0].double(), running[1].double()),
+                conv, training)
+
+
+def _assert_matches_truth(got, truth, dtype, m):
+    (y, grads, rm, rv), (ty, tgrads, trm, trv) = got, truth
+    ty = ty.detach()
+    assert y.dtype == dtype and y.shape == ty.shape
+    assert_close(y, ty, dtype, "y", scale=max(3.0, float(ty.abs().max())))
+    for name, g, want in zip(("dx", "dW", "dgamma", "dbeta"), grads, tgrads):
+        assert_close(g, want, dtype, name, scale=max(3.0, float(want.abs().max())) * (m ** 0.5 if name != "dx" else 1))
+    assert_close(rm, trm, torch.float32, "running_mean")
+    assert_close(rv, trv, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("case", CASES[:4])
+def test_matches_nn_modules_fp32(case, layout, training):
+    x, weight, gamma, beta, running, conv = _problem(case, torch.float32, layout)
+    got = _run(_triton, x, weight, gamma, beta, running, conv, training)
+    _assert_matches_truth(got, _truth(x, weight, gamma, beta, running, conv, training), torch.float32,
+                          x.numel() // x.shape[1])
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_matches_nn_modules_fp16(case):
+    x, weight, gamma, beta, running, conv = _problem(case, torch.float16, "channels_last")
+    got = _run(_triton, x, weight, gamma, beta, running, conv, True)
+    assert got[1][2].dtype == torch.float32  # gamma stays fp32, like BatchNorm under autocast
+    _assert_matches_truth(got, _truth(x, weight, gamma, beta, running, conv, True), torch.float16,
+                          x.numel() // x.shape[1])
+
+
+@pytest.mark.parametrize("kernel, padding", [(1, 0), (3, 1)], ids=["1x1+1x1", "3x3+1x1"])
+def test_with_shortcut_equals_two_modules(kernel, padding):
+    x, weight, gamma, beta, running, _ = _problem((3, 5, 7, 9, 6, kernel, 2, padding), torch.float32)
+    shortcut = torch.randn(8, 5, 1, 1, requires_grad=True)
+    y, sc = bn_relu_conv2d_with_shortcut(x, weight, shortcut, gamma, beta, running[0].clone(), running[1].clone(),
+                                         stride=2, padding=padding, backend="triton")
+    inputs = (x, weight, shortcut, gamma, beta)
+    x64, w64, s64, g64, b64 = (t.detach().double().requires_grad_() for t in inputs)
+    a = torch.relu(F.batch_norm(x64, None, None, g64, b64, True))
+    ty, tsc = F.conv2d(a, w64, None, 2, padding), F.conv2d(a, s64, None, 2, 0)
+    assert_close(y, ty, name="y", scale=3)
+    assert_close(sc, tsc, name="shortcut", scale=3)
+    got = torch.autograd.grad((y.sum(), (sc * sc).sum()), inputs)
+    want = torch.autograd.grad((ty.sum(), (tsc * tsc).sum()), (x64, w64, s64, g64, b64))
+    for name, g, w in zip(("dx", "dW", "dW_shortcut", "dgamma", "dbeta"), got, want):
+        assert_close(g, w, name=name, scale=max(3.0, float(w.abs().max())))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_residual_is_added_and_receives_the_output_gradient(backend, layout):
+    x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float32, layout)
+    plain = bn_relu_conv2d(x, weight, gamma, beta, None, None, backend=backend, **conv)
+    residual = make_layout(torch.randn(plain.shape), layout).requires_grad_()
+    y = bn_relu_conv2d(x, weight, gamma, beta, None, None, backend=backend, residual=residual, **conv)
+    assert_close(y, plain + residual, name="y")
+    g = torch.randn(y.shape)
+    got = torch.autograd.grad(y, (residual, x, weight), g)
+    want = torch.autograd.grad(plain, (x, weight), g)
+    assert torch.equal(got[0], g)
+    for name, a, b in zip(("dx", "dW"), got[1:], want):
+        assert_close(a, b, name=name, scale=3)
+
+
+def test_opcheck_with_residual_and_statistics_epilogues():
+    x, weight, gamma, beta, running, conv = _problem(CASES[3], torch.float32)
+    mean, invstd = reference.batch_stats(x.detach(), 1e-5)
+    y = F.conv2d(x.detach(), weight.detach(), None, conv["stride"], conv["padding"])
+    residual = torch.randn(y.shape, requires_grad=True)
+    stride, padding = [conv["stride"]] * 2, [conv["padding"]] * 2
+    torch.library.opcheck(bn_relu_conv2d_op, (x, [weight], gamma, beta, mean, invstd, residual, stride, padding,
+                                              True, "triton", 1e-3))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, weight, gamma, beta, running, conv = _problem(CASES[0], torch.float32)
+    eager = _run(_triton, x, weight, gamma, beta, running, conv, True)
+    compiled = _run(torch.compile(_triton, fullgraph=True, backend="aot_eager"), x, weight, gamma, beta, running,
+                    conv, True)
+    assert_close(compiled[0], eager[0], name="y")
+    for name, a, b in zip(("dx", "dW", "dgamma", "dbeta"), compiled[1], eager[1]):
+        assert_close(a, b, name=name, scale=3)
+
+
+def _small_net(backend, depth, block, shortcut):
+    torch.manual_seed(0)
+    return randomize(PreActResNet(depth, block=block, shortcut=shortcut, backend=backend))
+
+
+@pytest.mark.parametrize("depth, block, shortcut", [(11, "bottleneck", "B"), (8, "basic", "A"),
+                                                    (8, "basic", "B")])
+def test_two_sgd_steps_match_reference_backend(depth, block, shortcut):
+    x, labels = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    results = {}
+    for backend in ("reference", "triton"):
+        model = _small_net(backend, depth, block, shortcut).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), labels)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        results[backend] = (torch.tensor(losses), model.state_dict())
+    assert_close(results["triton"][0], results["reference"][0], torch.float32, "losses")
+    for name, want in results["reference"][1].items():
+        got = results["triton"][1][name]
+        if want.is_floating_point():
+            assert_close(got, want, torch.float32, name, scale=max(1.0, float(want.abs().max())))
+        else:
+            assert torch.equal(got, want), name
+
+
+def test_auto_picks_triton_on_cuda_only():
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.float32) == "triton"
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert resolve_backend("auto", cuda, torch.float64) != "triton"  # no fp64 Triton kernels
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) != "triton"
+    with pytest.raises(RuntimeError, match="backend='triton' has no kernels for torch.float64"):
+        resolve_backend("triton", torch.device(DEVICE), torch.float64)
