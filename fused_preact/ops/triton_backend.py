@@ -19,33 +19,35 @@ from itertools import groupby
 
 import torch
 
+from ..triton_kernels import interpreting
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @functools.cache
 def _kernels():
-    from ..triton_kernels import batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward, conv_wgrad
+    """The kernel modules, imported on first use: importing triton takes seconds."""
+    from .. import triton_kernels
+    from ..triton_kernels import batch_stats, bn_relu_backward, conv_dgrad, conv_forward, conv_wgrad  # noqa: F401
 
-    return batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward, conv_wgrad
+    return triton_kernels
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 class TritonBackend:
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        if dtype not in _DTYPES or not _triton_installed():
+        if dtype not in _DTYPES or not _TRITON_INSTALLED:
             return False
-        return device.type == "cuda" or (device.type == "cpu" and _kernels()[2].interpreting())
+        return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
     def automatic(self, device: torch.device) -> bool:
         # Interpreted kernels are for testing, never a default.
         return device.type == "cuda"
 
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
-        if not _triton_installed():
+        if not _TRITON_INSTALLED:
             return " (triton is not installed)"
         if dtype not in _DTYPES:
             return f" (its kernels take {', '.join(str(d) for d in _DTYPES)})"
@@ -55,7 +57,7 @@ class TritonBackend:
         return triton_batch_stats(x, eps)
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
-        conv_forward = _kernels()[4].conv_forward
+        conv_forward = _kernels().conv_forward.conv_forward
         outs, stats = [], None
         # convs[0] leads the first group, so the residual and the statistics
         # belong to that launch's first output.
@@ -94,7 +96,7 @@ class TritonBackend:
 @torch.library.custom_op("fused_preact::triton_batch_stats", mutates_args=())
 def triton_batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x's per-channel batch (mean, invstd) for eps, in fp32."""
-    mean, var = _kernels()[0].batch_mean_var(x)
+    mean, var = _kernels().batch_stats.batch_mean_var(x)
     return mean, torch.rsqrt(var + eps)
 
 
@@ -111,11 +113,11 @@ def triton_input_grad(grads: list[torch.Tensor], weights: list[torch.Tensor], st
     """(dx, sum dz, sum dz*xhat) of BN -> ReLU -> the convs, from their output
     gradients: dgrad with the ReLU mask and the sums in its epilogue, then one
     elementwise pass for dx. strides/paddings are flat [h0, w0, h1, w1, ...]."""
-    _, bn_relu_backward, _, conv_dgrad, _, _ = _kernels()
+    kernels = _kernels()
     pairs = [(strides[i], strides[i + 1]) for i in range(0, len(strides), 2)]
     pads = [(paddings[i], paddings[i + 1]) for i in range(0, len(paddings), 2)]
-    dz, sum_dz, sum_dz_xhat = conv_dgrad.conv_dgrad(grads, weights, pairs, pads, x, mean, invstd, scale, shift)
-    dx = bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat, training)
+    dz, sum_dz, sum_dz_xhat = kernels.conv_dgrad.conv_dgrad(grads, weights, pairs, pads, x, mean, invstd, scale, shift)
+    dx = kernels.bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat, training)
     # The two sums are views of one buffer; outputs of an op may not alias.
     return dx, sum_dz, sum_dz_xhat.clone()
 
@@ -130,8 +132,7 @@ def triton_weight_grad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                        weight: torch.Tensor, stride: list[int], padding: list[int]) -> torch.Tensor:
     """dW of conv(relu(x * scale + shift), weight) from the output gradient,
     the activation recomputed in the GEMM's operand loader."""
-    conv_wgrad = _kernels()[5]
-    return conv_wgrad.conv_wgrad(grad, x, scale, shift, weight.shape, tuple(stride), tuple(padding), weight.dtype)
+    return _kernels().conv_wgrad.conv_wgrad(grad, x, scale, shift, weight.shape, tuple(stride), tuple(padding), weight.dtype)
 
 
 @triton_weight_grad.register_fake

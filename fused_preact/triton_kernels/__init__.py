@@ -6,3 +6,10 @@ lazily, so the package itself works without triton.
 Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on
 CPU tensors; that is how they are tested without a GPU.
 """
+import os
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1).
+    Here, not in common.py, so that asking does not import triton."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,14 +1,9 @@
 """Pieces every fused kernel shares."""
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from . import interpreting  # noqa: F401  (re-exported for the kernel modules)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
