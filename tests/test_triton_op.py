@@ -156,3 +156,41 @@ def test_auto_picks_triton_on_cuda_only():
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) != "triton"
     with pytest.raises(RuntimeError, match="backend='triton' has no kernels for torch.float64"):
         resolve_backend("triton", torch.device(DEVICE), torch.float64)
+
+
+@pytest.mark.parametrize("x_layout, w_layout", [("nchw", "nchw"), ("channels_last", "nchw"),
+                                                ("nchw", "channels_last"), ("strided", "nchw")])
+def test_output_layout_follows_pytorch_convolution(x_layout, w_layout):
+    # Under torch.compile the fake's strides (F.conv2d's rule) are trusted, so
+    # the kernels must produce exactly those.
+    x, weight, gamma, beta, running, conv = _problem(CASES[0], torch.float32, x_layout, requires_grad=False)
+    weight = make_layout(weight, w_layout)
+    got = _triton(x, weight, gamma, beta, None, None, **conv)
+    want = F.conv2d(x, weight, None, conv["stride"], conv["padding"])
+    assert got.stride() == want.stride()
+
+
+def test_nan_propagates_like_relu():
+    x, weight, gamma, beta, running, conv = _problem(CASES[2], torch.float32, requires_grad=False)
+    x[0, 0, 1, 1] = float("nan")
+    mean, invstd = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    got = bn_relu_conv2d(x, weight, gamma, beta, mean, invstd.clone(), training=False, backend="triton", **conv)
+    want = bn_relu_conv2d(x, weight, gamma, beta, mean, invstd.clone(), training=False, backend="reference", **conv)
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
+
+
+def test_convs_with_different_strides_share_one_pre_activation():
+    # An ImageNet pre-activation unit's conv1 (stride 1) and strided projection.
+    from torch import nn
+    from fused_preact.modules import bn_relu_conv
+
+    torch.manual_seed(0)
+    bn, conv1, proj = nn.BatchNorm2d(5), nn.Conv2d(5, 6, 1, bias=False), nn.Conv2d(5, 8, 1, 2, bias=False)
+    x = torch.randn(3, 5, 7, 9, requires_grad=True)
+    outs = {}
+    for fused in (False, True):
+        y, sc = bn_relu_conv(x, bn, [conv1, proj], fused=fused, backend="triton")
+        params = (x, bn.weight, bn.bias, conv1.weight, proj.weight)
+        outs[fused] = (y, sc, *torch.autograd.grad((y.sum(), (sc * sc).sum()), params))
+    for name, a, b in zip(("y", "shortcut", "dx", "dgamma", "dbeta", "dW1", "dW_proj"), outs[True], outs[False]):
+        assert_close(a, b, torch.float32, name, scale=max(3.0, float(b.detach().abs().max())))

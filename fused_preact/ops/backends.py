@@ -11,9 +11,11 @@ only provides three steps:
       output per conv, conv(relu(z)), with `residual` (or None) added to the
       first; stats = the first output's (mean, invstd) for eps=stats_eps (the
       next BatchNorm's statistics), or None when stats_eps is None
-- backward(grads, x, mean, invstd, scale, shift, convs, training, needs_weight, needs_bn)
-      -> (dx, [dW per conv], sum_dz, sum_dz_xhat); needs_bn: x, gamma or beta wants a
-      gradient (else dx and the sums are None)
+- backward(grads, x, mean, invstd, scale, shift, convs, training, needs_weight, needs_bn,
+           traceable) -> (dx, [dW per conv], sum_dz, sum_dz_xhat); needs_bn: x, gamma
+      or beta wants a gradient (else dx and the sums are None); traceable: the
+      call is traced with fake tensors (torch.compile), so only ops with fake
+      implementations may run
 
 `convs` is a list of `Conv` (weight, stride, padding) all reading the same
 activation: one conv normally, two for a stage's first unit (conv1 and the
@@ -68,7 +70,7 @@ class KernelBackend:
         return outs, (None if stats_eps is None else k.batch_stats(outs[0], stats_eps))
 
     def backward(self, grads: list[Optional[torch.Tensor]], x, mean, invstd, scale, shift, convs: list[Conv],
-                 training: bool, needs_weight: list[bool], needs_bn: bool):
+                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False):
         k = self._kernels()
         # The conv weight gradient needs relu(bn(x)) (recomputed, freed on
         # return); the input gradient reads only its input's shape.

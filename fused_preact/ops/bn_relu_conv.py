@@ -104,7 +104,7 @@ def _save(ctx, x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddi
     ctx.conf = (strides, paddings, training, backend)
 
 
-def _grads(ctx, grad_outputs, needs_weight: list[bool], needs_bn: bool):
+def _grads(ctx, grad_outputs, needs_weight: list[bool], needs_bn: bool, traceable: bool):
     """(dx, [dW per conv], d_gamma, d_beta) from what `_save` kept; needs_bn says
     whether x, gamma or beta wants a gradient."""
     x, mean, invstd, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
@@ -112,7 +112,7 @@ def _grads(ctx, grad_outputs, needs_weight: list[bool], needs_bn: bool):
     scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
         list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
-        _convs(conv_weights, strides, paddings), training, needs_weight, needs_bn,
+        _convs(conv_weights, strides, paddings), training, needs_weight, needs_bn, traceable,
     )
     # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
     d_gamma = None if bn_weight is None or sum_dz_xhat is None else sum_dz_xhat.to(bn_weight.dtype)
@@ -129,7 +129,8 @@ def _op_backward(ctx, grad_outputs):
     needs = ctx.needs_input_grad
     n = len(ctx.conf[0]) // 2
     needs_weight = list(needs[1]) if isinstance(needs[1], (list, tuple)) else [needs[1]] * n
-    dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, needs_weight, any((needs[0], needs[2], needs[3])))
+    dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, needs_weight, any((needs[0], needs[2], needs[3])),
+                                            traceable=True)
     d_residual = grad_outputs[0] if needs[6] else None
     return dx, d_weights, d_gamma, d_beta, None, None, d_residual, None, None, None, None, None
 
@@ -155,7 +156,7 @@ class _BnReluConvFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         needs = ctx.needs_input_grad  # (x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights)
-        dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(needs[7:]), any(needs[:3]))
+        dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(needs[7:]), any(needs[:3]), traceable=False)
         d_residual = grad_outputs[0] if needs[5] else None
         return dx, d_gamma, d_beta, None, None, d_residual, None, *d_weights
 

@@ -2,7 +2,8 @@
 (fused_preact.triton_kernels), so relu(bn(x)) is never written to memory:
 
 - forward: one implicit-GEMM convolution per group of convs that share kernel
-  size, stride and padding (conv1 + a 1x1 projection shortcut is one GEMM),
+  size, stride and padding (a bottleneck stage entry's 1x1 conv1 and 1x1
+  projection are one GEMM),
   BN-affine + ReLU applied while loading x; the residual add and the next
   BatchNorm's statistics come from the epilogue;
 - backward: dgrad whose epilogue recomputes the ReLU mask and reduces
@@ -19,9 +20,8 @@ from itertools import groupby
 
 import torch
 
-from ..triton_kernels import interpreting
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .. import reference
+from ..triton_kernels import SUPPORTED_DTYPES, interpreting
 
 
 @functools.cache
@@ -38,7 +38,7 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 class TritonBackend:
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        if dtype not in _DTYPES or not _TRITON_INSTALLED:
+        if dtype not in SUPPORTED_DTYPES or not _TRITON_INSTALLED:
             return False
         return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
@@ -49,12 +49,12 @@ class TritonBackend:
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
         if not _TRITON_INSTALLED:
             return " (triton is not installed)"
-        if dtype not in _DTYPES:
-            return f" (its kernels take {', '.join(str(d) for d in _DTYPES)})"
+        if dtype not in SUPPORTED_DTYPES:
+            return f" (its kernels take {', '.join(str(d) for d in SUPPORTED_DTYPES)})"
         return " (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
 
     def batch_stats(self, x, eps):
-        return triton_batch_stats(x, eps)
+        return (triton_batch_stats if torch.compiler.is_compiling() else _batch_stats)(x, eps)
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
         conv_forward = _kernels().conv_forward.conv_forward
@@ -74,30 +74,69 @@ class TritonBackend:
         return outs, stats
 
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
-                 needs_bn: bool):
+                 needs_bn: bool, traceable: bool = False):
+        # traceable: called from the torch.library op's backward, which AOT
+        # autograd traces with fake tensors; then go through the ops below.
+        weight_grad, input_grad = (triton_weight_grad, triton_input_grad) if traceable else (_weight_grad, _input_grad)
         grad_weights = [
-            triton_weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding) if need and g is not None else None
+            weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding) if need and g is not None else None
             for g, c, need in zip(grads, convs, needs_weight)
         ]
         used = [(g, c) for g, c in zip(grads, convs) if g is not None]
         if not needs_bn or not used:
             return None, grad_weights, None, None
-        dx, sum_dz, sum_dz_xhat = triton_input_grad(
-            [g for g, _ in used], [c.weight for _, c in used], [i for _, c in used for i in c.stride],
-            [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training,
-        )
+        if len({c.stride for _, c in used}) > 1:
+            # dgrad sums the convs in one GEMM, which needs one stride: true of
+            # every stage entry of the CIFAR nets, not of an ImageNet unit whose
+            # projection is strided and whose conv1 is not.
+            dx, sum_dz, sum_dz_xhat = _input_grad_per_conv(used, x, mean, invstd, scale, shift, training)
+        else:
+            dx, sum_dz, sum_dz_xhat = input_grad(
+                [g for g, _ in used], [c.weight for _, c in used], [i for _, c in used for i in c.stride],
+                [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training,
+            )
         return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
-# The backward steps are torch.library ops (with fake implementations) rather
-# than bare kernel launches, because the op's registered backward is traced by
-# torch.compile / AOT autograd, and a Triton launch cannot run on fake tensors.
+def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):
+    """(dx, sum dz, sum dz*xhat) when the convs' strides differ: each conv's
+    input gradient from PyTorch, summed, then BN-ReLU backward in tensor ops."""
+    grad_act = sum(torch.ops.aten.convolution_backward(
+        g, x, c.weight, None, c.stride, c.padding, (1, 1), False, (0, 0), 1, (True, False, False))[0]
+        for g, c in used)
+    sums = reference.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
+    dx = reference.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, *(sums if training else (None, None)))
+    return dx, *sums
+
+
+def _batch_stats(x, eps):
+    mean, var = _kernels().batch_stats.batch_mean_var(x)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training):
+    kernels = _kernels()
+    pairs = [(strides[i], strides[i + 1]) for i in range(0, len(strides), 2)]
+    pads = [(paddings[i], paddings[i + 1]) for i in range(0, len(paddings), 2)]
+    dz, sum_dz, sum_dz_xhat = kernels.conv_dgrad.conv_dgrad(grads, weights, pairs, pads, x, mean, invstd, scale, shift)
+    dx = kernels.bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat, training)
+    return dx, sum_dz, sum_dz_xhat
+
+
+def _weight_grad(grad, x, scale, shift, weight, stride, padding):
+    return _kernels().conv_wgrad.conv_wgrad(grad, x, scale, shift, weight.shape, tuple(stride), tuple(padding),
+                                            weight.dtype)
+
+
+# The same steps as torch.library ops with fake implementations, for graphs
+# that torch.compile / AOT autograd trace with fake tensors (a Triton launch
+# cannot run on those). Eager code calls the functions above directly: an op
+# call costs more host time than the small kernels of a CIFAR layer take.
 
 @torch.library.custom_op("fused_preact::triton_batch_stats", mutates_args=())
 def triton_batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x's per-channel batch (mean, invstd) for eps, in fp32."""
-    mean, var = _kernels().batch_stats.batch_mean_var(x)
-    return mean, torch.rsqrt(var + eps)
+    return _batch_stats(x, eps)
 
 
 @triton_batch_stats.register_fake
@@ -113,11 +152,7 @@ def triton_input_grad(grads: list[torch.Tensor], weights: list[torch.Tensor], st
     """(dx, sum dz, sum dz*xhat) of BN -> ReLU -> the convs, from their output
     gradients: dgrad with the ReLU mask and the sums in its epilogue, then one
     elementwise pass for dx. strides/paddings are flat [h0, w0, h1, w1, ...]."""
-    kernels = _kernels()
-    pairs = [(strides[i], strides[i + 1]) for i in range(0, len(strides), 2)]
-    pads = [(paddings[i], paddings[i + 1]) for i in range(0, len(paddings), 2)]
-    dz, sum_dz, sum_dz_xhat = kernels.conv_dgrad.conv_dgrad(grads, weights, pairs, pads, x, mean, invstd, scale, shift)
-    dx = kernels.bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat, training)
+    dx, sum_dz, sum_dz_xhat = _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training)
     # The two sums are views of one buffer; outputs of an op may not alias.
     return dx, sum_dz, sum_dz_xhat.clone()
 
@@ -132,7 +167,7 @@ def triton_weight_grad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                        weight: torch.Tensor, stride: list[int], padding: list[int]) -> torch.Tensor:
     """dW of conv(relu(x * scale + shift), weight) from the output gradient,
     the activation recomputed in the GEMM's operand loader."""
-    return _kernels().conv_wgrad.conv_wgrad(grad, x, scale, shift, weight.shape, tuple(stride), tuple(padding), weight.dtype)
+    return _weight_grad(grad, x, scale, shift, weight, stride, padding)
 
 
 @triton_weight_grad.register_fake

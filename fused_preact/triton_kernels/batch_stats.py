@@ -36,9 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreting
+from . import SUPPORTED_DTYPES, interpreting
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
 
@@ -166,7 +165,7 @@ def _check_x(x: torch.Tensor) -> None:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in _SUPPORTED:
+    if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 for the triton kernels, got {x.dtype}")
     if x.shape[1] == 0 or x.numel() == 0:
         raise ValueError(f"x must have at least one channel and one value per channel, got shape {tuple(x.shape)}")

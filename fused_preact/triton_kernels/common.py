@@ -21,4 +21,5 @@ def bn_relu(x, scale, shift, valid):
     is applied to the activation, not to x: a padded position contributes 0,
     not relu(shift)."""
     z = x.to(tl.float32) * scale + shift
-    return tl.where(valid & (z > 0.0), z, 0.0)
+    # ~(z <= 0) rather than z > 0: NaN propagates, as in torch.relu.
+    return tl.where(valid & ~(z <= 0.0), z, 0.0)

@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import SUPPORTED_DTYPES, conv_out_size, pair
 from .common import dot_precision, interpreting
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -177,20 +177,9 @@ def channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> tor
     return v.contiguous()
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(e, int) for e in t):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t
-
-
-def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
-
-
 def _check_conv(i: int, grad, weight, stride, padding, x):
     """Validated (grad, weight, stride, padding) of conv i."""
-    stride, padding = _pair(stride, f"strides[{i}]"), _pair(padding, f"paddings[{i}]")
+    stride, padding = pair(stride, f"strides[{i}]", 1), pair(padding, f"paddings[{i}]")
     if min(stride) < 1 or min(padding) < 0:
         raise ValueError(f"strides[{i}] must be >= 1 and paddings[{i}] >= 0, got {stride} and {padding}")
     n, c, h, w = x.shape

@@ -6,8 +6,9 @@ position is 0, not relu(shift)); for each weight W_i [K_i, C, R, S]:
     out_i[n, k, oh, ow] = sum_{c, r, s} a[n, c, oh*sh - ph + r, ow*sw - pw + s] * W_i[k, c, r, s].
 As a GEMM: rows m = (n, oh, ow) (M = N*Ho*Wo), columns = output channels, reduction
 over (r, s, c). Weights that read the same activation with the same kernel size and
-padding (conv1 and the 1x1 projection shortcut of a stage's first unit) are one GEMM
-over their concatenated output channels; the epilogue routes column j to its output.
+padding (conv1 and the projection shortcut of a bottleneck stage's first unit, both
+1x1; not a basic unit's 3x3 conv1) are one GEMM over their concatenated output
+channels; the epilogue routes column j to its output.
 
 Operands: a is rounded to x's dtype before tl.dot, as eager PyTorch stores
 relu(bn(x)) in x's dtype; accumulation is fp32; fp32 operands use dot_precision (TF32
@@ -24,8 +25,10 @@ every config: no row is left stale by a benchmark run of another config, and not
 needs zeroing or restoring.
 
 Layout: loads and stores go through strides. For channels_last x the reduction tile is
-contiguous along C (coalesced, vectorised: triton specialises the unit stride), and
-outputs follow x's memory format, so their stores are contiguous along channels.
+contiguous along C (coalesced, vectorised: triton specialises the unit stride). NCHW
+x works but its loads are not coalesced along C: channels_last is the fast layout.
+Outputs take the layout PyTorch's convolution gives (channels_last when x or a weight
+is), which is what the op's fake implementation promises torch.compile.
 """
 from typing import Optional, Sequence
 
@@ -33,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .batch_stats import _INT32_MAX, _SUPPORTED, _span, _two_pass, check_device, merge_partials
+from . import SUPPORTED_DTYPES, conv_output_format, pair
+from .batch_stats import _INT32_MAX, _span, _two_pass, check_device, merge_partials
 from .common import bn_relu, dot_precision, interpreting
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): channels 16..256, M = N*Ho*Wo large.
@@ -161,20 +165,11 @@ def _conv_fwd_kernel(
 # ----------------------------------------------------------------------------- host
 
 
-def _pair(v, name: str, minimum: int) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v)
-    if (not isinstance(v, (tuple, list)) or len(v) != 2
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in v)):
-        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {v!r}")
-    return tuple(v)
-
-
 def _per_weight(v, count: int, name: str, minimum: int) -> list[tuple[int, int]]:
     """One (h, w) pair per weight: a shared pair/int, or a list with one per weight."""
     if isinstance(v, (tuple, list)) and len(v) == count and all(isinstance(i, (tuple, list)) for i in v):
-        return [_pair(p, f"{name}[{i}]", minimum) for i, p in enumerate(v)]
-    return [_pair(v, name, minimum)] * count
+        return [pair(p, f"{name}[{i}]", minimum) for i, p in enumerate(v)]
+    return [pair(v, name, minimum)] * count
 
 
 def _check_vector(t, name: str, C: int, device) -> torch.Tensor:
@@ -184,12 +179,6 @@ def _check_vector(t, name: str, C: int, device) -> torch.Tensor:
     if t.device != device:
         raise ValueError(f"{name} must be on x's device {device}, got {t.device}")
     return t.contiguous()
-
-
-def _out_format(x: torch.Tensor):
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def conv_forward(
@@ -215,7 +204,7 @@ def conv_forward(
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {got}")
-    if x.dtype not in _SUPPORTED:
+    if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16 for the triton kernels, got {x.dtype}")
     check_device(x)
     N, C, H, W = x.shape
@@ -245,13 +234,13 @@ def conv_forward(
             raise ValueError(f"weights[{i}] of size {tuple(w.shape[2:])} with padding {(ph, pw)} and stride "
                              f"{(st_h, st_w)} gives an empty output for x of shape {tuple(x.shape)}")
         shapes.append((N, w.shape[0], ho, wo))
-    fmt = _out_format(x)
+    fmt = conv_output_format(x, weights)
     outs = [torch.empty(s, dtype=x.dtype, device=x.device, memory_format=fmt) for s in shapes]
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or residual.shape != outs[0].shape:
             raise ValueError(f"residual must have outs[0]'s shape {tuple(outs[0].shape)}, got "
                              f"{tuple(getattr(residual, 'shape', ())) or type(residual).__name__}")
-        if residual.dtype not in _SUPPORTED or residual.device != x.device:
+        if residual.dtype not in SUPPORTED_DTYPES or residual.device != x.device:
             raise TypeError(f"residual must be a float32/float16/bfloat16 tensor on {x.device}, "
                             f"got {residual.dtype} on {residual.device}")
 

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from .common import bn_relu, dot_precision, interpreting
-from .conv_dgrad import _pair, channel_vector, check_activation, conv_out_size, sum_partials
+from . import conv_out_size, pair
+from .conv_dgrad import channel_vector, check_activation, sum_partials
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -148,7 +149,7 @@ def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
     conv2d(relu(x * scale + shift), W, stride, padding) given its output's
     gradient `grad` (see the module docstring). Deterministic."""
     check_activation(x)
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    stride, padding = pair(stride, "stride", 1), pair(padding, "padding")
     if min(stride) < 1 or min(padding) < 0:
         raise ValueError(f"stride must be >= 1 and padding >= 0, got {stride} and {padding}")
     n, c, h, w = x.shape
