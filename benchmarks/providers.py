@@ -29,7 +29,7 @@ FUSED_MODES = ("bn_relu", "unit", "segment")
 def available_backends(device: torch.device) -> list[str]:
     # Interpreted Triton (CPU) is for tests only, not worth timing.
     return [b for b in ("triton", "native", "reference")
-            if get_backend(b).supports(device, torch.float32) and get_backend(b).automatic(device)]
+            if get_backend(b).supports(device, torch.float32) and get_backend(b).automatic(device, channels_last=True)]
 
 
 @dataclass(frozen=True)
@@ -100,14 +100,19 @@ def op_providers(device: torch.device) -> list[str]:
     return ["eager", "compile", *(f"fused-{backend}" for backend in available_backends(device))]
 
 
+def model_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU: the fast layout of cuDNN and of the Triton kernels."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def build_model(provider: str, depth: int, device: torch.device):
     """(model, forward): the parameters live in `model`, `forward(x)` runs the provider."""
     torch.manual_seed(0)
     if provider.startswith("fused-"):
         _, mode, backend = provider.split("-")
-        model = PreActResNet(depth, recompute=mode, backend=backend).to(device)
+        model = PreActResNet(depth, recompute=mode, backend=backend).to(device, memory_format=model_format(device))
         return model, model
-    model = PreActResNet(depth, fused=False, recompute="none").to(device)
+    model = PreActResNet(depth, fused=False, recompute="none").to(device, memory_format=model_format(device))
     if provider == "eager":
         return model, model
     if provider == "compile":

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, SIZES, memory_per_image, record, synchronize
-from providers import build_model, model_providers
+from providers import build_model, model_format, model_providers
 
 CASES = [(depth, provider) for depth in SIZES.depths for provider in model_providers(DEVICE)
          if provider != "compile" or depth <= SIZES.max_compile_depth]
@@ -17,7 +17,7 @@ def test_train_step(benchmark, depth, provider):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator(device=DEVICE).manual_seed(1)
-    x = torch.randn(SIZES.batch, 3, 32, 32, device=DEVICE, generator=gen)
+    x = torch.randn(SIZES.batch, 3, 32, 32, device=DEVICE, generator=gen).contiguous(memory_format=model_format(DEVICE))
     y = torch.randint(0, 10, (SIZES.batch,), device=DEVICE, generator=gen)
 
     def step():

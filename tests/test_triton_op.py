@@ -148,10 +148,11 @@ def test_two_sgd_steps_match_reference_backend(depth, block, shortcut):
             assert torch.equal(got, want), name
 
 
-def test_auto_picks_triton_on_cuda_only():
+def test_auto_picks_triton_on_cuda_for_channels_last_input_only():
     cuda = torch.device("cuda")
     assert resolve_backend("auto", cuda, torch.float32) == "triton"
     assert resolve_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert resolve_backend("auto", cuda, torch.float32, channels_last=False) != "triton"
     assert resolve_backend("auto", cuda, torch.float64) != "triton"  # no fp64 Triton kernels
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) != "triton"
     with pytest.raises(RuntimeError, match="backend='triton' has no kernels for torch.float64"):

@@ -86,7 +86,7 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         x, *weights = (t.to(dtype) if t.dtype == torch.float32 else t for t in (x, *weights))
     strides = [i for _, s, _ in convs for i in _pair("stride", fn, s, 1)]
     paddings = [i for _, _, p in convs for i in _pair("padding", fn, p, 0)]
-    backend = resolve_backend(backend, x.device, x.dtype)
+    backend = resolve_backend(backend, x.device, x.dtype, x.is_contiguous(memory_format=torch.channels_last))
     if residual is not None:
         _check_residual(fn, residual, x, weights[0], strides[:2], paddings[:2])
         residual = residual.to(x.dtype)

@@ -51,8 +51,9 @@ class KernelBackend:
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return self._supports(device)
 
-    def automatic(self, device: torch.device) -> bool:
-        """Whether "auto" may pick this backend on `device`."""
+    def automatic(self, device: torch.device, channels_last: bool) -> bool:
+        """Whether "auto" may pick this backend for an input on `device` in (or
+        not in) the channels_last layout."""
         return True
 
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
@@ -108,7 +109,7 @@ _BACKENDS = {
     "triton": TritonBackend(),
 }
 # "auto" tries these in order and takes the first that supports the device and
-# dtype and allows automatic use there (Triton: CUDA only).
+# dtype and allows automatic use there (Triton: CUDA, channels_last input).
 _AUTO_ORDER = ["triton", "native", "reference"]
 
 
@@ -123,11 +124,12 @@ def backend_names() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend name for `name` and tensors of `dtype` on `device`,
-    or a clear error."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, channels_last: bool = True) -> str:
+    """The concrete backend name for `name` and an input of `dtype` on `device`
+    (channels_last: whether it is in that layout), or a clear error."""
     if name == "auto":
-        return next(b for b in _AUTO_ORDER if _BACKENDS[b].supports(device, dtype) and _BACKENDS[b].automatic(device))
+        return next(b for b in _AUTO_ORDER
+                    if _BACKENDS[b].supports(device, dtype) and _BACKENDS[b].automatic(device, channels_last))
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
     if not _BACKENDS[name].supports(device, dtype):

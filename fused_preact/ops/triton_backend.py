@@ -12,7 +12,7 @@
 
 Runs on CUDA, and on CPU tensors under the Triton interpreter
 (TRITON_INTERPRET=1), which is how it is tested without a GPU. "auto" picks it
-on CUDA only.
+on CUDA for channels_last input.
 """
 import functools
 import importlib.util
@@ -42,9 +42,12 @@ class TritonBackend:
             return False
         return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
-    def automatic(self, device: torch.device) -> bool:
-        # Interpreted kernels are for testing, never a default.
-        return device.type == "cuda"
+    def automatic(self, device: torch.device, channels_last: bool) -> bool:
+        # Interpreted kernels are for testing, never a default. NCHW input
+        # reaches the kernels' loads uncoalesced along channels, where cuDNN
+        # (the native backend) has layouts of its own: auto takes Triton for
+        # channels_last input only.
+        return device.type == "cuda" and channels_last
 
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
         if not _TRITON_INSTALLED:
