@@ -19,6 +19,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotune_enabled() -> bool:
+    """FUSED_PREACT_TRITON_AUTOTUNE=0 gives each kernel one fixed GPU config:
+    little to compile (the GPU correctness tests), but untuned speed."""
+    return os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0"
+
+
 def pair(v, name: str, minimum: int = 0) -> tuple[int, int]:
     """An int or a pair of ints >= minimum as a pair; else a ValueError naming `name`."""
     if isinstance(v, int) and not isinstance(v, bool):

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, conv_out_size, pair
+from . import SUPPORTED_DTYPES, autotune_enabled, conv_out_size, pair
 from .common import dot_precision, interpreting
 
 
@@ -203,6 +203,8 @@ def _check_conv(i: int, grad, weight, stride, padding, x):
 def _dgrad_configs():
     if interpreting():  # one small config: the interpreter is slow and has nothing to tune
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    if not autotune_enabled():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
     # Channel tiles x reduction steps for channel counts 16-256 (pruned to the
     # problem below); BLOCK_M (64 or 128 rows) is set by the host.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4 if bn <= 64 else 8, num_stages=3)

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, conv_output_format, pair
+from . import SUPPORTED_DTYPES, autotune_enabled, conv_output_format, pair
 from .batch_stats import _INT32_MAX, _span, _two_pass, check_device, merge_partials
 from .common import bn_relu, dot_precision, interpreting
 
@@ -52,7 +52,8 @@ _GPU_CONFIGS = [
 # The interpreter runs one small config, and groups rows by 16 so that a tile holds
 # several stats groups (the path every GPU config takes).
 _INTERP_CONFIGS = [(32, 16, 16, 4, 1)]
-_CONFIGS = _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS
+_UNTUNED_CONFIGS = [(128, 32, 32, 4, 4)]  # FUSED_PREACT_TRITON_AUTOTUNE=0: one of the above
+_CONFIGS = _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS if autotune_enabled() else _UNTUNED_CONFIGS
 ROWS_PER_PARTIAL = 16 if interpreting() else 32
 assert all(c[0] % ROWS_PER_PARTIAL == 0 and c[0] > ROWS_PER_PARTIAL for c in _CONFIGS)
 

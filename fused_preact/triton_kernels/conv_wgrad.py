@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .common import bn_relu, dot_precision, interpreting
-from . import conv_out_size, pair
+from . import autotune_enabled, conv_out_size, pair
 from .conv_dgrad import channel_vector, check_activation, sum_partials
 
 # ----------------------------------------------------------------------------- kernels
@@ -99,6 +99,8 @@ _CHUNK_ALIGN = 32 if interpreting() else 128
 def _wgrad_configs():
     if interpreting():  # one small config: the interpreter is slow and has nothing to tune
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_L": 32}, num_warps=4, num_stages=1)]
+    if not autotune_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_L": 64}, num_warps=4, num_stages=3)]
     # Output tiles over K x C for channel counts 16-256 (pruned to the problem
     # below); small tiles take longer reduction steps to keep the dot busy.
     configs = []
