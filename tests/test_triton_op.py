@@ -195,3 +195,24 @@ def test_convs_with_different_strides_share_one_pre_activation():
         outs[fused] = (y, sc, *torch.autograd.grad((y.sum(), (sc * sc).sum()), params))
     for name, a, b in zip(("y", "shortcut", "dx", "dgamma", "dbeta", "dW1", "dW_proj"), outs[True], outs[False]):
         assert_close(a, b, torch.float32, name, scale=max(3.0, float(b.detach().abs().max())))
+
+
+@pytest.mark.parametrize("rows", [3, 9, 37])  # one level, and groups merged in parallel first
+def test_partial_reductions_match_torch_and_repeat_bit_for_bit(rows):
+    from fused_preact.triton_kernels.batch_stats import merge_partials
+    from fused_preact.triton_kernels.conv_dgrad import sum_partials
+
+    g = torch.Generator().manual_seed(rows)
+    partials = torch.randn(rows, 10, generator=g, device=DEVICE)
+    total = sum_partials(partials, torch.float32)
+    assert_close(total, partials.double().sum(0), torch.float32, "sum")
+    assert torch.equal(total, sum_partials(partials, torch.float32))
+    # (count, mean, M2) partials of known data merged into its mean and variance
+    data = torch.randn(rows, 7, 6, generator=g, dtype=torch.float64) * 3 + 50
+    count = torch.full((rows, 6), 7.0)
+    count[0] = 0.0  # an empty partial contributes nothing
+    var, mean = torch.var_mean(data[1:].reshape(-1, 6), dim=0, correction=0)
+    parts = [count, data.mean(1).float(), ((data - data.mean(1, keepdim=True)) ** 2).sum(1).float()]
+    got_mean, got_var = merge_partials(*(t.to(DEVICE) for t in parts))
+    assert_close(got_mean, mean, torch.float32, "mean", scale=50)
+    assert_close(got_var, var, torch.float32, "var", scale=10)

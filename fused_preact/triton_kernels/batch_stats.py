@@ -112,19 +112,24 @@ def _partial_stats_kernel(
 
 @triton.jit
 def _merge_partials_kernel(
-    cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_second_ptr, P, C, eps,
-    INVSTD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_second_ptr, out_cnt_ptr, out_m2_ptr, P, C, rows_per_group, eps,
+    FINAL: tl.constexpr, INVSTD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # One program per block of channels walks all P partials in order: deterministic.
+    # One program per (block of channels, group of rows_per_group partials)
+    # walks its partials in order: deterministic. FINAL: one group, write the
+    # (mean, var or invstd); else write each group's (count, mean, M2) to row g.
     pid = tl.program_id(0)
+    group = tl.program_id(1)
+    start = group * rows_per_group
+    end = tl.minimum(start + rows_per_group, P)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(start, end, BLOCK_P):
         rows = p0 + tl.arange(0, BLOCK_P)
-        ok = (rows < P)[:, None] & col_ok[None, :]
+        ok = (rows < end)[:, None] & col_ok[None, :]
         offs = rows[:, None] * C + cols[None, :]
         n_i = tl.load(cnt_ptr + offs, mask=ok, other=0.0)
         # An empty partial contributes nothing whatever its mean/M2 slots hold.
@@ -141,14 +146,20 @@ def _merge_partials_kernel(
         mean_b += sum_d * inv_n
         m2_b = tl.sum(m2_i + n_i * d * d, axis=0) - sum_d * sum_d * inv_n
         n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, m2_b)
-    # n == 0 (a channel with no data) gives nan, as torch.var_mean of nothing does;
-    # lanes past C divide by 1 only to keep the interpreter free of 0/0 warnings.
-    var = m2 / tl.where(col_ok, n, 1.0)
-    tl.store(out_mean_ptr + cols, mean, mask=col_ok)
-    if INVSTD:
-        tl.store(out_second_ptr + cols, 1.0 / tl.sqrt_rn(var + eps), mask=col_ok)
+    if FINAL:
+        # n == 0 (a channel with no data) gives nan, as torch.var_mean of nothing does;
+        # lanes past C divide by 1 only to keep the interpreter free of 0/0 warnings.
+        var = m2 / tl.where(col_ok, n, 1.0)
+        tl.store(out_mean_ptr + cols, mean, mask=col_ok)
+        if INVSTD:
+            tl.store(out_second_ptr + cols, 1.0 / tl.sqrt_rn(var + eps), mask=col_ok)
+        else:
+            tl.store(out_second_ptr + cols, var, mask=col_ok)
     else:
-        tl.store(out_second_ptr + cols, var, mask=col_ok)
+        offs = group * C + cols
+        tl.store(out_cnt_ptr + offs, n, mask=col_ok)
+        tl.store(out_mean_ptr + offs, mean, mask=col_ok)
+        tl.store(out_m2_ptr + offs, m2, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- host
@@ -234,15 +245,35 @@ def _merge(count, mean, m2, eps, invstd):
     if P == 0 or C == 0:
         raise ValueError(f"count must hold at least one partial and one channel, got shape {(P, C)}")
     count, mean, m2 = count.contiguous(), mean.contiguous(), m2.contiguous()
+    block_c = min(triton.next_power_of_2(C), 32)
+    grid_c = triton.cdiv(C, block_c)
+    if P > 2 * _MERGE_GROUP_ROWS:
+        # Thousands of partials over few channels (a conv epilogue at the paper's
+        # shapes): merge groups of them in parallel first, then the groups.
+        groups = triton.cdiv(P, _MERGE_GROUP_ROWS)
+        merged = [torch.empty((groups, C), dtype=torch.float32, device=count.device) for _ in range(3)]
+        _merge_partials_kernel[(grid_c, groups)](
+            count, mean, m2, merged[1], merged[1], merged[0], merged[2], P, C, _MERGE_GROUP_ROWS, 0.0,
+            FINAL=False, INVSTD=False, BLOCK_P=_merge_block_p(_MERGE_GROUP_ROWS, block_c), BLOCK_C=block_c,
+            num_warps=4,
+        )
+        (count, mean, m2), P = merged, groups
     out_mean = torch.empty(C, dtype=torch.float32, device=count.device)
     out_second = torch.empty_like(out_mean)
-    block_c = min(triton.next_power_of_2(C), 32)
-    block_p = min(triton.next_power_of_2(P), 128 if block_c <= 16 else 64)
-    _merge_partials_kernel[(triton.cdiv(C, block_c),)](
-        count, mean, m2, out_mean, out_second, P, C, float(eps),
-        INVSTD=invstd, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
+    _merge_partials_kernel[(grid_c, 1)](
+        count, mean, m2, out_mean, out_second, out_mean, out_mean, P, C, P, float(eps),
+        FINAL=True, INVSTD=invstd, BLOCK_P=_merge_block_p(P, block_c), BLOCK_C=block_c, num_warps=4,
     )
     return out_mean, out_second
+
+
+# Partials per group of the merge's first level; small in the interpreter, so
+# that the tests' small problems take the two-level path too.
+_MERGE_GROUP_ROWS = 4 if interpreting() else 256
+
+
+def _merge_block_p(rows: int, block_c: int) -> int:
+    return min(triton.next_power_of_2(rows), 128 if block_c <= 16 else 64)
 
 
 def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):

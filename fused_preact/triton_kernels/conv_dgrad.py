@@ -131,28 +131,45 @@ def _dgrad_kernel(
 
 
 @triton.jit
-def _sum_rows_kernel(src_ptr, dst_ptr, T, P, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dst[p] = sum_t src[t, p] for a contiguous fp32 [T, P], in a fixed order."""
+def _sum_rows_kernel(src_ptr, dst_ptr, T, P, rows_per_group, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dst[g, p] = sum of src[t, p] over group g's rows t (rows_per_group of a
+    contiguous fp32 [T, P]), in a fixed order."""
     cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     col_ok = cols < P
+    group = tl.program_id(1)
+    start = group * rows_per_group
+    end = tl.minimum(start + rows_per_group, T)
     acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         acc += tl.load(src_ptr + t.to(tl.int64)[:, None] * P + cols[None, :],
-                       mask=(t < T)[:, None] & col_ok[None, :], other=0.0)
-    tl.store(dst_ptr + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
+                       mask=(t < end)[:, None] & col_ok[None, :], other=0.0)
+    tl.store(dst_ptr + group * P + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ------------------------------------------------------------------------------ host
 
+# Rows per group of sum_partials' first level; small in the interpreter, so that
+# the tests' small problems take the two-level path too.
+_SUM_GROUP_ROWS = 4 if interpreting() else 256
+
 
 def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Sum a contiguous fp32 [T, P] buffer over T into a new [P] tensor of
-    `out_dtype`: the same order every run (bit-reproducible), no atomics."""
+    `out_dtype`: the same order every run (bit-reproducible), no atomics.
+    Many rows (dgrad's row tiles: thousands at the paper's shapes, over few
+    channels) are first summed in groups in parallel, so no single program
+    walks them all."""
     t, p = partials.shape
-    out = torch.empty(p, dtype=out_dtype, device=partials.device)
     block_p = 64
-    _sum_rows_kernel[(triton.cdiv(p, block_p),)](partials, out, t, p, BLOCK_T=32, BLOCK_P=block_p)
+    grid_p = triton.cdiv(p, block_p)
+    if t > 2 * _SUM_GROUP_ROWS:
+        groups = triton.cdiv(t, _SUM_GROUP_ROWS)
+        group_sums = torch.empty((groups, p), dtype=torch.float32, device=partials.device)
+        _sum_rows_kernel[(grid_p, groups)](partials, group_sums, t, p, _SUM_GROUP_ROWS, BLOCK_T=32, BLOCK_P=block_p)
+        partials, t = group_sums, groups
+    out = torch.empty(p, dtype=out_dtype, device=partials.device)
+    _sum_rows_kernel[(grid_p, 1)](partials, out, t, p, t, BLOCK_T=32, BLOCK_P=block_p)
     return out
 
 
