@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, make_layout
+from conftest import assert_close, make_layout, randomize
 from fused_preact import PreActResNet, reference
 from fused_preact.ops import bn_relu_conv2d, bn_relu_conv2d_with_shortcut
 from fused_preact.ops.backends import resolve_backend
 from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
-from test_models import randomize
 from test_op import CASES, _problem, _run
 
 pytest.importorskip("triton")
@@ -143,7 +142,10 @@ def test_two_sgd_steps_match_reference_backend(depth, block, shortcut):
     for name, want in results["reference"][1].items():
         got = results["triton"][1][name]
         if want.is_floating_point():
-            assert_close(got, want, torch.float32, name, scale=max(1.0, float(want.abs().max())))
+            # Two fp32 computations summing in different orders, and SGD with
+            # momentum carries their rounding differences on: 10x fp32's atol
+            # (a wrong gradient is off by orders of magnitude more).
+            assert_close(got, want, torch.float32, name, scale=10 * max(1.0, float(want.abs().max())))
         else:
             assert torch.equal(got, want), name
 
