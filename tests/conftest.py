@@ -50,6 +50,24 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 LAYOUTS = ["nchw", "channels_last", "strided"]
 
 
+def randomize(model, seed=1):
+    """BN affine parameters and running statistics, Linear and conv biases (the
+    gating convs') away from their init values, so a test sees them used."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            elif isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -8,29 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_preact
-from conftest import BACKENDS, assert_close
+from conftest import BACKENDS, assert_close, randomize
 from fused_preact.models import ConstantScaling, DropoutShortcut, Gating, ImageNetPreActUnit, ResidualUnit
 from fused_preact.models import imagenet_preact, original_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
-
-
-def randomize(model, seed=1):
-    """BN affine parameters and running statistics, Linear and gate biases away from their init values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model
 
 
 def forward_backward(model, x, seed=3):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import BACKENDS, assert_close, make_layout
+from conftest import BACKENDS, assert_close, make_layout, randomize
 from fused_preact.ops.backends import get_backend
 from fused_preact import (
     FusedBNReLUConv2d,
@@ -45,23 +45,6 @@ def param_count_from_architecture(depth, block, shortcut="B", num_classes=10):
                 count += c_in * c_out
             c_in = c_out
     return count + 2 * c_in + c_in * num_classes + num_classes
-
-
-def randomize(model, seed=1):
-    """BN affine parameters, running statistics and biases away from their init values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            elif isinstance(m, nn.Linear):
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 def twins(depth, block, shortcut="B", dtype=torch.float64, source="plain", **fused_kwargs):

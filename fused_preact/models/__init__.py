@@ -1,5 +1,5 @@
+from .net_utils import RECOMPUTE_MODES
 from .preact_resnet import (
-    RECOMPUTE_MODES,
     PreActBlock,
     PreActBottleneck,
     PreActResNet,

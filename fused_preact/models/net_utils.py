@@ -6,14 +6,16 @@ Recompute modes (see PreActResNet): "none" keeps what eager autograd keeps;
 statistics; "unit" keeps each residual unit's input; "segment" keeps every
 `segment_size`-th unit's input. All compute the same values.
 """
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..recompute import recompute, running_stats_frozen
-from .preact_resnet import RECOMPUTE_MODES
+
+RECOMPUTE_MODES = ("none", "bn_relu", "unit", "segment")
 
 
 def check_recompute(owner: str, recompute: Optional[str], fused: bool, segment_size: Optional[int]) -> str:
@@ -35,14 +37,17 @@ def default_segment_size(num_units: int) -> int:
     return max(1, round(math.sqrt(num_units)))
 
 
-def run_units(units: nn.Sequential, x: Tensor, mode: str, segment_size: int) -> Tensor:
-    """units(x), keeping for backward what `mode` says."""
+def run_units(units: nn.Sequential, x: Tensor, mode: str, segment_size: int,
+              run: Optional[Callable[[nn.Sequential, Tensor], Tensor]] = None) -> Tensor:
+    """run(units, x) (default units(x)), keeping for backward what `mode` says:
+    under "unit"/"segment", run(group, x) per group of units, recomputed in backward."""
+    run = run or (lambda group, x: group(x))
     if mode not in ("unit", "segment"):
-        return units(x)
+        return run(units, x)
     size = 1 if mode == "unit" else segment_size
     for start in range(0, len(units), size):
         group = units[start:start + size]
-        x = recompute(group, x, [p for p in group.parameters() if p.requires_grad])
+        x = recompute(functools.partial(run, group), x, [p for p in group.parameters() if p.requires_grad])
     return x
 
 

@@ -12,19 +12,15 @@ resnet-1k-layers, resnet-pre-act.lua):
 - head: BN-ReLU, global average pool, Linear;
 - init: conv ~ N(0, sqrt(2 / (k*k*out))), BN weight 1 / bias 0, Linear bias 0.
 """
-import functools
-import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import Stats, bn_relu_conv_chained
-from ..recompute import recompute
+from .net_utils import check_recompute, default_segment_size, init_weights, run_units
 from .registry import register_model
 
-RECOMPUTE_MODES = ("none", "bn_relu", "unit", "segment")
 Chain = tuple[Optional[Stats], Optional[nn.BatchNorm2d]]
 
 
@@ -142,18 +138,10 @@ class PreActResNet(nn.Module):
         unit_cls, per_unit, widths = _BLOCKS[block]
         if depth < per_unit + 2 or (depth - 2) % per_unit:
             raise ValueError(f"PreActResNet: depth for {block} units must be {per_unit}n+2 with n >= 1, got {depth}")
-        recompute = ("bn_relu" if fused else "none") if recompute is None else recompute
-        if recompute not in RECOMPUTE_MODES:
-            raise ValueError(f"PreActResNet: recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
-        if recompute == "bn_relu" and not fused:
-            raise ValueError("PreActResNet: recompute='bn_relu' needs fused=True (it is the fused op's recompute)")
-        if segment_size is not None and (recompute != "segment" or not isinstance(segment_size, int)
-                                         or segment_size < 1):
-            raise ValueError(f"PreActResNet: segment_size must be a positive int and needs recompute='segment', "
-                             f"got {segment_size!r} with recompute={recompute!r}")
+        recompute = check_recompute("PreActResNet", recompute, fused, segment_size)
         n = (depth - 2) // per_unit
         self.depth, self.block, self.recompute = depth, block, recompute
-        self.segment_size = segment_size or max(1, round(math.sqrt(3 * n)))
+        self.segment_size = segment_size or default_segment_size(3 * n)
         # "none" means the plain modules compute everything, even in a fused net.
         use_op = fused and recompute != "none"
 
@@ -168,30 +156,10 @@ class PreActResNet(nn.Module):
         self.bn = nn.BatchNorm2d(in_planes)
         self.fc = nn.Linear(in_planes, num_classes)
         self.fused = fused
-        self._init_weights()
-
-    def _init_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / k))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
-    def _run_units(self, x: Tensor) -> Tensor:
-        if self.recompute not in ("unit", "segment"):
-            return _run_chain(self.units, x)
-        size = 1 if self.recompute == "unit" else self.segment_size
-        for start in range(0, len(self.units), size):
-            group = self.units[start:start + size]
-            x = recompute(functools.partial(_run_chain, group), x, [p for p in group.parameters() if p.requires_grad])
-        return x
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self._run_units(self.conv1(x))
+        x = run_units(self.units, self.conv1(x), self.recompute, self.segment_size, run=_run_chain)
         x = F.relu(self.bn(x))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
