@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fused_preact
-from fused_preact.models import IMAGENET_STAGES, ORDERINGS, ImageNetPreActResNet, ResNet
+from fused_preact.models import IMAGENET_STAGES, ORDERINGS
 
 CIFAR_ORDERING_NAMES = [f"resnet{d}_{o}" for o in ORDERINGS[1:] for d in (110, 164)]
 TABLE1_VARIANTS = ["const_scaling", "exclusive_gating", "shortcut_gating", "conv_shortcut", "dropout_shortcut"]
@@ -29,10 +29,13 @@ def meta_model(name, **options):
 
 # ---- parameter counts, from widths and depths alone -------------------------------------------------------------
 
-def cifar_param_count(depth, block, ordering="original", shortcut="B", variant=None, num_classes=10):
+def cifar_param_count(depth, block, ordering="original", shortcut=None, variant=None, num_classes=10):
     """Conv, BN and Linear parameters of the CIFAR ResNets of Fig. 4 / Fig. 2: stem conv (+ BN unless the
     ReLU-only pre-activation ordering), units whose k convs each have one BN on their output channels (for
-    BN-after-addition the last one normalises the sum: same channels), shortcuts, gates, and the Linear head."""
+    BN-after-addition the last one normalises the sum: same channels), shortcuts (projections with a BN,
+    resnet.lua's, except in the ReLU-only pre-activation ordering), gates, and the Linear head. The shortcut
+    defaults to opts.lua's CIFAR "A" for basic units, "B" for bottleneck units."""
+    shortcut = shortcut or ("A" if block == "basic" else "B")
     per_unit, expansion = {"basic": (6, 1), "bottleneck": (9, 4)}[block]
     n = (depth - 2) // per_unit
     count = 3 * 16 * 3 * 3 + (0 if ordering == "relu_only_preact" else 2 * 16)
@@ -46,16 +49,17 @@ def cifar_param_count(depth, block, ordering="original", shortcut="B", variant=N
             else:
                 count += c_in * width + 9 * width * width + width * c_out + 4 * width + 2 * c_out
             if shortcut == "C" or (shortcut == "B" and (stride != 1 or c_in != c_out)):
-                count += c_in * c_out
+                count += c_in * c_out + (0 if ordering == "relu_only_preact" else 2 * c_out)
             if variant in ("exclusive_gating", "shortcut_gating"):
                 count += c_in * c_out + c_out  # 1x1 gate conv with bias b_g
             c_in = c_out
     return count + c_in * num_classes + num_classes
 
 
-def imagenet_param_count(depth, projection="conv_bn", num_classes=1000):
+def imagenet_param_count(depth, projection="preact_conv", num_classes=1000):
     """Stem 7x7 conv + BN, units with one BN before each conv (none before the very first conv of the first
-    unit), 1x1 projections (+ BN for conv_bn) where channels change, head BN + Linear."""
+    unit in preresnet.lua HEAD's form, preact_conv), 1x1 projections (+ BN for the first version's conv_bn)
+    where channels change, head BN + Linear."""
     stages = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3],
               200: [3, 24, 36, 3]}[depth]
     bottleneck = depth >= 50
@@ -63,7 +67,7 @@ def imagenet_param_count(depth, projection="conv_bn", num_classes=1000):
     for stage, (width, units) in enumerate(zip((64, 128, 256, 512), stages)):
         for i in range(units):
             c_out = width * (4 if bottleneck else 1)
-            bn1 = 0 if stage == 0 and i == 0 else 2 * c_in
+            bn1 = 0 if stage == 0 and i == 0 and projection == "preact_conv" else 2 * c_in
             if bottleneck:
                 count += bn1 + c_in * width + 2 * width + 9 * width * width + 2 * width + width * c_out
             else:
@@ -86,10 +90,10 @@ def test_every_new_name_is_listed_and_builds():
 
 
 @pytest.mark.parametrize("name, depth, block, ordering, shortcut, variant", [
-    *[(f"resnet{d}", d, b, "original", "B", None) for d, b in ((110, "basic"), (164, "bottleneck"),
-                                                              (1001, "bottleneck"))],
-    *[(f"resnet{d}_{o}", d, b, o, "B", None) for o in ORDERINGS[1:] for d, b in ((110, "basic"), (164, "bottleneck"))],
-    *[(f"resnet110_{v}", 110, "basic", "original", "C" if v == "conv_shortcut" else "B", v) for v in TABLE1_VARIANTS],
+    *[(f"resnet{d}", d, b, "original", None, None) for d, b in ((110, "basic"), (164, "bottleneck"),
+                                                                (1001, "bottleneck"))],
+    *[(f"resnet{d}_{o}", d, b, o, None, None) for o in ORDERINGS[1:] for d, b in ((110, "basic"), (164, "bottleneck"))],
+    *[(f"resnet110_{v}", 110, "basic", "original", "C" if v == "conv_shortcut" else None, v) for v in TABLE1_VARIANTS],
 ])
 def test_cifar_param_counts_match_the_architecture(name, depth, block, ordering, shortcut, variant):
     assert n_params(meta_model(name, num_classes=100)) == cifar_param_count(depth, block, ordering, shortcut,
@@ -98,6 +102,7 @@ def test_cifar_param_counts_match_the_architecture(name, depth, block, ordering,
 
 @pytest.mark.parametrize("depth, block, shortcut, ordering", [
     (20, "basic", "A", "original"), (32, "basic", "A", "relu_only_preact"), (8, "basic", "C", "bn_after_add"),
+    (14, "basic", "B", "original"),
     (11, "bottleneck", "C", "relu_before_add"), (20, "bottleneck", "B", "relu_only_preact"),
 ])
 def test_cifar_family_param_counts_match_the_architecture(depth, block, shortcut, ordering):
@@ -108,12 +113,13 @@ def test_cifar_family_param_counts_match_the_architecture(depth, block, shortcut
 
 @pytest.mark.parametrize("name, expected", [
     # preact_resnet164 1,703,258 and preact_resnet1001 10,327,706 (measured on the official nets; pinned in
-    # test_models.py).
-    # Original units put each BN on a conv's output instead of its input, and a stem BN(16) in place of the
-    # head BN(256): the stages' first units gain 2*((64-16) + (128-64) + (256-128)) = 480 = 2*256 - 2*16,
-    # so the counts equal the pre-activation ones (basic: 2*(16 + 32) = 96 = 2*64 - 2*16).
-    ("resnet164", 1_703_258), ("resnet1001", 10_327_706), ("resnet164_bn_after_add", 1_703_258),
-    ("resnet110", 1_730_522),  # = preact_resnet110 (projection shortcuts)
+    # test_models.py). Original units put each BN on a conv's output instead of its input, and a stem BN(16) in
+    # place of the head BN(256): the stages' first units gain 2*((64-16) + (128-64) + (256-128)) = 480 =
+    # 2*256 - 2*16, so these balance; the three projections' BNs (resnet.lua) add 2*(64 + 128 + 256) = 896.
+    ("resnet164", 1_703_258 + 896), ("resnet1001", 10_327_706 + 896), ("resnet164_bn_after_add", 1_703_258 + 896),
+    # basic units balance the same way (2*(16 + 32) = 96 = 2*64 - 2*16); zero-padded shortcuts (opts.lua's
+    # CIFAR default) have no parameters: = preact_resnet110 with "A"
+    ("resnet110", 1_727_962),
 ])
 def test_known_cifar_param_counts(name, expected):
     assert n_params(meta_model(name)) == expected
@@ -124,24 +130,32 @@ def test_resnet20_with_zero_padded_shortcuts_has_the_first_papers_count():
     assert n_params(meta_model("resnet", depth=20, shortcut="A")) == 269_722
 
 
+# torchvision's post-activation ResNets: the pre-activation nets' BNs balance against them over the net (the
+# head BN has the channels the per-unit BNs move), less the projections' BNs (2 * (128 + 256 + 512) basic,
+# 2 * (256 + 512 + 1024 + 2048) bottleneck) and the first unit's BN(64), which HEAD's preresnet.lua lacks.
+TORCHVISION_COUNTS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808,
+                      200: 64_673_832}
+
+
 @pytest.mark.parametrize("depth, expected", [
-    # projection conv + BN: the same counts as torchvision's / timm's post-activation ResNets, as the BN
-    # channels balance over the net (the head BN has the channels the per-unit BNs move).
-    (18, 11_689_512), (34, 21_797_672), (50, 25_557_032), (101, 44_549_160), (152, 60_192_808),
-    (200, 64_673_832),
+    (18, 11_687_720), (34, 21_795_880), (50, 25_549_352), (101, 44_541_480), (152, 60_185_128), (200, 64_666_152),
 ])
 def test_imagenet_param_counts(depth, expected):
-    model = meta_model(f"preact_resnet{depth}", num_classes=1000)
+    model = meta_model(f"preact_resnet{depth}")
     assert n_params(model) == imagenet_param_count(depth) == expected
+    projection_bns = 2 * (128 + 256 + 512) if depth < 50 else 2 * (256 + 512 + 1024 + 2048)
+    assert expected == TORCHVISION_COUNTS[depth] - projection_bns
+    # c5301063's form: the projections' BNs and the first unit's BN(64) are back
+    assert n_params(meta_model(f"preact_resnet{depth}", projection="conv_bn")) == TORCHVISION_COUNTS[depth] + 128
     for projection, classes in (("preact_conv", 1000), ("conv_bn", 10)):
         model = meta_model("imagenet_preact_resnet", depth=depth, projection=projection, num_classes=classes)
         assert n_params(model) == imagenet_param_count(depth, projection, classes)
 
 
-def test_imagenet_factories_default_to_1000_classes():
-    with torch.device("meta"):
-        assert fused_preact.models.imagenet_preact.imagenet_preact_resnet(depth=18).fc.out_features == 1000
-    assert meta_model("preact_resnet18", num_classes=1000).fc.out_features == 1000
+@pytest.mark.parametrize("name", ["imagenet_preact_resnet", *[f"preact_resnet{d}" for d in IMAGENET_STAGES]])
+def test_imagenet_factories_default_to_1000_classes(name):
+    assert meta_model(name).fc.out_features == 1000  # no num_classes given
+    assert meta_model("preact_resnet164").fc.out_features == 10  # the CIFAR nets' default
 
 
 # ---- structure --------------------------------------------------------------------------------------------------
@@ -161,6 +175,7 @@ def test_depth_counts_main_path_convs_and_the_linear_layer(name, depth):
 @pytest.mark.parametrize("depth", [18, 50])
 @pytest.mark.parametrize("projection", ["conv_bn", "preact_conv"])
 def test_imagenet_structure_follows_preresnet_lua(depth, projection):
+    """preresnet.lua HEAD (preact_conv) and its first version c5301063 (conv_bn)."""
     model = meta_model("imagenet_preact_resnet", depth=depth, projection=projection)
     assert (model.conv1.kernel_size, model.conv1.stride) == ((7, 7), (2, 2))
     first_units, n = [], 0
@@ -169,7 +184,8 @@ def test_imagenet_structure_follows_preresnet_lua(depth, projection):
         n += count
     assert len(model.units) == n
     for i, unit in enumerate(model.units):
-        assert (unit.bn1 is None) == (i == 0)  # the stem's BN-ReLU pre-activates the first unit
+        # HEAD: the stem's BN-ReLU pre-activates the first unit ('no_preact'); c5301063 gave it its own
+        assert (unit.bn1 is None) == (i == 0 and projection == "preact_conv")
         strided = "conv2" if depth >= 50 else "conv1"  # bottleneck: stride on the 3x3 conv
         expected_stride = 2 if i in first_units[1:] else 1
         assert getattr(unit, strided).stride == (expected_stride,) * 2
@@ -234,8 +250,3 @@ def test_bad_options_raise_value_error_naming_them(name, options, argument):
 def test_unknown_name_lists_close_names():
     with pytest.raises(ValueError, match="resnet110_exclusive_gating"):
         fused_preact.create_model("exclusive_gating")
-
-
-def test_models_are_exported():
-    assert ResNet is fused_preact.models.original_resnet.ResNet
-    assert ImageNetPreActResNet is fused_preact.models.imagenet_preact.ImageNetPreActResNet

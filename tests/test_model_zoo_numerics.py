@@ -91,11 +91,9 @@ def test_fused_imagenet_net_matches_plain_twin(name, options, backend, training)
                                              ("preact_resnet18", dict(projection="preact_conv"))],
                          ids=NET_IDS[::2] + ["preact_resnet18", "preact_resnet18-preact_conv"])
 def test_state_dicts_load_both_ways_strictly(name, options):
-    for source in ("plain", "fused"):
+    for source in ("plain", "fused"):  # twins() loads one into the other with strict=True
         plain, fused = twins(name, options, source=source)
-        assert plain.state_dict().keys() == fused.state_dict().keys()
-        for key, tensor in plain.state_dict().items():
-            assert torch.equal(fused.state_dict()[key], tensor), key
+        assert list(plain.state_dict()) == list(fused.state_dict())
 
 
 RECOMPUTE_CASES = [  # (fused, recompute, segment_size)
@@ -128,7 +126,7 @@ def test_recompute_modes_match_the_plain_net(name, options, size, fused, recompu
     *[(f"resnet_{o}", dict(depth=11), [2, 2, 2]) for o in original_resnet.ORDERINGS[1:]],
     ("resnet_exclusive_gating", dict(depth=8), [1, 1, 1]), ("resnet_conv_shortcut", dict(depth=8), [1, 1, 1]),
     ("preact_resnet18", {}, [1] + [2] * 7), ("preact_resnet50", {}, [2] + [3] * 15),
-    ("preact_resnet50", dict(projection="preact_conv"), [2] + [3] * 15),
+    ("preact_resnet50", dict(projection="conv_bn"), [3] * 16),
 ], ids=lambda v: f"{len(v)}units" if isinstance(v, list) else "-".join(f"{k}{w}" for k, w in v.items())
    if isinstance(v, dict) else None)
 @pytest.mark.parametrize("recompute", ["bn_relu", "unit", "none"])
@@ -159,7 +157,8 @@ def test_every_bn_relu_conv_goes_through_the_op(monkeypatch, name, options, bn_r
         unit = next(u for u in model.units if any(m is bn for m in u.modules()))
         i = next(int(n[2:]) for n, m in unit.named_children() if m is bn)
         assert convs[0] is getattr(unit, f"conv{i + (not name.startswith('preact'))}")
-        shares_preact = options.get("projection") == "preact_conv" and i == 1 and unit.shortcut is not None
+        shares_preact = name.startswith("preact") and options.get("projection", "preact_conv") == "preact_conv" \
+            and i == 1 and unit.shortcut is not None
         assert convs[1:] == ((unit.shortcut,) if shares_preact else ())
     op_bns = [c[0] for c in calls]
     all_bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -201,14 +200,19 @@ def _unit_check(unit, formula, x):
 @pytest.mark.parametrize("ordering", list(ORDERING_FORMULAS))
 def test_ordering_units_follow_fig4(ordering, planes, stride, fused):
     unit = ResidualUnit(4, planes, stride, "basic", ordering, "B", None, fused, "native")
-    sc = (lambda t: t) if unit.shortcut is None else (lambda t: conv(t, unit.shortcut))
+    if unit.shortcut is None:
+        sc = lambda t: t  # noqa: E731
+    elif ordering == "relu_only_preact":  # the pre-activation nets' projection: a conv alone
+        sc = lambda t: conv(t, unit.shortcut)  # noqa: E731
+    else:  # resnet.lua's projection: conv + BN
+        sc = lambda t: bn(conv(t, unit.shortcut), unit.shortcut_bn)  # noqa: E731
     _unit_check(unit, lambda x: ORDERING_FORMULAS[ordering](unit, x, sc), torch.randn(2, 4, 6, 6, dtype=F64))
 
 
 def test_original_bottleneck_unit():
     u = ResidualUnit(16, 4, 2, "bottleneck", "original", "B", None, True, "native")
     assert u.conv1.stride == (2, 2) and u.conv1.kernel_size == (1, 1)  # stride on the first 1x1, as the CIFAR nets
-    f = lambda x: F.relu(conv(x, u.shortcut) + bn(conv(F.relu(bn(  # noqa: E731
+    f = lambda x: F.relu(bn(conv(x, u.shortcut), u.shortcut_bn) + bn(conv(F.relu(bn(  # noqa: E731
         conv(F.relu(bn(conv(x, u.conv1), u.bn1)), u.conv2), u.bn2)), u.conv3), u.bn3))
     _unit_check(u, f, torch.randn(2, 16, 6, 6, dtype=F64))
 
@@ -234,7 +238,7 @@ def test_shortcut_variant_units_follow_fig2(variant):
 
 def test_conv_shortcut_unit_follows_fig2e():
     unit = ResidualUnit(4, 4, 1, "basic", "original", "C", None, True, "native")
-    f = lambda x: F.relu(conv(x, unit.shortcut) + bn(branch(unit, x), unit.bn2))  # noqa: E731
+    f = lambda x: F.relu(bn(conv(x, unit.shortcut), unit.shortcut_bn) + bn(branch(unit, x), unit.bn2))  # noqa: E731
     _unit_check(unit, f, torch.randn(2, 4, 6, 6, dtype=F64))
 
 

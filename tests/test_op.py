@@ -17,13 +17,13 @@ CASES = [
 ]
 
 
-def _problem(case, dtype, layout="nchw", requires_grad=True):
+def _problem(case, dtype, layout="nchw", requires_grad=True, device="cpu"):
     n, c, h, w, c_out, k, stride, padding = case
-    x = make_layout((torch.randn(n, c, h, w, dtype=torch.float64) * 1.5 + 0.3).to(dtype), layout)
-    weight = torch.randn(c_out, c, k, k, dtype=torch.float64).mul_((2.0 / (k * k * c_out)) ** 0.5).to(dtype)
-    gamma = (torch.rand(c, dtype=torch.float64) + 0.5).to(torch.promote_types(dtype, torch.float32))
-    beta = torch.randn(c, dtype=torch.float64).to(gamma.dtype)
-    running = (torch.randn(c, dtype=gamma.dtype), torch.rand(c, dtype=gamma.dtype) + 0.5)
+    x = make_layout((torch.randn(n, c, h, w, dtype=torch.float64) * 1.5 + 0.3).to(device, dtype), layout)
+    weight = torch.randn(c_out, c, k, k, dtype=torch.float64).mul_((2.0 / (k * k * c_out)) ** 0.5).to(device, dtype)
+    gamma = (torch.rand(c, dtype=torch.float64) + 0.5).to(device, torch.promote_types(dtype, torch.float32))
+    beta = torch.randn(c, dtype=torch.float64).to(gamma)
+    running = (torch.randn(c, dtype=gamma.dtype).to(device), (torch.rand(c, dtype=gamma.dtype) + 0.5).to(device))
     for t in (x, weight, gamma, beta):
         t.requires_grad_(requires_grad)
     return x, weight, gamma, beta, running, dict(stride=stride, padding=padding)
@@ -32,7 +32,7 @@ def _problem(case, dtype, layout="nchw", requires_grad=True):
 def _run(fn, x, weight, gamma, beta, running, conv, training, grad_seed=1):
     rm, rv = running[0].clone(), running[1].clone()
     y = fn(x, weight, gamma, beta, rm, rv, training=training, **conv)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(y.dtype)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(y)
     grads = torch.autograd.grad(y, (x, weight, gamma, beta), g)
     return y, grads, rm, rv
 
@@ -243,6 +243,13 @@ def _args(**override):
         (dict(momentum=None), ValueError, "momentum must be a number in"),
         (dict(eps=0.0), ValueError, "eps must be a positive number"),
         (dict(backend="cudnn"), ValueError, "backend must be one of"),
+        # the output of _args() (3x3 conv, no padding) is (3, 6, 5, 7)
+        (dict(residual=torch.randn(3, 5, 7, 9)), ValueError, r"residual must be a tensor of the output's shape "
+                                                             r"\(3, 6, 5, 7\), got \(3, 5, 7, 9\)"),
+        (dict(residual=[0.0]), ValueError, r"residual must be a tensor of the output's shape .* got list"),
+        (dict(residual=torch.zeros(3, 6, 5, 7, dtype=torch.int64)), ValueError,
+         "residual must be a floating-point tensor"),
+        (dict(residual=torch.zeros(3, 6, 5, 7, device="meta")), ValueError, "residual must be .* on x's device"),
     ],
 )
 def test_bad_input_names_the_argument(override, error, message):

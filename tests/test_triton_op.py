@@ -1,7 +1,9 @@
 """backend="triton" end to end: the op, its residual and statistics epilogues,
 and whole networks, against the float64 truth and the reference backend.
 On a CPU these run the Triton kernels in the interpreter (TRITON_INTERPRET=1,
-as CI sets it)."""
+as CI sets it); on a CUDA machine without it, the compiled kernels on CUDA
+tensors."""
+import functools
 import os
 
 import pytest
@@ -13,14 +15,17 @@ from fused_preact import PreActResNet, reference
 from fused_preact.ops import bn_relu_conv2d, bn_relu_conv2d_with_shortcut
 from fused_preact.ops.backends import resolve_backend
 from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
-from test_op import CASES, _problem, _run
+import test_op
+from test_op import CASES, _run
 
-pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set before triton is imported)",
                 allow_module_level=True)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter runs kernels on CPU tensors; compiled kernels need CUDA ones.
+DEVICE = "cpu" if INTERPRET else "cuda"
+_problem = functools.partial(test_op._problem, device=DEVICE)
 
 
 def _triton(*args, **kwargs):
@@ -66,7 +71,7 @@ def test_matches_nn_modules_fp16(case):
 @pytest.mark.parametrize("kernel, padding", [(1, 0), (3, 1)], ids=["1x1+1x1", "3x3+1x1"])
 def test_with_shortcut_equals_two_modules(kernel, padding):
     x, weight, gamma, beta, running, _ = _problem((3, 5, 7, 9, 6, kernel, 2, padding), torch.float32)
-    shortcut = torch.randn(8, 5, 1, 1, requires_grad=True)
+    shortcut = torch.randn(8, 5, 1, 1, device=DEVICE, requires_grad=True)
     y, sc = bn_relu_conv2d_with_shortcut(x, weight, shortcut, gamma, beta, running[0].clone(), running[1].clone(),
                                          stride=2, padding=padding, backend="triton")
     inputs = (x, weight, shortcut, gamma, beta)
@@ -86,10 +91,10 @@ def test_with_shortcut_equals_two_modules(kernel, padding):
 def test_residual_is_added_and_receives_the_output_gradient(backend, layout):
     x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float32, layout)
     plain = bn_relu_conv2d(x, weight, gamma, beta, None, None, backend=backend, **conv)
-    residual = make_layout(torch.randn(plain.shape), layout).requires_grad_()
+    residual = make_layout(torch.randn(plain.shape, device=DEVICE), layout).requires_grad_()
     y = bn_relu_conv2d(x, weight, gamma, beta, None, None, backend=backend, residual=residual, **conv)
     assert_close(y, plain + residual, name="y")
-    g = torch.randn(y.shape)
+    g = torch.randn(y.shape, device=DEVICE)
     got = torch.autograd.grad(y, (residual, x, weight), g)
     want = torch.autograd.grad(plain, (x, weight), g)
     assert torch.equal(got[0], g)
@@ -101,7 +106,7 @@ def test_opcheck_with_residual_and_statistics_epilogues():
     x, weight, gamma, beta, running, conv = _problem(CASES[3], torch.float32)
     mean, invstd = reference.batch_stats(x.detach(), 1e-5)
     y = F.conv2d(x.detach(), weight.detach(), None, conv["stride"], conv["padding"])
-    residual = torch.randn(y.shape, requires_grad=True)
+    residual = torch.randn(y.shape, device=DEVICE, requires_grad=True)
     stride, padding = [conv["stride"]] * 2, [conv["padding"]] * 2
     torch.library.opcheck(bn_relu_conv2d_op, (x, [weight], gamma, beta, mean, invstd, residual, stride, padding,
                                               True, "triton", 1e-3))
@@ -119,13 +124,13 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def _small_net(backend, depth, block, shortcut):
     torch.manual_seed(0)
-    return randomize(PreActResNet(depth, block=block, shortcut=shortcut, backend=backend))
+    return randomize(PreActResNet(depth, block=block, shortcut=shortcut, backend=backend)).to(DEVICE)
 
 
 @pytest.mark.parametrize("depth, block, shortcut", [(11, "bottleneck", "B"), (8, "basic", "A"),
                                                     (8, "basic", "B")])
 def test_two_sgd_steps_match_reference_backend(depth, block, shortcut):
-    x, labels = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    x, labels = torch.randn(4, 3, 8, 8, device=DEVICE), torch.randint(0, 10, (4,), device=DEVICE)
     results = {}
     for backend in ("reference", "triton"):
         model = _small_net(backend, depth, block, shortcut).to(memory_format=torch.channels_last)
@@ -176,7 +181,7 @@ def test_output_layout_follows_pytorch_convolution(x_layout, w_layout):
 def test_nan_propagates_like_relu():
     x, weight, gamma, beta, running, conv = _problem(CASES[2], torch.float32, requires_grad=False)
     x[0, 0, 1, 1] = float("nan")
-    mean, invstd = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    mean, invstd = torch.zeros(x.shape[1], device=DEVICE), torch.ones(x.shape[1], device=DEVICE)
     got = bn_relu_conv2d(x, weight, gamma, beta, mean, invstd.clone(), training=False, backend="triton", **conv)
     want = bn_relu_conv2d(x, weight, gamma, beta, mean, invstd.clone(), training=False, backend="reference", **conv)
     assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
@@ -188,8 +193,9 @@ def test_convs_with_different_strides_share_one_pre_activation():
     from fused_preact.modules import bn_relu_conv
 
     torch.manual_seed(0)
-    bn, conv1, proj = nn.BatchNorm2d(5), nn.Conv2d(5, 6, 1, bias=False), nn.Conv2d(5, 8, 1, 2, bias=False)
-    x = torch.randn(3, 5, 7, 9, requires_grad=True)
+    bn, conv1, proj = (m.to(DEVICE) for m in (nn.BatchNorm2d(5), nn.Conv2d(5, 6, 1, bias=False),
+                                              nn.Conv2d(5, 8, 1, 2, bias=False)))
+    x = torch.randn(3, 5, 7, 9, device=DEVICE, requires_grad=True)
     outs = {}
     for fused in (False, True):
         y, sc = bn_relu_conv(x, bn, [conv1, proj], fused=fused, backend="triton")
@@ -200,15 +206,16 @@ def test_convs_with_different_strides_share_one_pre_activation():
 
 
 @pytest.mark.parametrize("rows", [3, 9, 37])  # one level, and groups merged in parallel first
-def test_partial_reductions_match_torch_and_repeat_bit_for_bit(rows):
+def test_partial_reductions_match_torch(rows):
     from fused_preact.triton_kernels.batch_stats import merge_partials
     from fused_preact.triton_kernels.conv_dgrad import sum_partials
 
     g = torch.Generator().manual_seed(rows)
-    partials = torch.randn(rows, 10, generator=g, device=DEVICE)
+    partials = torch.randn(rows, 10, generator=g).to(DEVICE)
     total = sum_partials(partials, torch.float32)
     assert_close(total, partials.double().sum(0), torch.float32, "sum")
-    assert torch.equal(total, sum_partials(partials, torch.float32))
+    if not INTERPRET:  # programs run one after another in the interpreter: no order to vary there
+        assert torch.equal(total, sum_partials(partials, torch.float32))
     # (count, mean, M2) partials of known data merged into its mean and variance
     data = torch.randn(rows, 7, 6, generator=g, dtype=torch.float64) * 3 + 50
     count = torch.full((rows, 6), 7.0)

@@ -8,25 +8,27 @@ fb.resnet.torch's models/preresnet.lua builds them:
 - basic unit: BN-ReLU-conv3x3 (stride), BN-ReLU-conv3x3, plus shortcut;
 - bottleneck unit: BN-ReLU-conv1x1, BN-ReLU-conv3x3 (the stride sits here,
   not on the first 1x1 conv as in the CIFAR nets), BN-ReLU-conv1x1 (4x);
-- the very first unit has no BN-ReLU of its own: its input is the stem's
-  BN-ReLU (+ max pool) output (the later preresnet.lua's 'no_preact'; an
-  earlier version dropped the BN-ReLU of every first-stage unit, since fixed);
-- projection shortcut (preresnet.lua's shortcut type 'B') only where the
-  channel count changes (first unit of each stage, except the first stage of
-  the basic nets, 64 -> 64, which keeps the identity), with the stage stride;
+- stage-first units ('both_preact', preresnet.lua lines 91-93, 119-120)
+  compute BN-ReLU once before the split and project it with a bias-free 1x1
+  conv with the stage stride (shortcut type 'B', lines 28-34: only where the
+  channel count changes, so the basic nets' first stage, 64 -> 64, keeps the
+  identity); the very first unit ('no_preact', lines 94 and 150) has no
+  BN-ReLU of its own, its input being the stem's BN-ReLU + max pool output;
+- the other units pre-activate only their branch (lines 94-97); their
+  identity reads x;
 - head: BN-ReLU after the last addition, global average pool, Linear;
 - init: conv ~ N(0, sqrt(2 / (k*k*out))), BN weight 1 / bias 0, Linear bias 0.
 
-Two forms of the projection, as preresnet.lua had them over time:
-- projection="conv_bn" (default; DESIGN.md): 1x1 conv + BN on the raw unit
-  input x, the residual branch alone reading BN-ReLU(x) (an earlier version
-  of preresnet.lua);
-- projection="preact_conv": a bias-free 1x1 conv reading the unit's BN-ReLU(x),
-  computed once for both paths ('both_preact' in the later preresnet.lua, and
-  what the CIFAR nets of resnet-pre-act.lua do).
+projection= picks the version of preresnet.lua:
+- "preact_conv" (default): HEAD (the file last changed in f9f325d), as above;
+- "conv_bn": the file as first committed (c5301063, 2016-04-11; its
+  bottleneck's second BN had n*4 channels, fixed in 3beb17b): every unit,
+  the very first included, pre-activates only its branch, and the projection
+  is 1x1 conv + BN on the raw unit input x. 1d5f060 replaced it with the
+  'both_preact' form above.
 
-Fused op: every BN-ReLU-conv of the units (in "preact_conv" the first one
-feeds the branch and the projection in one call). The stem's conv-BN-ReLU-
+Fused op: every BN-ReLU-conv of the units (in "preact_conv" a stage-first
+unit's feeds the branch and the projection in one call). The stem's conv-BN-ReLU-
 maxpool, the projection's BN and the head's BN-ReLU-pool are plain modules.
 The head pools adaptively, so inputs need not be 224x224.
 """
@@ -59,7 +61,7 @@ class ImageNetPreActUnit(nn.Module):
     preactivate=False: no BN-ReLU of its own (the input is already activated)."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, block: str = "bottleneck",
-                 preactivate: bool = True, projection: str = "conv_bn", fused: bool = True, backend: str = "auto"):
+                 preactivate: bool = True, projection: str = "preact_conv", fused: bool = True, backend: str = "auto"):
         super().__init__()
         check_choice("ImageNetPreActUnit", "block", block, EXPANSION)
         check_choice("ImageNetPreActUnit", "projection", projection, PROJECTIONS)
@@ -105,9 +107,10 @@ class ImageNetPreActUnit(nn.Module):
 class ImageNetPreActResNet(nn.Module):
     """ImageNet pre-activation ResNet of depth 18/34/50/101/152/200 (see the
     module docstring). recompute / segment_size / fused / backend: as
-    PreActResNet; projection: "conv_bn" (default) or "preact_conv"."""
+    PreActResNet; projection: "preact_conv" (default: preresnet.lua HEAD) or
+    "conv_bn" (its first version, c5301063)."""
 
-    def __init__(self, depth: int, num_classes: int = 1000, projection: str = "conv_bn",
+    def __init__(self, depth: int, num_classes: int = 1000, projection: str = "preact_conv",
                  recompute: Optional[str] = None, fused: bool = True, segment_size: Optional[int] = None,
                  backend: str = "auto"):
         super().__init__()
@@ -125,8 +128,9 @@ class ImageNetPreActResNet(nn.Module):
         for stage, (width, count) in enumerate(zip(IMAGENET_WIDTHS, counts)):
             for i in range(count):
                 stride = 2 if stage > 0 and i == 0 else 1
-                first_of_net = stage == 0 and i == 0
-                units.append(ImageNetPreActUnit(in_planes, width, stride, block, not first_of_net, projection, use_op,
+                # HEAD's 'no_preact' first unit; c5301063 pre-activated every unit.
+                preactivate = projection == "conv_bn" or stage > 0 or i > 0
+                units.append(ImageNetPreActUnit(in_planes, width, stride, block, preactivate, projection, use_op,
                                                 backend))
                 in_planes = width * EXPANSION[block]
         self.units = nn.Sequential(*units)

@@ -97,3 +97,10 @@ def fixed_depth_factory(family, depth: int, name: str, default_classes: int = 10
     factory.__name__ = name
     factory.__doc__ = f"{family.__doc__ or family.__name__} (depth {depth})"
     return factory
+
+
+def zero_padded_identity(x: Tensor, stride: int, extra_channels: int) -> Tensor:
+    """Shortcut "A": x subsampled by `stride`, zeros for the extra channels
+    (preresnet.lua / resnet.lua: a 1x1 average pool with the stride, then x
+    concatenated with 0 * x along the channels)."""
+    return F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, extra_channels))

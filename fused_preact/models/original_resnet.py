@@ -13,9 +13,14 @@ residual branch, "+" adds the shortcut):
 Widths, depths, strides and shortcuts are those of the pre-activation nets
 (preact_resnet.py), so only the placement of BN and ReLU differs: 6n+2 basic
 (16/32/64) or 9n+2 bottleneck (outputs 64/128/256, width out/4, stride on the
-first 1x1 conv); shortcut "B" = bias-free 1x1 projection where the shape
-changes, "A" = zero-padded identity (basic units only; the first ResNet
-paper's CIFAR choice), "C" = a 1x1 conv on every unit (Table 1, Fig. 2 (e)).
+first 1x1 conv). Shortcuts as fb.resnet.torch models/resnet.lua lines 27-45:
+"A" = zero-padded identity where the shape changes (basic units only; the
+CIFAR default, opts.lua line 80, and the first ResNet paper's choice), "B" =
+1x1 projection there, "C" = a 1x1 projection on every unit (Table 1, Fig. 2
+(e)). A projection is conv + BN (resnet.lua lines 33-34; the paper's Fig. 2
+caption: BN after every weight layer) in the orderings built on the original
+unit, (a)-(c); (d) keeps the pre-activation nets' bias-free conv without BN
+(resnet-pre-act.lua line 83), as it reads the pre-activation.
 
 Stem and head follow where each ordering leaves its activations, as the paper
 does for (a) and (e): (a)-(c) end each unit with the activated sum or add an
@@ -27,8 +32,8 @@ pre-activation, relu(x), as resnet-pre-act.lua's projections read BN-ReLU(x).
 
 Fused op: every BN -> ReLU -> conv inside a branch (BN_i - ReLU - conv_{i+1})
 runs through bn_relu_conv; the other BN and ReLU layers (after the last conv,
-after the addition, at the start of (d)) are not followed by a conv on all of
-their consumers, so they run as plain modules.
+after the addition, at the start of (d), after a projection) are not
+followed by a conv on all of their consumers, so they run as plain modules.
 """
 from typing import Callable, Optional
 
@@ -37,7 +42,8 @@ from torch import Tensor, nn
 
 from ..modules import bn_relu_conv
 from .net_utils import (batch_norm, check_choice, check_recompute, default_segment_size, fixed_depth_factory,
-                        init_weights, run_units)
+                        init_weights, run_units, zero_padded_identity)
+from .preact_resnet import default_shortcut
 from .registry import register_model
 
 ORDERINGS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact")
@@ -81,6 +87,7 @@ class ResidualUnit(nn.Module):
         reshapes = stride != 1 or in_planes != out_planes
         use_conv = shortcut == "C" or (shortcut == "B" and reshapes)
         self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False) if use_conv else None
+        self.shortcut_bn = nn.BatchNorm2d(out_planes) if use_conv and ordering != "relu_only_preact" else None
         self.pad_shortcut = (stride, out_planes - in_planes) if reshapes and shortcut == "A" else None
         self.merge = merge
 
@@ -96,9 +103,10 @@ class ResidualUnit(nn.Module):
             out = F.relu(out)
         if self.shortcut is not None:
             shortcut = self.shortcut(preact)
+            if self.shortcut_bn is not None:
+                shortcut = batch_norm(shortcut, self.shortcut_bn)
         elif self.pad_shortcut is not None:
-            stride, extra = self.pad_shortcut
-            shortcut = F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, extra))
+            shortcut = zero_padded_identity(x, *self.pad_shortcut)
         else:
             shortcut = x
         out = shortcut + out if self.merge is None else self.merge(x, shortcut, out)
@@ -117,7 +125,8 @@ def default_block(depth: int) -> str:
 
 class ResNet(nn.Module):
     """CIFAR ResNet of the given depth with the activation `ordering`
-    ("original" by default: the post-activation unit), `shortcut` ("A"/"B"/"C")
+    ("original" by default: the post-activation unit), `shortcut` ("A"/"B"/"C";
+    None: "A" for basic units, "B" for bottleneck units, as PreActResNet)
     and an optional `merge` factory for the Table 1 shortcut variants.
 
     recompute / segment_size / fused / backend: as PreActResNet. With
@@ -126,12 +135,13 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, depth: int, num_classes: int = 10, ordering: str = "original", block: Optional[str] = None,
-                 shortcut: str = "B", merge: Optional[MergeFactory] = None, recompute: Optional[str] = None,
+                 shortcut: Optional[str] = None, merge: Optional[MergeFactory] = None, recompute: Optional[str] = None,
                  fused: bool = True, segment_size: Optional[int] = None, backend: str = "auto"):
         super().__init__()
         check_choice("ResNet", "ordering", ordering, ORDERINGS)
         block = default_block(depth) if block is None else block
         check_choice("ResNet", "block", block, BLOCKS)
+        shortcut = default_shortcut(block) if shortcut is None else shortcut
         check_choice("ResNet", "shortcut", shortcut, SHORTCUTS)
         if shortcut == "A" and block != "basic":
             raise ValueError(f"ResNet: shortcut 'A' (zero-padded identity) needs basic units, got block={block!r}")

@@ -1,14 +1,19 @@
 """Pre-activation ResNets for CIFAR (He et al. 2016, "Identity Mappings in Deep
-Residual Networks"), built as the official code builds them (KaimingHe/
-resnet-1k-layers, resnet-pre-act.lua):
+Residual Networks"), built as the official code builds them (bottleneck nets:
+KaimingHe/resnet-1k-layers resnet-pre-act.lua; basic nets: fb.resnet.torch
+models/preresnet.lua):
 
 - stem: 3x3 conv 3 -> 16, no BN/ReLU after it;
 - three stages of n units (strides 1, 2, 2); bottleneck units (depth 9n+2,
   outputs 64/128/256, bottleneck width out/4) or basic units (6n+2, 16/32/64);
-- the first unit of a stage whose shape changes computes BN-ReLU once and feeds
-  it to both the residual branch and a 1x1 projection shortcut with the stride
-  (shortcut "B"); basic nets may instead use zero-padded identity shortcuts
-  ("A", the first ResNet paper's CIFAR choice);
+- each stage's first unit computes BN-ReLU once, before the split, and its
+  shortcut reads that pre-activation: a 1x1 projection with the stride
+  (shortcut "B"; every bottleneck stage entry), or for basic nets the
+  zero-padded identity ("A", opts.lua's CIFAR default) and, in stage 1
+  (16 -> 16), the plain identity of relu(bn(x)) (preresnet.lua's
+  'both_preact', also the paper's appendix: "the first activation right after
+  conv1 and before splitting into two paths");
+- the other units pre-activate only their branch; their identity reads x;
 - head: BN-ReLU, global average pool, Linear;
 - init: conv ~ N(0, sqrt(2 / (k*k*out))), BN weight 1 / bias 0, Linear bias 0.
 """
@@ -18,19 +23,71 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import Stats, bn_relu_conv_chained
-from .net_utils import check_recompute, default_segment_size, init_weights, run_units
+from .net_utils import (batch_norm, check_recompute, default_segment_size, init_weights, run_units,
+                        zero_padded_identity)
 from .registry import register_model
 
 Chain = tuple[Optional[Stats], Optional[nn.BatchNorm2d]]
 
 
-class PreActBlock(nn.Module):
-    """Basic unit: BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus shortcut."""
+class _PreActUnit(nn.Module):
+    """What the basic and bottleneck units share: the first layer, which also
+    makes the shortcut h(x) of x_{l+1} = h(x_l) + F(x_l).
+
+    The official stage-first unit ('both_preact' in preresnet.lua lines
+    65-67 and 91-93; the "increasing dimensions" unit of resnet-pre-act.lua
+    lines 63-66) computes BN-ReLU once, before the split, so its shortcut
+    (projection, zero-padded or plain identity) reads relu(bn1(x)); every other
+    unit pre-activates only its branch and its identity shortcut reads x.
+    """
+
+    def _init_shortcut(self, owner: str, in_planes: int, out_planes: int, stride: int, shortcut: str,
+                       preact_shortcut: Optional[bool]) -> None:
+        reshapes = stride != 1 or in_planes != out_planes
+        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False) if reshapes and shortcut == "B" else None
+        self.pad_shortcut = (stride, out_planes - in_planes) if reshapes and shortcut == "A" else None
+        # Every unit that reshapes is a stage's first in the official nets.
+        self.preact_shortcut = reshapes if preact_shortcut is None else preact_shortcut
+        if not isinstance(self.preact_shortcut, bool):
+            raise ValueError(f"{owner}: preact_shortcut must be True, False or None, got {preact_shortcut!r}")
+        if self.shortcut is not None and not self.preact_shortcut:
+            raise ValueError(f"{owner}: a projection shortcut reads the pre-activation relu(bn1(x)) (the official "
+                             f"stage-first unit); preact_shortcut=False needs an identity or 'A' shortcut")
+
+    @property
+    def takes_input_stats(self) -> bool:
+        """Whether x's batch statistics handed in are used (not where bn1
+        runs as a plain module for a pre-activated identity)."""
+        return self.shortcut is not None or not self.preact_shortcut
+
+    def _first_layer(self, x: Tensor, x_stats: Optional[Stats]):
+        """(conv1's output, its statistics for bn2 or None, the shortcut h(x))."""
+        if self.shortcut is not None:  # conv1 and the projection share one pre-activation
+            (out, residual), stats = self._layer(x, x_stats, self.bn1, [self.conv1, self.shortcut], self.bn2)
+            return out, stats, residual
+        if self.preact_shortcut:
+            # The identity reads relu(bn1(x)) itself, so it is materialised here
+            # (a stage's first unit only; kept by conv1 for backward anyway).
+            a = F.relu(batch_norm(x, self.bn1))
+            return self.conv1(a), None, a if self.pad_shortcut is None else zero_padded_identity(a, *self.pad_shortcut)
+        (out,), stats = self._layer(x, x_stats, self.bn1, [self.conv1], self.bn2)
+        return out, stats, x if self.pad_shortcut is None else zero_padded_identity(x, *self.pad_shortcut)
+
+    def _layer(self, x, x_stats, bn, convs, next_bn, residual=None):
+        return bn_relu_conv_chained(x, x_stats, bn, convs, self.fused, self.backend, residual, next_bn)
+
+
+class PreActBlock(_PreActUnit):
+    """Basic unit: BN-ReLU-conv3x3 (stride), BN-ReLU-conv3x3, plus the shortcut:
+    "A" zero-padded identity where the shape changes (the CIFAR default of
+    fb.resnet.torch opts.lua line 80), "B" 1x1 projection there. preact_shortcut:
+    whether the shortcut reads relu(bn1(x)) (a stage's first unit) or x;
+    default: where the shape changes (see _PreActUnit)."""
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B", fused: bool = True,
-                 backend: str = "auto"):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A", fused: bool = True,
+                 backend: str = "auto", preact_shortcut: Optional[bool] = None):
         super().__init__()
         if shortcut not in ("A", "B"):
             raise ValueError(f"PreActBlock: shortcut must be 'A' (zero-padded identity) or 'B' (projection), "
@@ -40,39 +97,27 @@ class PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        reshapes = stride != 1 or in_planes != planes
-        self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False) if reshapes and shortcut == "B" else None
-        self.pad_shortcut = (stride, planes - in_planes) if reshapes and shortcut == "A" else None
+        self._init_shortcut("PreActBlock", in_planes, planes, stride, shortcut, preact_shortcut)
 
     def forward(self, x: Tensor, chain: Optional[Chain] = None):
         """The unit's output; called with `chain` = (x's statistics or None, the
         BatchNorm that reads the output or None), returns (output, its statistics
         for that BatchNorm) instead: see modules.bn_relu_conv_chained."""
         x_stats, next_bn = chain or (None, None)
-        if self.shortcut is not None:
-            (out, residual), stats = self._layer(x, x_stats, self.bn1, [self.conv1, self.shortcut], self.bn2)
-        else:
-            (out,), stats = self._layer(x, x_stats, self.bn1, [self.conv1], self.bn2)
-            residual = x if self.pad_shortcut is None else _zero_padded_identity(x, *self.pad_shortcut)
+        out, stats, residual = self._first_layer(x, x_stats)
         (out,), stats = self._layer(out, stats, self.bn2, [self.conv2], next_bn, residual)
         return out if chain is None else (out, stats)
 
-    def _layer(self, x, x_stats, bn, convs, next_bn, residual=None):
-        return bn_relu_conv_chained(x, x_stats, bn, convs, self.fused, self.backend, residual, next_bn)
 
-
-def _zero_padded_identity(x: Tensor, stride: int, extra_channels: int) -> Tensor:
-    return F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, extra_channels))
-
-
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_PreActUnit):
     """Bottleneck unit: BN-ReLU-conv1x1 (with the stride), BN-ReLU-conv3x3,
-    BN-ReLU-conv1x1 (x4 channels), plus identity or projection shortcut."""
+    BN-ReLU-conv1x1 (x4 channels), plus identity or projection ("B") shortcut;
+    preact_shortcut as PreActBlock."""
 
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B", fused: bool = True,
-                 backend: str = "auto"):
+                 backend: str = "auto", preact_shortcut: Optional[bool] = None):
         super().__init__()
         if shortcut != "B":
             raise ValueError(f"PreActBottleneck: only projection shortcuts ('B') are defined, got {shortcut!r}")
@@ -84,24 +129,15 @@ class PreActBottleneck(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
-        reshapes = stride != 1 or in_planes != out_planes
-        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False) if reshapes else None
+        self._init_shortcut("PreActBottleneck", in_planes, out_planes, stride, shortcut, preact_shortcut)
 
     def forward(self, x: Tensor, chain: Optional[Chain] = None):
-        """The unit's output; called with `chain` = (x's statistics or None, the
-        BatchNorm that reads the output or None), returns (output, its statistics
-        for that BatchNorm) instead: see modules.bn_relu_conv_chained."""
+        """As PreActBlock.forward."""
         x_stats, next_bn = chain or (None, None)
-        if self.shortcut is not None:
-            (out, residual), stats = self._layer(x, x_stats, self.bn1, [self.conv1, self.shortcut], self.bn2)
-        else:
-            (out,), stats = self._layer(x, x_stats, self.bn1, [self.conv1], self.bn2)
-            residual = x
+        out, stats, residual = self._first_layer(x, x_stats)
         (out,), stats = self._layer(out, stats, self.bn2, [self.conv2], self.bn3)
         (out,), stats = self._layer(out, stats, self.bn3, [self.conv3], next_bn, residual)
         return out if chain is None else (out, stats)
-
-    _layer = PreActBlock._layer
 
 
 _BLOCKS = {"basic": (PreActBlock, 6, (16, 32, 64)), "bottleneck": (PreActBottleneck, 9, (16, 32, 64))}
@@ -116,26 +152,36 @@ def default_block(depth: int) -> str:
     return "basic" if depth <= 110 else "bottleneck"
 
 
+def default_shortcut(block: str) -> str:
+    """fb.resnet.torch's CIFAR default "A" for basic units (opts.lua line 80);
+    "B" for bottleneck units, the only kind resnet-pre-act.lua builds."""
+    return "A" if block == "basic" else "B"
+
+
 class PreActResNet(nn.Module):
     """CIFAR pre-activation ResNet of the given depth.
 
     recompute: "none" keeps what eager autograd keeps; "bn_relu" (default when
     fused) keeps each conv's input and BN statistics and recomputes relu(bn(x));
     "unit" keeps each unit's input; "segment" keeps every `segment_size`-th
-    unit's input (default round(sqrt(units))). All modes compute the same
+    unit's input (default round(sqrt(units))).
+    shortcut: None takes the official default, "A" (zero-padded identity)
+    for basic nets (fb.resnet.torch opts.lua line 80: CIFAR defaults to A) and
+    "B" (projection) for bottleneck nets; basic nets take "B" too. All modes compute the same
     values; recomputation never updates BatchNorm running statistics twice.
     fused=False computes with the plain torch.nn modules ("bn_relu" is then
     unavailable, as it is the fused op's own recompute; default "none").
     """
 
     def __init__(self, depth: int, num_classes: int = 10, recompute: Optional[str] = None, fused: bool = True,
-                 block: Optional[str] = None, shortcut: str = "B", segment_size: Optional[int] = None,
+                 block: Optional[str] = None, shortcut: Optional[str] = None, segment_size: Optional[int] = None,
                  backend: str = "auto"):
         super().__init__()
         block = default_block(depth) if block is None else block
         if block not in _BLOCKS:
             raise ValueError(f"PreActResNet: block must be 'basic', 'bottleneck' or None, got {block!r}")
         unit_cls, per_unit, widths = _BLOCKS[block]
+        shortcut = default_shortcut(block) if shortcut is None else shortcut
         if depth < per_unit + 2 or (depth - 2) % per_unit:
             raise ValueError(f"PreActResNet: depth for {block} units must be {per_unit}n+2 with n >= 1, got {depth}")
         recompute = check_recompute("PreActResNet", recompute, fused, segment_size)
@@ -150,7 +196,7 @@ class PreActResNet(nn.Module):
         for stage, width in enumerate(widths):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                units.append(unit_cls(in_planes, width, stride, shortcut, use_op, backend))
+                units.append(unit_cls(in_planes, width, stride, shortcut, use_op, backend, preact_shortcut=i == 0))
                 in_planes = width * unit_cls.expansion
         self.units = nn.Sequential(*units)
         self.bn = nn.BatchNorm2d(in_planes)
@@ -171,7 +217,8 @@ def _run_chain(units: nn.Sequential, x: Tensor) -> Tensor:
     epilogue), so no unit reads its input just for statistics."""
     stats = None
     for i, unit in enumerate(units):
-        next_bn = units[i + 1].bn1 if i + 1 < len(units) else None
+        following = units[i + 1] if i + 1 < len(units) else None
+        next_bn = following.bn1 if following is not None and following.takes_input_stats else None
         x, stats = unit(x, (stats, next_bn))
     return x
 

@@ -2,7 +2,8 @@
 (post-activation) unit, for ResNet-110 on CIFAR-10. Each unit computes
 relu(merge(x, shortcut(x), F(x))) with F the residual branch
 (conv-BN-ReLU-conv-BN, its BN-ReLU-conv fused) and shortcut(x) the identity,
-or the 1x1 projection where the shape changes:
+where the shape changes zero-padded (shortcut "A", the default of the basic
+nets) or a 1x1 conv + BN projection ("B"):
 
 - const_scaling (Fig. 2b):     lambda_shortcut * shortcut + lambda_residual * F
                                (defaults 0.5 / 0.5, the paper's 12.35% row);
@@ -11,8 +12,9 @@ or the 1x1 projection where the shape changes:
   g(x) = sigmoid(W_g x + b_g), W_g a 1x1 conv (with the unit's stride, to
   the unit's output channels), b_g initialised to gate_bias_init (default -6,
   the paper's best row); W_g gets the conv init of the rest of the net;
-- conv_shortcut (Fig. 2e):     a 1x1 conv on every unit's shortcut (bias-free,
-                               no BN, like the projections);
+- conv_shortcut (Fig. 2e):     a 1x1 conv + BN on every unit's shortcut
+                               (shortcut "C"; BN after every weight layer, as
+                               the Fig. 2 caption says);
 - dropout_shortcut (Fig. 2f):  dropout on the shortcut with ratio 0.5. The
   paper reads it as scaling the shortcut by 0.5 in expectation, so kept
   entries are NOT rescaled by 1/(1-p) (unlike nn.Dropout); eval multiplies by

@@ -15,6 +15,11 @@ from .augment import NORMALIZATIONS
 from .data import DATASETS
 
 
+# Momentum SGD's two forms (train/optim.py): the velocity in gradient units
+# (PyTorch, Torch7) or with the learning rate folded in (Caffe).
+SGD_FORMS = ("pytorch", "caffe")
+
+
 class ConfigError(ValueError):
     """A bad or inconsistent option; reported as one line."""
 
@@ -47,6 +52,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
+    sgd: str = "pytorch"
     warmup_iters: int = 0
     warmup_lr: Optional[float] = None
     epochs: Optional[int] = None
@@ -76,9 +82,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # He et al. 2016 (Caffe): batch 128 (2 GPUs), SGD momentum 0.9, wd 1e-4,
     # lr 0.1 /10 at 32k and 48k iterations, stop at 64k; 0.01 for the first
     # 400 iterations; pad 4 + random crop + flip; per-pixel mean subtracted
-    # (as in the first ResNet paper, which this one follows for CIFAR).
+    # (as in the first ResNet paper, which this one follows for CIFAR);
+    # Caffe's momentum form, the lr folded into the velocity (train/optim.py).
     "paper": dict(dataset="cifar10", arch="preact_resnet", depth=164, batch_size=128, lr=0.1, momentum=0.9,
-                  weight_decay=1e-4, nesterov=False, warmup_iters=400, warmup_lr=0.01, iters=64000,
+                  weight_decay=1e-4, nesterov=False, sgd="caffe", warmup_iters=400, warmup_lr=0.01, iters=64000,
                   milestones=[32000, 48000], milestone_unit="iters", normalize="pixel-mean", crop_pad=4, flip=True),
     # KaimingHe/resnet-1k-layers on fb.resnet.torch: batch 64 (2 GPUs),
     # nesterov, 200 epochs, /10 "at epochs 81 and 122" -- Lua's epochs count
@@ -142,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="fused-preact-train", description="Train pre-activation ResNets as He et al. 2016 did.",
         epilog="presets: paper (Caffe recipe: batch 128, 64k iterations, lr /10 at 32k and 48k, 400 warm-up "
-               "iterations at 0.01), torch-official (fb.resnet.torch recipe: batch 64, nesterov, 200 epochs, "
+               "iterations at 0.01, Caffe's momentum form), torch-official (fb.resnet.torch recipe: batch 64, nesterov, 200 epochs, "
                "/10 after epochs 80 and 121), quick (embedded shapes10 data, ResNet-8 on the CPU, about 2 minutes). "
                "Every option overrides the preset; the resolved configuration is printed and saved as "
                "OUT/config.json.")
@@ -172,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--momentum", type=float, default=S)
     o.add_argument("--weight-decay", type=float, default=S)
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S)
+    o.add_argument("--sgd", choices=SGD_FORMS, default=S,
+                   help="momentum form: pytorch (v = m*v + g; w -= lr*v) or caffe (v = m*v + lr*g; w -= v; "
+                        "they differ after an lr change); default: caffe for the paper preset, else pytorch")
     o.add_argument("--warmup-iters", type=int, default=S, help="iterations at --warmup-lr before --lr")
     o.add_argument("--warmup-lr", type=float, default=S)
     o.add_argument("--epochs", type=_positive_int, default=S)
@@ -244,6 +254,9 @@ def validate(c: TrainConfig) -> None:
     need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
     need(c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}")
     need(not c.nesterov or c.momentum > 0, "--nesterov needs --momentum > 0")
+    need(c.sgd in SGD_FORMS, f"--sgd must be one of {', '.join(SGD_FORMS)}, got {c.sgd!r}")
+    need(not (c.nesterov and c.sgd == "caffe"), "--nesterov needs --sgd pytorch (Caffe's SGD solver has no "
+                                                "Nesterov momentum)")
     need(0 < c.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {c.lr_decay}")
     need(c.warmup_iters >= 0, f"--warmup-iters must be >= 0, got {c.warmup_iters}")
     need(c.warmup_iters == 0 or (c.warmup_lr is not None and c.warmup_lr > 0),

@@ -40,9 +40,11 @@ class Processes:
         return self.world_size > 1
 
     def rows(self, global_batch: int) -> slice:
-        """This process's rows of a global batch."""
-        share = global_batch // self.world_size
-        return slice(self.rank * share, (self.rank + 1) * share)
+        """This process's rows of a global batch: contiguous shares whose
+        sizes differ by at most one (an epoch's last batch need not divide)."""
+        share, extra = divmod(global_batch, self.world_size)
+        start = self.rank * share + min(self.rank, extra)
+        return slice(start, start + share + (self.rank < extra))
 
     def barrier(self) -> None:
         if self.distributed:

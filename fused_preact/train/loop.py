@@ -23,6 +23,7 @@ from .config import ConfigError, TrainConfig, print_config
 from .data import load_dataset, num_classes, prepare_dataset
 from .metrics import MetricsLog, plot_curves, write_json
 from .networks import build_model
+from .optim import make_optimizer
 from .schedule import BatchOrder, derived_seed, make_schedule
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,8 +144,7 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
     fmt = torch.channels_last if c.channels_last else torch.contiguous_format
     net = net.to(device=device, memory_format=fmt)
     _probe(net, c, device, fmt)
-    optimizer = torch.optim.SGD(net.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                                nesterov=c.nesterov)
+    optimizer = make_optimizer(c, net.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
 
     procs.decide(lambda: prepare_dataset(c.dataset, Path(c.data_dir), c.download))  # downloads once
@@ -152,7 +152,7 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
     normalize = Normalizer(c.normalize, data.train_images, c.dataset, device)
     train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
-    schedule = make_schedule(c, len(train_y))
+    schedule = make_schedule(c, len(train_y), procs.world_size)
     order = BatchOrder(c.seed, len(train_y), c.batch_size, schedule.iters_per_epoch, device)
     eval_every = c.eval_every or schedule.iters_per_epoch
     ckpt_every = c.ckpt_every or eval_every
@@ -183,6 +183,8 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
         print(f"{c.arch} on {c.dataset} ({len(train_y)} train / {len(test_y)} test images), "
               f"{sum(p.numel() for p in net.parameters()):,} parameters, {procs.world_size} process(es) on "
               f"{device}; {schedule.total_iters} iterations ({schedule.iters_per_epoch}/epoch)"
+              + (f", the last {schedule.dropped_images} images of each epoch dropped (too few to split for "
+                 f"BatchNorm)" if schedule.dropped_images else "")
               + (f", resuming at iteration {step}" if step else "") + f"; writing to {out}", flush=True)
 
     model = distributed.wrap(net, procs)
@@ -190,7 +192,6 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
     if c.compile:
         model, eval_net = torch.compile(model), torch.compile(net)
     amp = AMP_DTYPES[c.amp]
-    rows = procs.rows(c.batch_size)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     bar = _progress(main, schedule.total_iters, step)
     interval_start, interval_images, window = time.perf_counter(), 0, torch.zeros(3, dtype=torch.float64,
@@ -210,13 +211,18 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
             lr = schedule.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = order.indices(step, rows)
+            batch = order.indices(step)
+            rows = procs.rows(len(batch))
+            idx = batch[rows]
             x = normalize(train_x[idx])
             x = random_crop_flip(x, c.crop_pad, c.flip, step_generator(c.seed, step, device), rows)
             x, y = x.contiguous(memory_format=fmt), train_y[idx]
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss_sum = F.cross_entropy(logits, y, reduction="sum")
+            # The global batch's mean loss once DDP averages the gradients over
+            # processes, also where an epoch's last batch splits unevenly.
+            loss = loss_sum / (len(batch) / procs.world_size)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -225,11 +231,11 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
             # Device-side sums only: reading the loss here would make the host
             # wait for the device every iteration.
             for acc in (sums, window):
-                acc[0] += loss.detach().double() * len(y)
+                acc[0] += loss_sum.detach().double()
                 acc[1] += (logits.argmax(dim=1) != y).sum()
                 acc[2] += len(y)
             nonfinite |= ~torch.isfinite(loss.detach())
-            interval_images += c.batch_size
+            interval_images += len(batch)
 
             if step % c.log_every == 0 or step == schedule.total_iters:
                 guard()
