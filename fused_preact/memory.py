@@ -6,7 +6,6 @@ the sizes of the distinct storages that autograd saved, leaving out the
 model's own parameters and buffers (they are in memory anyway and do not grow
 with the batch). Views of one storage count once, as they cost memory once.
 """
-import argparse
 import time
 from typing import Callable
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from .models import RECOMPUTE_MODES, PreActResNet
+from .train.config import OneLineParser, int_argument
 
 MiB = 2**20
 
@@ -54,10 +54,15 @@ def per_image_table(depths, batch: int = 2, size: int = 32, dtype=torch.float32)
     return rows
 
 
+_depth = int_argument(lambda d: d >= 8 and ((d - 2) % 6 == 0 or (d - 2) % 9 == 0),
+                      "a CIFAR pre-activation ResNet depth, 6n+2 (basic units) or 9n+2 (bottleneck units) with n >= 1")
+_batch = int_argument(lambda b: b >= 2, "an integer >= 2 (BatchNorm needs two images)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[110, 164, 1001])
-    parser.add_argument("--batch", type=int, default=2)
+    parser = OneLineParser(prog="python -m fused_preact.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", type=_depth, nargs="+", default=[110, 164, 1001])
+    parser.add_argument("--batch", type=_batch, default=2)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = per_image_table(args.depths, args.batch)

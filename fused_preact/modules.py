@@ -74,6 +74,8 @@ class FusedBNReLUConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, stride=1, padding=0, eps: float = 1e-5,
                  momentum: float = 0.1, fused: bool = True, backend: str = "auto"):
         super().__init__()
+        if not isinstance(fused, bool):
+            raise TypeError(f"FusedBNReLUConv2d: fused must be True or False, got {fused!r}")
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
         self.fused = fused

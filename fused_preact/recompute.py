@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .ops.bn_relu_conv import refuse_double_backward
+
 _state = threading.local()
 
 
@@ -44,6 +46,7 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        refuse_double_backward("recompute='unit'/'segment'")
         x, *params = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.needs_input_grad[1])
         device, autocast_on, autocast_dtype = ctx.autocast

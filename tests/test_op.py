@@ -242,6 +242,16 @@ def _args(**override):
         (dict(momentum=1.5), ValueError, "momentum must be a number in"),
         (dict(momentum=None), ValueError, "momentum must be a number in"),
         (dict(eps=0.0), ValueError, "eps must be a positive number"),
+        (dict(eps=True), ValueError, "eps must be a positive number, got True"),
+        (dict(momentum=True), ValueError, "momentum must be a number in"),
+        (dict(stride=2.0), ValueError, "stride must be an int >= 1 or a pair of them, got 2.0"),
+        (dict(padding=(1, 1.0)), ValueError, "padding must be an int >= 0 or a pair"),
+        (dict(training="yes"), TypeError, "training must be True or False"),
+        (dict(running_mean=torch.zeros(5, dtype=torch.int64)), TypeError,
+         "running_mean must be a floating-point tensor, got torch.int64"),
+        (dict(x=torch.randn(3, 5, 7, 9, device="meta"), conv_weight=torch.randn(6, 5, 3, 3, device="meta"),
+              bn_weight=None, bn_bias=None, running_mean=None, running_var=None), ValueError,
+         "x must be a CPU or CUDA tensor, got device meta"),
         (dict(backend="cudnn"), ValueError, "backend must be one of"),
         # the output of _args() (3x3 conv, no padding) is (3, 6, 5, 7)
         (dict(residual=torch.randn(3, 5, 7, 9)), ValueError, r"residual must be a tensor of the output's shape "

@@ -93,7 +93,7 @@ def test_bad_options(capsys, argv, match):
 
 @pytest.mark.parametrize("argv, match", [
     (["--arch", "no_such_net"], "--arch 'no_such_net' is not a registered network"),
-    (["--arch", "preact_resnet164", "--depth", "20"], "does not take --depth (its depth is fixed"),
+    (["--arch", "preact_resnet164", "--depth", "20"], "preact_resnet164: depth is fixed at 164 by the name"),
     (["--depth", "9"], "network 'preact_resnet': PreActResNet: depth"),
     (["--recompute", "sometimes"], "recompute must be one of"),
     (["--recompute", "bn_relu", "--no-fused"], "recompute='bn_relu' needs fused=True"),

@@ -20,7 +20,9 @@ RECOMPUTE_MODES = ("none", "bn_relu", "unit", "segment")
 
 def check_recompute(owner: str, recompute: Optional[str], fused: bool, segment_size: Optional[int]) -> str:
     """The recompute mode to use (default "bn_relu" when fused, else "none"),
-    after checking it and segment_size; `owner` names the class in errors."""
+    after checking it, `fused` and segment_size; `owner` names the class in errors."""
+    if not isinstance(fused, bool):
+        raise TypeError(f"{owner}: fused must be True or False, got {fused!r}")
     recompute = ("bn_relu" if fused else "none") if recompute is None else recompute
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"{owner}: recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}")
@@ -95,7 +97,7 @@ def fixed_depth_factory(family, depth: int, name: str, default_classes: int = 10
         return family(num_classes, **options)
 
     factory.__name__ = name
-    factory.__doc__ = f"{family.__doc__ or family.__name__} (depth {depth})"
+    factory.__doc__ = f"{family.__name__}(num_classes, depth={depth}, **options); depth is fixed by the name."
     return factory
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import Stats, bn_relu_conv_chained
-from .net_utils import (batch_norm, check_recompute, default_segment_size, init_weights, run_units,
-                        zero_padded_identity)
+from .net_utils import (batch_norm, check_recompute, default_segment_size, fixed_depth_factory, init_weights,
+                        run_units, zero_padded_identity)
 from .registry import register_model
 
 Chain = tuple[Optional[Stats], Optional[nn.BatchNorm2d]]
@@ -223,23 +223,15 @@ def _run_chain(units: nn.Sequential, x: Tensor) -> Tensor:
     return x
 
 
-def preact_resnet110(num_classes: int = 10, **kwargs) -> PreActResNet:
-    return PreActResNet(110, num_classes, **kwargs)
-
-
-def preact_resnet164(num_classes: int = 10, **kwargs) -> PreActResNet:
-    return PreActResNet(164, num_classes, **kwargs)
-
-
-def preact_resnet1001(num_classes: int = 10, **kwargs) -> PreActResNet:
-    return PreActResNet(1001, num_classes, **kwargs)
-
-
 def preact_resnet(num_classes: int = 10, depth: int = 164, **kwargs) -> PreActResNet:
     """Any depth: 6n+2 (basic units) or 9n+2 (bottleneck units)."""
     return PreActResNet(depth, num_classes, **kwargs)
 
 
+preact_resnet110 = fixed_depth_factory(preact_resnet, 110, "preact_resnet110")
+preact_resnet164 = fixed_depth_factory(preact_resnet, 164, "preact_resnet164")
+preact_resnet1001 = fixed_depth_factory(preact_resnet, 1001, "preact_resnet1001")
+
 register_model("preact_resnet", preact_resnet)
-for _depth, _factory in ((110, preact_resnet110), (164, preact_resnet164), (1001, preact_resnet1001)):
-    register_model(f"preact_resnet{_depth}", _factory)
+for _factory in (preact_resnet110, preact_resnet164, preact_resnet1001):
+    register_model(_factory.__name__, _factory)

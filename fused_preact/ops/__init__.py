@@ -56,9 +56,13 @@ def bn_relu_conv2d_with_shortcut(x: Tensor, conv_weight: Tensor, shortcut_weight
     return y, shortcut
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _pair(name: str, fn: str, v: IntOrPair, minimum: int) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, int) and i >= minimum for i in pair):
+    pair = (v, v) if _is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    if len(pair) != 2 or not all(_is_int(i) and i >= minimum for i in pair):
         raise ValueError(f"{fn}: {name} must be an int >= {minimum} or a pair of them, got {v!r}")
     return pair
 
@@ -112,6 +116,8 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
                          f"{x.dim() if isinstance(x, Tensor) else type(x).__name__}-D")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{fn}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fn}: x must be a CPU or CUDA tensor, got device {x.device}")
     c = x.shape[1]
     for (w, _, _), name in zip(convs, ("conv_weight", "shortcut_weight")):
         if not isinstance(w, Tensor) or w.dim() != 4 or w.shape[1] != c:
@@ -125,6 +131,8 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
             raise TypeError(f"{fn}: {name} must be a tensor or None, got {type(v).__name__}")
         if v is not None and (v.dim() != 1 or v.shape[0] != c):
             raise ValueError(f"{fn}: {name} must have shape ({c},), one value per channel of x, got {tuple(v.shape)}")
+        if v is not None and not v.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {v.dtype}")
     for name, t in [*((n, w) for (w, _, _), n in zip(convs, ("conv_weight", "shortcut_weight"))), *vectors.items()]:
         if t is not None and t.device != x.device:
             raise ValueError(f"{fn}: {name} must be on x's device {x.device}, got {t.device}")
@@ -135,8 +143,10 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if training and x.numel() // max(c, 1) <= 1:
         raise ValueError(f"{fn}: training needs more than one value per channel to compute batch statistics, "
                          f"got x of shape {tuple(x.shape)}")
-    if not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    if not isinstance(training, bool):
+        raise TypeError(f"{fn}: training must be True or False, got {training!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{fn}: momentum must be a number in [0, 1] (the module resolves momentum=None), "
                          f"got {momentum!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"{fn}: eps must be a positive number, got {eps!r}")

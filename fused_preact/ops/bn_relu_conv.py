@@ -53,13 +53,25 @@ def normalization_stats(x: Tensor, running_mean: Optional[Tensor], running_var: 
         return running_mean.to(stats), torch.rsqrt(running_var.to(stats) + eps)
     mean, invstd = batch_stats if batch_stats is not None else get_backend(backend).batch_stats(x.detach(), eps)
     if running_mean is not None:
-        # Same update as nn.BatchNorm2d: the running variance is the unbiased one.
+        # Same update as nn.BatchNorm2d: the running variance is the unbiased
+        # one, averaged in the statistics dtype and rounded once (an fp16
+        # batch variance above 65504 must not become inf before averaging).
         m = x.numel() // x.shape[1]
         var = invstd.pow(-2).sub_(eps).clamp_(min=0).mul_(m / (m - 1))
         with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype), momentum)
+            for running, batch in ((running_mean, mean), (running_var, var)):
+                running.copy_(torch.lerp(running.to(stats), batch, momentum))
     return mean, invstd
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise when a backward runs with create_graph=True (autograd enables grad
+    mode in backward only then): these backwards are not differentiable
+    themselves, and a silently missing second-order term would be wrong."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{what}: double backward (create_graph=True, e.g. a gradient penalty or a "
+                           f"Hessian-vector product) is not supported; build the network with fused=False (plain "
+                           f"torch.nn modules) for it")
 
 
 @torch.library.custom_op(_OP, mutates_args=())
@@ -126,6 +138,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_outputs):
+    refuse_double_backward("bn_relu_conv2d")
     needs = ctx.needs_input_grad
     n = len(ctx.conf[0]) // 2
     needs_weight = list(needs[1]) if isinstance(needs[1], (list, tuple)) else [needs[1]] * n
@@ -155,6 +168,7 @@ class _BnReluConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        refuse_double_backward("bn_relu_conv2d")
         needs = ctx.needs_input_grad  # (x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights)
         dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(needs[7:]), any(needs[:3]), traceable=False)
         d_residual = grad_outputs[0] if needs[5] else None

@@ -40,7 +40,9 @@ class TritonBackend:
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         if dtype not in SUPPORTED_DTYPES or not _TRITON_INSTALLED:
             return False
-        return device.type == "cuda" or (device.type == "cpu" and interpreting())
+        # The interpreter's bf16 tl.dot returns garbage (values ~1e9 off), so
+        # bf16 is refused there rather than computed wrongly.
+        return device.type == "cuda" or (device.type == "cpu" and interpreting() and dtype != torch.bfloat16)
 
     def automatic(self, device: torch.device, channels_last: bool) -> bool:
         # Interpreted kernels are for testing, never a default. NCHW input
@@ -54,6 +56,9 @@ class TritonBackend:
             return " (triton is not installed)"
         if dtype not in SUPPORTED_DTYPES:
             return f" (its kernels take {', '.join(str(d) for d in SUPPORTED_DTYPES)})"
+        if device.type == "cpu" and interpreting() and dtype == torch.bfloat16:
+            return " (the Triton interpreter computes bf16 matrix products wrongly; use float32 or float16 on the " \
+                   "CPU, bf16 on CUDA)"
         return " (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
 
     def batch_stats(self, x, eps):

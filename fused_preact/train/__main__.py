@@ -60,6 +60,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainingDiverged as err:
         print(f"fused-preact-train: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a file that cannot be written or read (read-only, disk full, ...)
+        print(f"fused-preact-train: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0

@@ -6,8 +6,12 @@ evaluation interval and the resolved configuration. The data order and the
 augmentation are functions of (seed, iteration) (schedule.py, augment.py),
 so nothing else is needed for a bit-identical continuation on the CPU.
 Files are written atomically: an interruption during a save leaves the
-previous checkpoint intact.
+previous checkpoint intact. Each holds a SHA-256 of its own content, checked
+on every load: torch.load does not check the zip CRCs, so flipped bytes would
+otherwise load as wrong weights. A checkpoint is only written when every
+tensor in it is finite, so the last one written is always a good one.
 """
+import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,11 +20,69 @@ import torch
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from .metrics import atomic_write
 
-FORMAT = "fused_preact.train/1"
+FORMAT = "fused_preact.train/2"
 FILENAME = "checkpoint.pt"
+_HASH_KEY = "content_sha256"
+
+
+def content_hash(state: Any) -> str:
+    """SHA-256 of a nested structure of dicts, lists, tensors and scalars: every
+    key, type, dtype, shape and byte, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, dict):
+            digest.update(b"{%d" % len(value))
+            for key in sorted(value, key=repr):
+                visit(key)
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[%d" % len(value))
+            for item in value:
+                visit(item)
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+    visit(state)
+    return digest.hexdigest()
+
+
+def nonfinite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a nested structure that hold a
+    NaN or an infinity. One host synchronisation per device, not per tensor."""
+    named: list[tuple[str, torch.Tensor]] = []
+
+    def visit(value, name):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, f"{name}[{i}]")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            named.append((name, value))
+
+    visit(state, prefix)
+    bad = []
+    for device in {t.device for _, t in named}:
+        on_device = [(n, t) for n, t in named if t.device == device]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in on_device]).tolist()
+        bad += [n for (n, _), ok in zip(on_device, finite) if not ok]
+    return bad
+
+
+def training_state(net, optimizer, scaler) -> dict:
+    """What the finiteness check before a save covers."""
+    return {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
 
 
 def save(path: Path, *, net, optimizer, scaler, config: TrainConfig, step: int, train_sums: torch.Tensor) -> None:
+    """Write the checkpoint atomically, with its content hash. The caller has
+    checked that the training state is finite (nonfinite_tensors)."""
     state = {
         "format": FORMAT,
         "step": step,
@@ -34,6 +96,8 @@ def save(path: Path, *, net, optimizer, scaler, config: TrainConfig, step: int, 
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if (device := train_sums.device).type == "cuda" else None,
     }
+    state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    state[_HASH_KEY] = content_hash(state)
     atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
@@ -60,8 +124,19 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     except Exception as err:  # a truncated or foreign file: torch raises several kinds
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"{path} is not a readable checkpoint ({type(err).__name__}: {first_line})") from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("fused_preact.train/"):
         raise ConfigError(f"{path} is not a fused_preact.train checkpoint")
+    if state["format"] != FORMAT:
+        raise ConfigError(f"{path} is a {state['format']} checkpoint, this trainer reads {FORMAT} (with a content "
+                          f"hash); evaluate or resume it with the version that wrote it")
+    stored = state.pop(_HASH_KEY, None)
+    if stored != content_hash(state):
+        raise ConfigError(f"{path} is corrupted: its content does not match the SHA-256 stored with it; "
+                          f"nothing was loaded or changed (restore the file from a copy)")
+    bad = nonfinite_tensors({k: state[k] for k in ("model", "optimizer", "scaler")})
+    if bad:
+        raise ConfigError(f"{path} holds non-finite values in {len(bad)} tensors ({', '.join(bad[:3])}); "
+                          f"it cannot be resumed or evaluated")
     return state
 
 

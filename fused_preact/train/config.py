@@ -9,7 +9,7 @@ import argparse
 import ast
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .augment import NORMALIZATIONS
 from .data import DATASETS
@@ -110,21 +110,28 @@ RESUMABLE_CHANGES = {"out", "epochs", "iters", "device", "compile", "threads", "
                      "eval_every", "eval_batch_size", "data_dir", "download"}
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse's errors as one line (no usage block), exit status 2."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def int_argument(accept: Callable[[int], bool], expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer that `accept`s, else "must be <expected>, got TEXT"."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = int_argument(lambda v: v >= 1, "a positive integer")
 
 
 def _milestones(text: str) -> list:
@@ -146,7 +153,7 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="fused-preact-train", description="Train pre-activation ResNets as He et al. 2016 did.",
         epilog="presets: paper (Caffe recipe: batch 128, 64k iterations, lr /10 at 32k and 48k, 400 warm-up "
                "iterations at 0.01, Caffe's momentum form), torch-official (fb.resnet.torch recipe: batch 64, nesterov, 200 epochs, "

@@ -82,6 +82,9 @@ CIFAR = {
     ),
 }
 EMBEDDED = {"shapes10": len(synthetic.CLASSES)}
+# The embedded set is generated at the size asked for, up to CIFAR's split
+# sizes (50000 train images are 150 MB of uint8 and a few seconds to draw).
+EMBEDDED_MAX_SIZES = {"train": 50_000, "test": 10_000}
 DATASETS = (*CIFAR, *EMBEDDED)
 
 
@@ -231,6 +234,10 @@ def load_dataset(name: str, data_dir: Path, download: bool = True, data_seed: in
     if name in specs:
         data = load_cifar(specs[name], data_dir, download)
     elif name in EMBEDDED:
+        for split, size in (("train", train_size), ("test", test_size)):
+            if size is not None and size > EMBEDDED_MAX_SIZES[split]:
+                raise DataError(f"--{split}-size {size} is larger than {name}'s {EMBEDDED_MAX_SIZES[split]} "
+                                f"{split} images")
         train = synthetic.make_shapes(train_size or 5000, data_seed, "train")
         test = synthetic.make_shapes(test_size or 1000, data_seed, "test")
         return ImageData(*train, *test, classes=list(synthetic.CLASSES))

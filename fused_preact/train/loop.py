@@ -23,6 +23,7 @@ from .config import ConfigError, TrainConfig, print_config
 from .data import load_dataset, num_classes, prepare_dataset
 from .metrics import MetricsLog, plot_curves, write_json
 from .networks import build_model
+from .rundir import RunDirLock
 from .optim import make_optimizer
 from .schedule import BatchOrder, derived_seed, make_schedule
 
@@ -50,14 +51,15 @@ def default_out(c: TrainConfig) -> Path:
     return out
 
 
-def _resolve_out(c: TrainConfig, resuming: bool) -> Path:
-    if c.out is None:
-        return default_out(c)
-    out = Path(c.out)
-    if not resuming and ((out / checkpoint.FILENAME).exists() or (out / "metrics.jsonl").exists()):
+def _claim_out(c: TrainConfig, resuming: bool, held: list) -> Path:
+    """The run directory, locked for this trainer (the lock is appended to
+    `held`): a second trainer fails here, naming the first."""
+    out = default_out(c) if c.out is None else Path(c.out)
+    lock = RunDirLock(out).__enter__()
+    held.append(lock)
+    if c.out is not None and not resuming and ((out / checkpoint.FILENAME).exists()
+                                                or (out / "metrics.jsonl").exists()):
         raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
     return out
 
 
@@ -119,24 +121,28 @@ def train(c: TrainConfig, resume: Optional[Path] = None, *, interrupt_after: Opt
     `interrupt_after` (for tests) raises KeyboardInterrupt after that iteration,
     as a Ctrl-C between iterations would."""
     procs = distributed.setup(c.device)
-    finished = False
+    finished, held = False, []  # held: process 0's lock on the run directory
     try:
-        summary = _train(c, procs, resume, interrupt_after)
+        if procs.distributed and c.batch_size % procs.world_size:
+            raise ConfigError(f"--batch-size {c.batch_size} must be divisible by the {procs.world_size} processes")
+        if procs.distributed and c.batch_size // procs.world_size < 2:
+            raise ConfigError(f"--batch-size {c.batch_size} leaves fewer than 2 images per process for BatchNorm")
+        out = procs.decide(lambda: _claim_out(c, resume is not None, held))
+        if held and held[0].stale:
+            print(f"note: {out} had the lock of a trainer that died ({held[0].stale}); taking it over", flush=True)
+        summary = _train(c, procs, out, resume, interrupt_after)
         finished = True
         return summary
     finally:
+        for lock in held:
+            lock.__exit__(None, None, None)
         distributed.teardown(procs, wait_for_others=finished)
 
 
-def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
+def _train(c: TrainConfig, procs, out: Path, resume, interrupt_after) -> dict:
     device, main = procs.device, procs.is_main
     if c.threads:
         torch.set_num_threads(c.threads)
-    if procs.distributed and c.batch_size % procs.world_size:
-        raise ConfigError(f"--batch-size {c.batch_size} must be divisible by the {procs.world_size} processes")
-    if procs.distributed and c.batch_size // procs.world_size < 2:
-        raise ConfigError(f"--batch-size {c.batch_size} leaves fewer than 2 images per process for BatchNorm")
-    out = procs.decide(lambda: _resolve_out(c, resume is not None))
     c.out = str(out)
 
     torch.manual_seed(derived_seed("init", c.seed))  # the same initial network in every process
@@ -171,15 +177,16 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
             sums.copy_(state["train_sums"])
         step = state["step"]
         checkpoint.restore_rng(state, device)
+        if schedule.total_iters < step:
+            raise ConfigError(f"--resume: the run is already at iteration {step}, past the {schedule.total_iters} "
+                              f"iterations asked for; give a longer --iters/--epochs")
     last_good = (step, resume) if resume is not None else (None, None)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        # Read (and so check) the metrics to keep before anything is written.
+        kept = log.read_upto(step, source=resume.parent / "metrics.jsonl") if resume is not None else []
         print_config(c)
         write_json(out / "config.json", c.to_dict())
-        if resume is not None:
-            log.truncate_after(step, source=resume.parent / "metrics.jsonl")
-        else:
-            log.path.unlink(missing_ok=True)
+        log.rewrite(kept)
         print(f"{c.arch} on {c.dataset} ({len(train_y)} train / {len(test_y)} test images), "
               f"{sum(p.numel() for p in net.parameters()):,} parameters, {procs.world_size} process(es) on "
               f"{device}; {schedule.total_iters} iterations ({schedule.iters_per_epoch}/epoch)"
@@ -198,12 +205,14 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
                                                                                    device=device)
     started = time.perf_counter()
 
-    def guard():
+    def where_good() -> str:
+        return (f"the last good checkpoint is {last_good[1]} (iteration {last_good[0]})" if last_good[1]
+                else "no checkpoint was written before it")
+
+    def guard(what: str = "loss"):
         if procs.any_true(nonfinite):
-            where = (f"the last good checkpoint is {last_good[1]} (iteration {last_good[0]})" if last_good[1]
-                     else "no checkpoint was written before it")
-            raise TrainingDiverged(f"the loss became NaN or infinite by iteration {step}; stopped, {where}. "
-                                   f"Try a lower --lr or --amp none")
+            raise TrainingDiverged(f"the {what} became NaN or infinite by iteration {step}; stopped, "
+                                   f"{where_good()}. Try a lower --lr or --amp none")
 
     try:
         model.train()
@@ -252,6 +261,8 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
                 _sync_buffers(net, procs)
                 train_loss, train_err, count = procs.all_sum(sums.clone()).tolist()
                 test_loss, test_err = evaluate(eval_net, test_x, test_y, normalize, procs, c)
+                if not math.isfinite(test_loss):
+                    nonfinite.fill_(True)  # stop below, after the record that shows it
                 record = {"iter": step, "epoch": round(step / schedule.iters_per_epoch, 4), "lr": lr,
                           "train_loss": train_loss / count, "train_error": train_err / count,
                           "test_loss": test_loss, "test_error": test_err, "images_per_s": round(rate, 1),
@@ -264,9 +275,16 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
                               f"{test_loss:.4f} err {100 * test_err:.2f}% | lr {lr:.4g} | {rate:.0f} img/s")
                 sums.zero_()
                 interval_start, interval_images = time.perf_counter(), 0
+                guard("test loss")
             if step % ckpt_every == 0 or step == schedule.total_iters:
                 guard()
                 _sync_buffers(net, procs)
+                bad = checkpoint.nonfinite_tensors(checkpoint.training_state(net, optimizer, scaler))
+                if procs.any_true(torch.tensor(bool(bad))):
+                    raise TrainingDiverged(
+                        f"{len(bad) or 'some'} tensors of the network or optimizer became NaN or infinite by "
+                        f"iteration {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); stopped without "
+                        f"saving them: {where_good()}. Try a lower --lr or --amp none")
                 # The interval's sums of all processes; on resume process 0 carries them.
                 interval_sums = procs.all_sum(sums.clone())
                 if main:
@@ -293,7 +311,7 @@ def _train(c: TrainConfig, procs, resume, interrupt_after) -> dict:
         "final_test_error": final.get("test_error"),
         "final_test_loss": final.get("test_loss"),
         "final_train_error": final.get("train_error"),
-        "best_test_error": min((r["test_error"] for r in records), default=None),
+        "best_test_error": min((r["test_error"] for r in records if r["test_error"] is not None), default=None),
         "iters": step,
         "epochs": round(step / schedule.iters_per_epoch, 4),
         "wall_time_s": round(time.perf_counter() - started, 2),

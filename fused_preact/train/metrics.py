@@ -3,10 +3,13 @@ summary.json, curves.png (train and test error against iterations, as the
 paper's Fig. 6), and atomically written files.
 """
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
+
+from .config import ConfigError
 
 # Fields that measure the machine, not the computation: they differ between
 # an interrupted-and-resumed run and an uninterrupted one.
@@ -30,15 +33,48 @@ def atomic_write(path: Path, write: Callable[[object], None], binary: bool = Fal
         raise
 
 
+def _strict(value):
+    """value with every NaN/infinity replaced by None: strict JSON has no NaN
+    token, so parsers other than Python's reject files that write one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def dumps(obj, **options) -> str:
+    """Strict JSON (non-finite numbers as null)."""
+    return json.dumps(_strict(obj), allow_nan=False, sort_keys=True, **options)
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
+    atomic_write(path, lambda f: f.write(dumps(obj, indent=2)))
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A last line without its newline is what
+    a trainer killed while appending leaves: it is dropped. Any other line that
+    is not a JSON object is an error."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Every record ends with a newline; what follows the last one was cut short.
+    complete = path.read_text().split("\n")[:-1]
+    records = []
+    for number, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "iter" not in record:
+            raise ConfigError(f"{path} line {number} is not a metrics record: {line[:60]!r}")
+        records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -47,17 +83,18 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def truncate_after(self, iteration: int, source: Optional[Path] = None) -> list[dict]:
-        """Keep the records up to `iteration` (a resumed run repeats what came
-        after its checkpoint), taken from `source` (the resumed run's log, when
-        it continues into another directory), and return them."""
-        kept = [r for r in read_jsonl(source or self.path) if r["iter"] <= iteration]
-        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)))
-        return kept
+    def read_upto(self, iteration: int, source: Optional[Path] = None) -> list[dict]:
+        """The records up to `iteration` (a resumed run repeats what came after
+        its checkpoint), read from `source` (the resumed run's log, when it
+        continues into another directory) or this log."""
+        return [r for r in read_jsonl(source or self.path) if r["iter"] <= iteration]
+
+    def rewrite(self, records: list[dict]) -> None:
+        atomic_write(self.path, lambda f: f.write("".join(dumps(r) + "\n" for r in records)))
 
     def append(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(dumps(record) + "\n")
             f.flush()
 
     def records(self) -> list[dict]:
@@ -74,9 +111,13 @@ def plot_curves(records: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         return False
     iters = [r["iter"] for r in records]
+
+    def percent(key):  # a non-finite value is stored as null: a gap in the curve
+        return [math.nan if r.get(key) is None else 100 * r[key] for r in records]
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(iters, [100 * r["train_error"] for r in records], "--", label="train error")
-    ax.plot(iters, [100 * r["test_error"] for r in records], "-", linewidth=2, label="test error")
+    ax.plot(iters, percent("train_error"), "--", label="train error")
+    ax.plot(iters, percent("test_error"), "-", linewidth=2, label="test error")
     ax.set_xlabel("iterations")
     ax.set_ylabel("error (%)")
     ax.set_title(title)

@@ -29,11 +29,9 @@ def build_model(c: TrainConfig, num_classes: int) -> torch.nn.Module:
     try:
         return create_model(c.arch, num_classes, **options)
     except TypeError as err:
-        # A factory without the keyword (or one with it fixed, like
-        # preact_resnet164's depth) rejects it with a TypeError naming it.
+        # A factory without the keyword rejects it with a TypeError naming it.
         named = [k for k in options if repr(k) in str(err) or f"'{k}'" in str(err) or k in str(err)]
         flags = ", ".join(FLAG_OF.get(k, f"--model-arg {k}=...") for k in named) or "these options"
-        hint = " (its depth is fixed: drop --depth, or use the family name with --depth)" if "depth" in named else ""
-        raise ConfigError(f"network {c.arch!r} does not take {flags}{hint}: {err}") from err
+        raise ConfigError(f"network {c.arch!r} does not take {flags}: {err}") from err
     except ValueError as err:
         raise ConfigError(f"network {c.arch!r}: {err}") from err
