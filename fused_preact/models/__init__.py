@@ -1,9 +1,8 @@
-from .net_utils import RECOMPUTE_MODES
+from .net_utils import RECOMPUTE_MODES, default_block
 from .preact_resnet import (
     PreActBlock,
     PreActBottleneck,
     PreActResNet,
-    default_block,
     preact_resnet110,
     preact_resnet164,
     preact_resnet1001,

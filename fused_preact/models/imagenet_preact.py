@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import bn_relu_conv
-from .net_utils import (batch_norm, check_choice, check_recompute, default_segment_size, fixed_depth_factory,
-                        init_weights, run_units)
+from .net_utils import (BLOCKS, batch_norm, build_stages, check_choice, check_recompute, default_segment_size,
+                        fixed_depth_factory, init_weights, run_units)
 from .registry import register_model
 
 # depth -> (block, units per stage)
@@ -53,7 +53,6 @@ IMAGENET_STAGES = {
 }
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 PROJECTIONS = ("conv_bn", "preact_conv")
-EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
 class ImageNetPreActUnit(nn.Module):
@@ -63,9 +62,9 @@ class ImageNetPreActUnit(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1, block: str = "bottleneck",
                  preactivate: bool = True, projection: str = "preact_conv", fused: bool = True, backend: str = "auto"):
         super().__init__()
-        check_choice("ImageNetPreActUnit", "block", block, EXPANSION)
+        check_choice("ImageNetPreActUnit", "block", block, BLOCKS)
         check_choice("ImageNetPreActUnit", "projection", projection, PROJECTIONS)
-        out_planes = planes * EXPANSION[block]
+        out_planes = planes * BLOCKS[block].expansion
         if block == "basic":  # (in, out, kernel, stride) per conv
             specs = [(in_planes, planes, 3, stride), (planes, planes, 3, 1)]
         else:
@@ -124,16 +123,12 @@ class ImageNetPreActResNet(nn.Module):
 
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        units, in_planes = [], 64
-        for stage, (width, count) in enumerate(zip(IMAGENET_WIDTHS, counts)):
-            for i in range(count):
-                stride = 2 if stage > 0 and i == 0 else 1
-                # HEAD's 'no_preact' first unit; c5301063 pre-activated every unit.
-                preactivate = projection == "conv_bn" or stage > 0 or i > 0
-                units.append(ImageNetPreActUnit(in_planes, width, stride, block, preactivate, projection, use_op,
-                                                backend))
-                in_planes = width * EXPANSION[block]
-        self.units = nn.Sequential(*units)
+        # HEAD's 'no_preact' first unit; c5301063 pre-activated every unit.
+        self.units, in_planes = build_stages(
+            64, IMAGENET_WIDTHS, counts, BLOCKS[block].expansion,
+            lambda c_in, width, stride, first, stage: ImageNetPreActUnit(
+                c_in, width, stride, block, projection == "conv_bn" or stage > 0 or not first, projection, use_op,
+                backend))
         self.bn = nn.BatchNorm2d(in_planes)
         self.fc = nn.Linear(in_planes, num_classes)
         init_weights(self)

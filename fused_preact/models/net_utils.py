@@ -1,5 +1,6 @@
-"""What the model zoo's networks share with PreActResNet: the recompute modes,
-the paper's weight init, and a BatchNorm call that recompute can rerun.
+"""What the model zoo's networks share: the unit types and depth rules, the
+stage builder, the recompute modes, the paper's weight init, the zero-padded
+shortcut, and a BatchNorm call that recompute can rerun.
 
 Recompute modes (see PreActResNet): "none" keeps what eager autograd keeps;
 "bn_relu" (needs fused=True) keeps each fused BN-ReLU-conv's input and BN
@@ -8,7 +9,7 @@ statistics; "unit" keeps each residual unit's input; "segment" keeps every
 """
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,6 +17,52 @@ from torch import Tensor, nn
 from ..recompute import recompute, running_stats_frozen
 
 RECOMPUTE_MODES = ("none", "bn_relu", "unit", "segment")
+
+
+class Block(NamedTuple):
+    layers_per_unit: int  # a CIFAR net of n units per stage has depth layers_per_unit * n + 2
+    expansion: int  # a unit's output channels / its width
+
+
+BLOCKS = {"basic": Block(6, 1), "bottleneck": Block(9, 4)}
+CIFAR_WIDTHS = (16, 32, 64)
+
+
+def default_block(depth: int) -> str:
+    """The unit type whose CIFAR depth rule (6n+2 basic, 9n+2 bottleneck)
+    `depth` fits; where both fit, the paper's choice: basic up to ResNet-110,
+    bottleneck above."""
+    fits = [name for name, b in BLOCKS.items() if depth >= b.layers_per_unit + 2
+            and (depth - 2) % b.layers_per_unit == 0]
+    return fits[0] if len(fits) == 1 else ("basic" if depth <= 110 else "bottleneck")
+
+
+def default_shortcut(block: str) -> str:
+    """fb.resnet.torch's CIFAR default "A" for basic units (opts.lua line 80);
+    "B" for bottleneck units, the only kind resnet-pre-act.lua builds."""
+    return "A" if block == "basic" else "B"
+
+
+def cifar_units_per_stage(owner: str, depth: int, block: Optional[str]) -> tuple[str, int]:
+    """(block, units per stage) of a CIFAR net of `depth` (block None: default_block)."""
+    block = default_block(depth) if block is None else block
+    check_choice(owner, "block", block, BLOCKS)
+    per_unit = BLOCKS[block].layers_per_unit
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < per_unit + 2 or (depth - 2) % per_unit:
+        raise ValueError(f"{owner}: depth for {block} units must be {per_unit}n+2 with n >= 1, got {depth!r}")
+    return block, (depth - 2) // per_unit
+
+
+def build_stages(in_planes: int, widths, counts, expansion: int, make_unit) -> tuple[nn.Sequential, int]:
+    """The units of every stage, in order, and their output channels:
+    make_unit(in_planes, width, stride, first_of_stage, stage) for each unit,
+    the stride 2 on the first unit of every stage but the first."""
+    units = []
+    for stage, (width, count) in enumerate(zip(widths, counts)):
+        for i in range(count):
+            units.append(make_unit(in_planes, width, 2 if stage > 0 and i == 0 else 1, i == 0, stage))
+            in_planes = width * expansion
+    return nn.Sequential(*units), in_planes
 
 
 def check_recompute(owner: str, recompute: Optional[str], fused: bool, segment_size: Optional[int]) -> str:

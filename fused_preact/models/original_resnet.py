@@ -41,16 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import bn_relu_conv
-from .net_utils import (batch_norm, check_choice, check_recompute, default_segment_size, fixed_depth_factory,
+from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_choice, check_recompute,
+                        cifar_units_per_stage, default_segment_size, default_shortcut, fixed_depth_factory,
                         init_weights, run_units, zero_padded_identity)
-from .preact_resnet import default_shortcut
 from .registry import register_model
 
 ORDERINGS = ("original", "bn_after_add", "relu_before_add", "relu_only_preact")
 SHORTCUTS = ("A", "B", "C")
-# block -> (layers per unit in the depth rule, output channels / width)
-BLOCKS = {"basic": (6, 1), "bottleneck": (9, 4)}
-WIDTHS = (16, 32, 64)
 
 # merge(x, shortcut, residual) -> the unit's sum; None = shortcut + residual.
 # A factory makes one per unit: factory(in_planes, out_planes, stride).
@@ -71,7 +68,7 @@ class ResidualUnit(nn.Module):
         if shortcut == "A" and block != "basic":
             raise ValueError("ResidualUnit: shortcut 'A' (zero-padded identity) is defined for basic units only, "
                              f"got block={block!r}")
-        out_planes = planes * BLOCKS[block][1]
+        out_planes = planes * BLOCKS[block].expansion
         if block == "basic":  # (in, out, kernel, stride) per conv
             specs = [(in_planes, planes, 3, stride), (planes, planes, 3, 1)]
         else:
@@ -117,12 +114,6 @@ class ResidualUnit(nn.Module):
         return out
 
 
-def default_block(depth: int) -> str:
-    """As PreActResNet: the unit whose depth rule fits; basic up to 110 where both do."""
-    fits = [b for b, (per_unit, _) in BLOCKS.items() if depth >= per_unit + 2 and (depth - 2) % per_unit == 0]
-    return fits[0] if len(fits) == 1 else ("basic" if depth <= 110 else "bottleneck")
-
-
 class ResNet(nn.Module):
     """CIFAR ResNet of the given depth with the activation `ordering`
     ("original" by default: the post-activation unit), `shortcut` ("A"/"B"/"C";
@@ -139,33 +130,24 @@ class ResNet(nn.Module):
                  fused: bool = True, segment_size: Optional[int] = None, backend: str = "auto"):
         super().__init__()
         check_choice("ResNet", "ordering", ordering, ORDERINGS)
-        block = default_block(depth) if block is None else block
-        check_choice("ResNet", "block", block, BLOCKS)
+        block, n = cifar_units_per_stage("ResNet", depth, block)
         shortcut = default_shortcut(block) if shortcut is None else shortcut
         check_choice("ResNet", "shortcut", shortcut, SHORTCUTS)
         if shortcut == "A" and block != "basic":
             raise ValueError(f"ResNet: shortcut 'A' (zero-padded identity) needs basic units, got block={block!r}")
-        per_unit, expansion = BLOCKS[block]
-        if depth < per_unit + 2 or (depth - 2) % per_unit:
-            raise ValueError(f"ResNet: depth for {block} units must be {per_unit}n+2 with n >= 1, got {depth}")
         self.recompute = check_recompute("ResNet", recompute, fused, segment_size)
-        n = (depth - 2) // per_unit
         self.depth, self.block, self.ordering, self.fused = depth, block, ordering, fused
         self.segment_size = segment_size or default_segment_size(3 * n)
         use_op = fused and self.recompute != "none"  # "none": plain modules, as PreActResNet
+        expansion = BLOCKS[block].expansion
 
-        self.conv1 = nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(WIDTHS[0]) if ordering != "relu_only_preact" else None
-        units, in_planes = [], WIDTHS[0]
-        for stage, width in enumerate(WIDTHS):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                out_planes = width * expansion
-                unit_merge = merge(in_planes, out_planes, stride) if merge is not None else None
-                units.append(ResidualUnit(in_planes, width, stride, block, ordering, shortcut, unit_merge, use_op,
-                                          backend))
-                in_planes = out_planes
-        self.units = nn.Sequential(*units)
+        def unit(c_in, width, stride, first, stage):
+            unit_merge = merge(c_in, width * expansion, stride) if merge is not None else None
+            return ResidualUnit(c_in, width, stride, block, ordering, shortcut, unit_merge, use_op, backend)
+
+        self.conv1 = nn.Conv2d(3, CIFAR_WIDTHS[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(CIFAR_WIDTHS[0]) if ordering != "relu_only_preact" else None
+        self.units, in_planes = build_stages(CIFAR_WIDTHS[0], CIFAR_WIDTHS, [n] * 3, expansion, unit)
         self.fc = nn.Linear(in_planes, num_classes)
         init_weights(self)
         if merge is not None:

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..modules import Stats, bn_relu_conv_chained
-from .net_utils import (batch_norm, check_recompute, default_segment_size, fixed_depth_factory, init_weights,
-                        run_units, zero_padded_identity)
+from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_recompute, cifar_units_per_stage,
+                        default_segment_size, default_shortcut, fixed_depth_factory, init_weights, run_units,
+                        zero_padded_identity)
 from .registry import register_model
 
 Chain = tuple[Optional[Stats], Optional[nn.BatchNorm2d]]
@@ -84,7 +85,7 @@ class PreActBlock(_PreActUnit):
     whether the shortcut reads relu(bn1(x)) (a stage's first unit) or x;
     default: where the shape changes (see _PreActUnit)."""
 
-    expansion = 1
+    expansion = BLOCKS["basic"].expansion
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A", fused: bool = True,
                  backend: str = "auto", preact_shortcut: Optional[bool] = None):
@@ -114,7 +115,7 @@ class PreActBottleneck(_PreActUnit):
     BN-ReLU-conv1x1 (x4 channels), plus identity or projection ("B") shortcut;
     preact_shortcut as PreActBlock."""
 
-    expansion = 4
+    expansion = BLOCKS["bottleneck"].expansion
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "B", fused: bool = True,
                  backend: str = "auto", preact_shortcut: Optional[bool] = None):
@@ -140,22 +141,7 @@ class PreActBottleneck(_PreActUnit):
         return out if chain is None else (out, stats)
 
 
-_BLOCKS = {"basic": (PreActBlock, 6, (16, 32, 64)), "bottleneck": (PreActBottleneck, 9, (16, 32, 64))}
-
-
-def default_block(depth: int) -> str:
-    """The unit type whose depth rule (6n+2 basic, 9n+2 bottleneck) `depth` fits;
-    where both fit, the paper's choice: basic up to ResNet-110, bottleneck above."""
-    fits = [name for name, (_, per_unit, _) in _BLOCKS.items() if depth >= per_unit + 2 and (depth - 2) % per_unit == 0]
-    if len(fits) == 1:
-        return fits[0]
-    return "basic" if depth <= 110 else "bottleneck"
-
-
-def default_shortcut(block: str) -> str:
-    """fb.resnet.torch's CIFAR default "A" for basic units (opts.lua line 80);
-    "B" for bottleneck units, the only kind resnet-pre-act.lua builds."""
-    return "A" if block == "basic" else "B"
+UNITS = {"basic": PreActBlock, "bottleneck": PreActBottleneck}
 
 
 class PreActResNet(nn.Module):
@@ -164,11 +150,11 @@ class PreActResNet(nn.Module):
     recompute: "none" keeps what eager autograd keeps; "bn_relu" (default when
     fused) keeps each conv's input and BN statistics and recomputes relu(bn(x));
     "unit" keeps each unit's input; "segment" keeps every `segment_size`-th
-    unit's input (default round(sqrt(units))).
+    unit's input (default round(sqrt(units))). All modes compute the same
+    values; recomputation never updates BatchNorm running statistics twice.
     shortcut: None takes the official default, "A" (zero-padded identity)
     for basic nets (fb.resnet.torch opts.lua line 80: CIFAR defaults to A) and
-    "B" (projection) for bottleneck nets; basic nets take "B" too. All modes compute the same
-    values; recomputation never updates BatchNorm running statistics twice.
+    "B" (projection) for bottleneck nets; basic nets take "B" too.
     fused=False computes with the plain torch.nn modules ("bn_relu" is then
     unavailable, as it is the fused op's own recompute; default "none").
     """
@@ -177,28 +163,19 @@ class PreActResNet(nn.Module):
                  block: Optional[str] = None, shortcut: Optional[str] = None, segment_size: Optional[int] = None,
                  backend: str = "auto"):
         super().__init__()
-        block = default_block(depth) if block is None else block
-        if block not in _BLOCKS:
-            raise ValueError(f"PreActResNet: block must be 'basic', 'bottleneck' or None, got {block!r}")
-        unit_cls, per_unit, widths = _BLOCKS[block]
+        block, n = cifar_units_per_stage("PreActResNet", depth, block)
         shortcut = default_shortcut(block) if shortcut is None else shortcut
-        if depth < per_unit + 2 or (depth - 2) % per_unit:
-            raise ValueError(f"PreActResNet: depth for {block} units must be {per_unit}n+2 with n >= 1, got {depth}")
         recompute = check_recompute("PreActResNet", recompute, fused, segment_size)
-        n = (depth - 2) // per_unit
         self.depth, self.block, self.recompute = depth, block, recompute
         self.segment_size = segment_size or default_segment_size(3 * n)
         # "none" means the plain modules compute everything, even in a fused net.
         use_op = fused and recompute != "none"
 
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        units, in_planes = [], widths[0]
-        for stage, width in enumerate(widths):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                units.append(unit_cls(in_planes, width, stride, shortcut, use_op, backend, preact_shortcut=i == 0))
-                in_planes = width * unit_cls.expansion
-        self.units = nn.Sequential(*units)
+        self.conv1 = nn.Conv2d(3, CIFAR_WIDTHS[0], 3, 1, 1, bias=False)
+        self.units, in_planes = build_stages(
+            CIFAR_WIDTHS[0], CIFAR_WIDTHS, [n] * 3, BLOCKS[block].expansion,
+            lambda c_in, width, stride, first, _: UNITS[block](c_in, width, stride, shortcut, use_op, backend,
+                                                                preact_shortcut=first))
         self.bn = nn.BatchNorm2d(in_planes)
         self.fc = nn.Linear(in_planes, num_classes)
         self.fused = fused

@@ -10,7 +10,8 @@ evaluate), checkpoint, metrics (JSONL, summary, curves), distributed.
 """
 from .config import PRESETS, ConfigError, TrainConfig, resolve
 from .data import CIFAR, CifarSpec, DataError, load_dataset
-from .loop import TrainingDiverged, evaluate_checkpoint, train
+from .evaluation import evaluate_checkpoint
+from .loop import TrainingDiverged, train
 
 __all__ = ["CIFAR", "PRESETS", "CifarSpec", "ConfigError", "DataError", "TrainConfig", "TrainingDiverged",
            "evaluate_checkpoint", "load_dataset", "resolve", "train"]

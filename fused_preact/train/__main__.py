@@ -16,7 +16,8 @@ from . import checkpoint
 from .config import ConfigError, build_parser, explicit_options, print_config, resolve, validate
 from .data import DataError
 from .distributed import DeviceError
-from .loop import TrainingDiverged, evaluate_checkpoint, train
+from .evaluation import evaluate_checkpoint
+from .loop import TrainingDiverged, train
 
 
 def run(argv: Optional[list[str]] = None, **hooks) -> dict:

@@ -21,13 +21,13 @@ from . import checkpoint, distributed
 from .augment import Normalizer, random_crop_flip, step_generator
 from .config import ConfigError, TrainConfig, print_config
 from .data import load_dataset, num_classes, prepare_dataset
+from .evaluation import AMP_DTYPES, evaluate
 from .metrics import MetricsLog, plot_curves, write_json
 from .networks import build_model
 from .rundir import RunDirLock
 from .optim import make_optimizer
 from .schedule import BatchOrder, derived_seed, make_schedule
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MiB = 2**20
 
 
@@ -81,32 +81,6 @@ def _probe(net, c: TrainConfig, device: torch.device, fmt) -> None:
         net.train()
 
 
-@torch.no_grad()
-def evaluate(net, images, labels, normalize, procs, c: TrainConfig) -> tuple[float, float]:
-    """(mean loss, error) over the test set; each process takes a contiguous
-    share and the sums are added up, so every process gets the same numbers."""
-    was_training = net.training
-    net.eval()
-    share = math.ceil(len(labels) / procs.world_size)
-    lo, hi = procs.rank * share, min(len(labels), (procs.rank + 1) * share)
-    sums = torch.zeros(3, dtype=torch.float64, device=images.device)
-    fmt = torch.channels_last if c.channels_last else torch.contiguous_format
-    amp = AMP_DTYPES[c.amp]
-    for start in range(lo, hi, c.eval_batch_size):
-        stop = min(hi, start + c.eval_batch_size)
-        x = normalize(images[start:stop]).contiguous(memory_format=fmt)
-        y = labels[start:stop]
-        with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
-            logits = net(x)
-        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        sums[1] += (logits.argmax(dim=1) != y).sum()
-        sums[2] += stop - start
-    procs.all_sum(sums)
-    net.train(was_training)
-    loss, errors, count = sums.tolist()
-    return loss / count, errors / count
-
-
 def _sync_buffers(net, procs) -> None:
     # Each process updates BatchNorm running statistics from its own share;
     # DDP copies process 0's before every training forward. Evaluations and
@@ -140,197 +114,240 @@ def train(c: TrainConfig, resume: Optional[Path] = None, *, interrupt_after: Opt
 
 
 def _train(c: TrainConfig, procs, out: Path, resume, interrupt_after) -> dict:
-    device, main = procs.device, procs.is_main
-    if c.threads:
-        torch.set_num_threads(c.threads)
-    c.out = str(out)
-
-    torch.manual_seed(derived_seed("init", c.seed))  # the same initial network in every process
-    net = build_model(c, num_classes(c.dataset))
-    fmt = torch.channels_last if c.channels_last else torch.contiguous_format
-    net = net.to(device=device, memory_format=fmt)
-    _probe(net, c, device, fmt)
-    optimizer = make_optimizer(c, net.parameters())
-    scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
-
-    procs.decide(lambda: prepare_dataset(c.dataset, Path(c.data_dir), c.download))  # downloads once
-    data = load_dataset(c.dataset, Path(c.data_dir), False, c.data_seed, c.train_size, c.test_size)
-    normalize = Normalizer(c.normalize, data.train_images, c.dataset, device)
-    train_x, train_y = data.train_images.to(device), data.train_labels.to(device)
-    test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
-    schedule = make_schedule(c, len(train_y), procs.world_size)
-    order = BatchOrder(c.seed, len(train_y), c.batch_size, schedule.iters_per_epoch, device)
+    run = _Run(c, procs, out, resume)
+    schedule = run.schedule
     eval_every = c.eval_every or schedule.iters_per_epoch
     ckpt_every = c.ckpt_every or eval_every
-    ckpt_path = out / checkpoint.FILENAME
-    log = MetricsLog(out / "metrics.jsonl")
 
-    # Training sums of the current evaluation interval: loss, errors, images.
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    step = 0
-    if resume is not None:
-        state = checkpoint.load(resume, device)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if main:
-            sums.copy_(state["train_sums"])
-        step = state["step"]
-        checkpoint.restore_rng(state, device)
-        if schedule.total_iters < step:
-            raise ConfigError(f"--resume: the run is already at iteration {step}, past the {schedule.total_iters} "
-                              f"iterations asked for; give a longer --iters/--epochs")
-    last_good = (step, resume) if resume is not None else (None, None)
-    if main:
-        # Read (and so check) the metrics to keep before anything is written.
-        kept = log.read_upto(step, source=resume.parent / "metrics.jsonl") if resume is not None else []
-        print_config(c)
-        write_json(out / "config.json", c.to_dict())
-        log.rewrite(kept)
-        print(f"{c.arch} on {c.dataset} ({len(train_y)} train / {len(test_y)} test images), "
-              f"{sum(p.numel() for p in net.parameters()):,} parameters, {procs.world_size} process(es) on "
-              f"{device}; {schedule.total_iters} iterations ({schedule.iters_per_epoch}/epoch)"
-              + (f", the last {schedule.dropped_images} images of each epoch dropped (too few to split for "
-                 f"BatchNorm)" if schedule.dropped_images else "")
-              + (f", resuming at iteration {step}" if step else "") + f"; writing to {out}", flush=True)
-
-    model = distributed.wrap(net, procs)
-    eval_net = net
-    if c.compile:
-        model, eval_net = torch.compile(model), torch.compile(net)
-    amp = AMP_DTYPES[c.amp]
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    bar = _progress(main, schedule.total_iters, step)
-    interval_start, interval_images, window = time.perf_counter(), 0, torch.zeros(3, dtype=torch.float64,
-                                                                                   device=device)
-    started = time.perf_counter()
-
-    def where_good() -> str:
-        return (f"the last good checkpoint is {last_good[1]} (iteration {last_good[0]})" if last_good[1]
-                else "no checkpoint was written before it")
-
-    def guard(what: str = "loss"):
-        if procs.any_true(nonfinite):
-            raise TrainingDiverged(f"the {what} became NaN or infinite by iteration {step}; stopped, "
-                                   f"{where_good()}. Try a lower --lr or --amp none")
+    def due(every: int) -> bool:
+        return run.step % every == 0 or run.step == schedule.total_iters
 
     try:
-        model.train()
-        while step < schedule.total_iters:
-            lr = schedule.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = order.indices(step)
-            rows = procs.rows(len(batch))
-            idx = batch[rows]
-            x = normalize(train_x[idx])
-            x = random_crop_flip(x, c.crop_pad, c.flip, step_generator(c.seed, step, device), rows)
-            x, y = x.contiguous(memory_format=fmt), train_y[idx]
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(x)
-                loss_sum = F.cross_entropy(logits, y, reduction="sum")
-            # The global batch's mean loss once DDP averages the gradients over
-            # processes, also where an epoch's last batch splits unevenly.
-            loss = loss_sum / (len(batch) / procs.world_size)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            # Device-side sums only: reading the loss here would make the host
-            # wait for the device every iteration.
-            for acc in (sums, window):
-                acc[0] += loss_sum.detach().double()
-                acc[1] += (logits.argmax(dim=1) != y).sum()
-                acc[2] += len(y)
-            nonfinite |= ~torch.isfinite(loss.detach())
-            interval_images += len(batch)
-
-            if step % c.log_every == 0 or step == schedule.total_iters:
-                guard()
-                if bar is not None:
-                    w = window.tolist()
-                    rate = interval_images / max(time.perf_counter() - interval_start, 1e-9)
-                    bar.set_postfix(loss=f"{w[0] / w[2]:.3f}", err=f"{w[1] / w[2]:.3f}", lr=f"{lr:.3g}",
-                                    img_s=f"{rate:.0f}", refresh=False)
-                    bar.update(step - bar.n)
-                window.zero_()
-            if step % eval_every == 0 or step == schedule.total_iters:
-                guard()
-                rate = interval_images / max(time.perf_counter() - interval_start, 1e-9)
-                _sync_buffers(net, procs)
-                train_loss, train_err, count = procs.all_sum(sums.clone()).tolist()
-                test_loss, test_err = evaluate(eval_net, test_x, test_y, normalize, procs, c)
-                if not math.isfinite(test_loss):
-                    nonfinite.fill_(True)  # stop below, after the record that shows it
-                record = {"iter": step, "epoch": round(step / schedule.iters_per_epoch, 4), "lr": lr,
-                          "train_loss": train_loss / count, "train_error": train_err / count,
-                          "test_loss": test_loss, "test_error": test_err, "images_per_s": round(rate, 1),
-                          "peak_memory_mib": round(peak_memory_mib(device), 1),
-                          "time_s": round(time.perf_counter() - started, 2)}
-                if main:
-                    log.append(record)
-                    _say(bar, f"iter {step}/{schedule.total_iters} epoch {record['epoch']:.2f}: train loss "
-                              f"{record['train_loss']:.4f} err {100 * record['train_error']:.2f}% | test loss "
-                              f"{test_loss:.4f} err {100 * test_err:.2f}% | lr {lr:.4g} | {rate:.0f} img/s")
-                sums.zero_()
-                interval_start, interval_images = time.perf_counter(), 0
-                guard("test loss")
-            if step % ckpt_every == 0 or step == schedule.total_iters:
-                guard()
-                _sync_buffers(net, procs)
-                bad = checkpoint.nonfinite_tensors(checkpoint.training_state(net, optimizer, scaler))
-                if procs.any_true(torch.tensor(bool(bad))):
-                    raise TrainingDiverged(
-                        f"{len(bad) or 'some'} tensors of the network or optimizer became NaN or infinite by "
-                        f"iteration {step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); stopped without "
-                        f"saving them: {where_good()}. Try a lower --lr or --amp none")
-                # The interval's sums of all processes; on resume process 0 carries them.
-                interval_sums = procs.all_sum(sums.clone())
-                if main:
-                    checkpoint.save(ckpt_path, net=net, optimizer=optimizer, scaler=scaler, config=c, step=step,
-                                    train_sums=interval_sums)
-                last_good = (step, ckpt_path)
-                procs.barrier()
-            if interrupt_after is not None and step == interrupt_after:
+        run.model.train()
+        while run.step < schedule.total_iters:
+            run.train_step()
+            if due(c.log_every):
+                run.report_progress()
+            if due(eval_every):
+                run.evaluate()
+            if due(ckpt_every):
+                run.save_checkpoint()
+            if interrupt_after is not None and run.step == interrupt_after:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if main:
-            _say(bar, f"interrupted after iteration {step}; the last checkpoint is {last_good[1]} (iteration "
-                      f"{last_good[0]}); continue with: python -m fused_preact.train --resume {out}")
+        if procs.is_main:
+            _say(run.bar, f"interrupted after iteration {run.step}; the last checkpoint is {run.last_good[1]} "
+                          f"(iteration {run.last_good[0]}); continue with: python -m fused_preact.train --resume {out}")
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        if run.bar is not None:
+            run.bar.close()
+    return run.finish()
 
-    digests = distributed.gather_digests(net, procs)
-    records = log.records() if main else []
-    final = records[-1] if records else {}
-    summary = {
-        "status": "finished",
-        "final_test_error": final.get("test_error"),
-        "final_test_loss": final.get("test_loss"),
-        "final_train_error": final.get("train_error"),
-        "best_test_error": min((r["test_error"] for r in records if r["test_error"] is not None), default=None),
-        "iters": step,
-        "epochs": round(step / schedule.iters_per_epoch, 4),
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "peak_memory_mib": round(peak_memory_mib(device), 1),
-        "world_size": procs.world_size,
-        "ranks_in_sync": len(set(digests)) == 1,
-        "state_digests": digests,
-        "checkpoint": str(ckpt_path),
-        "metrics": str(log.path),
-        "curves": str(out / "curves.png"),
-        "config": c.to_dict(),
-    }
-    if main:
-        if not plot_curves(records, out / "curves.png", f"{c.arch}{c.depth or ''} on {c.dataset}"):
-            summary["curves"] = None  # matplotlib is not installed
-        write_json(out / "summary.json", summary)
-        print(f"final test error {100 * summary['final_test_error']:.2f}% after {step} iterations "
-              f"({summary['wall_time_s']:.0f} s); summary in {out / 'summary.json'}", flush=True)
-    return summary
+
+class _Run:
+    """One training run's state and its pieces: set-up (network, optimizer,
+    data, schedule, the resumed state, the run directory's files), one
+    training iteration, progress, evaluation, checkpoint, summary."""
+
+    def __init__(self, c: TrainConfig, procs, out: Path, resume: Optional[Path]):
+        self.c, self.procs, self.out = c, procs, out
+        device = self.device = procs.device
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        c.out = str(out)
+        torch.manual_seed(derived_seed("init", c.seed))  # the same initial network in every process
+        self.fmt = torch.channels_last if c.channels_last else torch.contiguous_format
+        self.net = build_model(c, num_classes(c.dataset)).to(device=device, memory_format=self.fmt)
+        _probe(self.net, c, device, self.fmt)
+        self.optimizer = make_optimizer(c, self.net.parameters())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
+
+        procs.decide(lambda: prepare_dataset(c.dataset, Path(c.data_dir), c.download))  # downloads once
+        data = load_dataset(c.dataset, Path(c.data_dir), False, c.data_seed, c.train_size, c.test_size)
+        self.normalize = Normalizer(c.normalize, data.train_images, c.dataset, device)
+        self.train_x, self.train_y = data.train_images.to(device), data.train_labels.to(device)
+        self.test_x, self.test_y = data.test_images.to(device), data.test_labels.to(device)
+        self.schedule = make_schedule(c, len(self.train_y), procs.world_size)
+        self.order = BatchOrder(c.seed, len(self.train_y), c.batch_size, self.schedule.iters_per_epoch, device)
+        self.ckpt_path = out / checkpoint.FILENAME
+        self.log = MetricsLog(out / "metrics.jsonl")
+
+        # Training sums of the current evaluation interval (loss, errors,
+        # images) and of the current progress window, on the device.
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.window = torch.zeros(3, dtype=torch.float64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.step = 0
+        if resume is not None:
+            self._restore(resume)
+        self.last_good = (self.step, resume) if resume is not None else (None, None)
+        if procs.is_main:
+            self._start_files(resume)
+
+        self.model = distributed.wrap(self.net, procs)
+        self.eval_net = self.net
+        if c.compile:
+            self.model, self.eval_net = torch.compile(self.model), torch.compile(self.net)
+        self.amp = AMP_DTYPES[c.amp]
+        self.bar = _progress(procs.is_main, self.schedule.total_iters, self.step)
+        self.lr = self.schedule.lr_at(self.step)
+        self.started = self.interval_start = time.perf_counter()
+        self.interval_images = 0
+
+    def _restore(self, resume: Path) -> None:
+        state = checkpoint.load(resume, self.device)
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.procs.is_main:
+            self.sums.copy_(state["train_sums"])
+        self.step = state["step"]
+        checkpoint.restore_rng(state, self.device)
+        if self.schedule.total_iters < self.step:
+            raise ConfigError(f"--resume: the run is already at iteration {self.step}, past the "
+                              f"{self.schedule.total_iters} iterations asked for; give a longer --iters/--epochs")
+
+    def _start_files(self, resume: Optional[Path]) -> None:
+        c, s = self.c, self.schedule
+        # Read (and so check) the metrics to keep before anything is written.
+        kept = self.log.read_upto(self.step, source=resume.parent / "metrics.jsonl") if resume is not None else []
+        print_config(c)
+        write_json(self.out / "config.json", c.to_dict())
+        self.log.rewrite(kept)
+        print(f"{c.arch} on {c.dataset} ({len(self.train_y)} train / {len(self.test_y)} test images), "
+              f"{sum(p.numel() for p in self.net.parameters()):,} parameters, {self.procs.world_size} process(es) "
+              f"on {self.device}; {s.total_iters} iterations ({s.iters_per_epoch}/epoch)"
+              + (f", the last {s.dropped_images} images of each epoch dropped (too few to split for BatchNorm)"
+                 if s.dropped_images else "")
+              + (f", resuming at iteration {self.step}" if self.step else "") + f"; writing to {self.out}",
+              flush=True)
+
+    def train_step(self) -> None:
+        c, device = self.c, self.device
+        self.lr = self.schedule.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        batch = self.order.indices(self.step)
+        rows = self.procs.rows(len(batch))
+        idx = batch[rows]
+        x = self.normalize(self.train_x[idx])
+        x = random_crop_flip(x, c.crop_pad, c.flip, step_generator(c.seed, self.step, device), rows)
+        x, y = x.contiguous(memory_format=self.fmt), self.train_y[idx]
+        with torch.autocast(device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(x)
+            loss_sum = F.cross_entropy(logits, y, reduction="sum")
+        # The global batch's mean loss once DDP averages the gradients over
+        # processes, also where an epoch's last batch splits unevenly.
+        loss = loss_sum / (len(batch) / self.procs.world_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        # Device-side sums only: reading the loss here would make the host
+        # wait for the device every iteration.
+        for acc in (self.sums, self.window):
+            acc[0] += loss_sum.detach().double()
+            acc[1] += (logits.argmax(dim=1) != y).sum()
+            acc[2] += len(y)
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+        self.interval_images += len(batch)
+
+    def _rate(self) -> float:
+        return self.interval_images / max(time.perf_counter() - self.interval_start, 1e-9)
+
+    def _where_good(self) -> str:
+        step, path = self.last_good
+        return f"the last good checkpoint is {path} (iteration {step})" if path else \
+            "no checkpoint was written before it"
+
+    def _guard(self, what: str = "loss") -> None:
+        if self.procs.any_true(self.nonfinite):
+            raise TrainingDiverged(f"the {what} became NaN or infinite by iteration {self.step}; stopped, "
+                                   f"{self._where_good()}. Try a lower --lr or --amp none")
+
+    def report_progress(self) -> None:
+        self._guard()
+        if self.bar is not None:
+            w = self.window.tolist()
+            self.bar.set_postfix(loss=f"{w[0] / w[2]:.3f}", err=f"{w[1] / w[2]:.3f}", lr=f"{self.lr:.3g}",
+                                 img_s=f"{self._rate():.0f}", refresh=False)
+            self.bar.update(self.step - self.bar.n)
+        self.window.zero_()
+
+    def evaluate(self) -> None:
+        self._guard()
+        rate = self._rate()
+        _sync_buffers(self.net, self.procs)
+        train_loss, train_err, count = self.procs.all_sum(self.sums.clone()).tolist()
+        test_loss, test_err = evaluate(self.eval_net, self.test_x, self.test_y, self.normalize, self.procs, self.c)
+        if not math.isfinite(test_loss):
+            self.nonfinite.fill_(True)  # stop below, after the record that shows it
+        record = {"iter": self.step, "epoch": round(self.step / self.schedule.iters_per_epoch, 4), "lr": self.lr,
+                  "train_loss": train_loss / count, "train_error": train_err / count, "test_loss": test_loss,
+                  "test_error": test_err, "images_per_s": round(rate, 1),
+                  "peak_memory_mib": round(peak_memory_mib(self.device), 1),
+                  "time_s": round(time.perf_counter() - self.started, 2)}
+        if self.procs.is_main:
+            self.log.append(record)
+            _say(self.bar, f"iter {self.step}/{self.schedule.total_iters} epoch {record['epoch']:.2f}: train loss "
+                           f"{record['train_loss']:.4f} err {100 * record['train_error']:.2f}% | test loss "
+                           f"{test_loss:.4f} err {100 * test_err:.2f}% | lr {self.lr:.4g} | {rate:.0f} img/s")
+        self.sums.zero_()
+        self.interval_start, self.interval_images = time.perf_counter(), 0
+        self._guard("test loss")
+
+    def save_checkpoint(self) -> None:
+        """Only a finite state is saved: the last checkpoint is always good."""
+        self._guard()
+        _sync_buffers(self.net, self.procs)
+        bad = checkpoint.nonfinite_tensors(checkpoint.training_state(self.net, self.optimizer, self.scaler))
+        if self.procs.any_true(torch.tensor(bool(bad))):
+            raise TrainingDiverged(
+                f"{len(bad) or 'some'} tensors of the network or optimizer became NaN or infinite by iteration "
+                f"{self.step} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); stopped without saving "
+                f"them: {self._where_good()}. Try a lower --lr or --amp none")
+        # The interval's sums of all processes; on resume process 0 carries them.
+        interval_sums = self.procs.all_sum(self.sums.clone())
+        if self.procs.is_main:
+            checkpoint.save(self.ckpt_path, net=self.net, optimizer=self.optimizer, scaler=self.scaler,
+                            config=self.c, step=self.step, train_sums=interval_sums)
+        self.last_good = (self.step, self.ckpt_path)
+        self.procs.barrier()
+
+    def finish(self) -> dict:
+        """The summary (written as summary.json with curves.png by process 0)."""
+        c, main = self.c, self.procs.is_main
+        digests = distributed.gather_digests(self.net, self.procs)
+        records = self.log.records() if main else []
+        final = records[-1] if records else {}
+        summary = {
+            "status": "finished",
+            "final_test_error": final.get("test_error"),
+            "final_test_loss": final.get("test_loss"),
+            "final_train_error": final.get("train_error"),
+            "best_test_error": min((r["test_error"] for r in records if r["test_error"] is not None),
+                                   default=None),
+            "iters": self.step,
+            "epochs": round(self.step / self.schedule.iters_per_epoch, 4),
+            "wall_time_s": round(time.perf_counter() - self.started, 2),
+            "peak_memory_mib": round(peak_memory_mib(self.device), 1),
+            "world_size": self.procs.world_size,
+            "ranks_in_sync": len(set(digests)) == 1,
+            "state_digests": digests,
+            "checkpoint": str(self.ckpt_path),
+            "metrics": str(self.log.path),
+            "curves": str(self.out / "curves.png"),
+            "config": c.to_dict(),
+        }
+        if main:
+            if not plot_curves(records, self.out / "curves.png", f"{c.arch}{c.depth or ''} on {c.dataset}"):
+                summary["curves"] = None  # matplotlib is not installed
+            write_json(self.out / "summary.json", summary)
+            print(f"final test error {100 * summary['final_test_error']:.2f}% after {self.step} iterations "
+                  f"({summary['wall_time_s']:.0f} s); summary in {self.out / 'summary.json'}", flush=True)
+        return summary
 
 
 def _progress(main: bool, total: int, initial: int):
@@ -350,29 +367,3 @@ def _say(bar, line: str) -> None:
         bar.write(line)
     else:
         print(line, flush=True)
-
-
-def evaluate_checkpoint(path: Path, device: str = "auto", eval_batch_size: Optional[int] = None) -> dict:
-    """Test loss and error of a saved network (evaluation-only mode)."""
-    procs = distributed.setup(device)
-    try:
-        state = checkpoint.load(path, procs.device)
-        c = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
-        c.device, c.eval_batch_size = device, eval_batch_size or c.eval_batch_size
-        net = build_model(c, num_classes(c.dataset))
-        net.load_state_dict(state["model"])
-        fmt = torch.channels_last if c.channels_last else torch.contiguous_format
-        net = net.to(device=procs.device, memory_format=fmt)
-        procs.decide(lambda: prepare_dataset(c.dataset, Path(c.data_dir), c.download))
-        data = load_dataset(c.dataset, Path(c.data_dir), False, c.data_seed, c.train_size, c.test_size)
-        normalize = Normalizer(c.normalize, data.train_images, c.dataset, procs.device)
-        loss, err = evaluate(net, data.test_images.to(procs.device), data.test_labels.to(procs.device), normalize,
-                             procs, c)
-        result = {"checkpoint": str(path), "iter": state["step"], "test_loss": loss, "test_error": err,
-                  "test_images": len(data.test_labels)}
-        if procs.is_main:
-            print(f"{path} (iteration {state['step']}): test error {100 * err:.2f}%, loss {loss:.4f} on "
-                  f"{len(data.test_labels)} {c.dataset} test images", flush=True)
-        return result
-    finally:
-        distributed.teardown(procs, wait_for_others=False)
