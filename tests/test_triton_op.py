@@ -208,7 +208,7 @@ def test_convs_with_different_strides_share_one_pre_activation():
 @pytest.mark.parametrize("rows", [3, 9, 37])  # one level, and groups merged in parallel first
 def test_partial_reductions_match_torch(rows):
     from fused_preact.triton_kernels.batch_stats import merge_partials
-    from fused_preact.triton_kernels.conv_dgrad import sum_partials
+    from fused_preact.triton_kernels.common import sum_partials
 
     g = torch.Generator().manual_seed(rows)
     partials = torch.randn(rows, 10, generator=g).to(DEVICE)

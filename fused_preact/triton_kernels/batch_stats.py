@@ -36,9 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, interpreting
-
-_INT32_MAX = 2**31 - 1
+from . import interpreting
+from .common import REDUCTION_GROUP_ROWS, check_activation, needs_int64, reduction_groups, two_pass
 
 
 @triton.jit
@@ -51,18 +50,6 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     mean = mean_a + delta * frac
     m2 = m2_a + m2_b + delta * delta * n_a * frac
     return n, mean, m2
-
-
-@triton.jit
-def _two_pass(v, ok, n, axis: tl.constexpr):
-    """(mean, M2) along `axis` of the `ok` entries of v, n of them (n > 0), by the
-    corrected two-pass algorithm: the rounding error of the first mean is recovered
-    from the sum of the deviations, so the mean stays exact to a few ulps even when it
-    is 1e4 times the spread (a plain sum of 1e4-sized values is not)."""
-    mean = tl.sum(tl.where(ok, v, 0.0), axis=axis) / n
-    d = tl.where(ok, v - tl.expand_dims(mean, axis), 0.0)
-    sum_d = tl.sum(d, axis=axis)
-    return mean + sum_d / n, tl.sum(d * d, axis=axis) - sum_d * sum_d / n
 
 
 @triton.jit
@@ -102,7 +89,7 @@ def _partial_stats_kernel(
         v = v.to(tl.float32)
         # This tile's (count, mean, M2) by the corrected two-pass method.
         n_b = tl.sum(row_ok.to(tl.float32), axis=0)
-        mean_b, m2_b = _two_pass(v, ok, n_b, axis=0)
+        mean_b, m2_b = two_pass(v, ok, n_b, axis=0)
         n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, m2_b)
     offs = p * C + cols
     tl.store(cnt_ptr + offs, n, mask=col_ok)
@@ -136,7 +123,7 @@ def _merge_partials_kernel(
         has = n_i > 0.0
         mean_i = tl.where(has, tl.load(mean_ptr + offs, mask=ok, other=0.0), 0.0)
         m2_i = tl.where(has, tl.load(m2_ptr + offs, mask=ok, other=0.0), 0.0)
-        # Exact combination of the chunk: weighted mean (corrected as in _two_pass),
+        # Exact combination of the chunk: weighted mean (corrected as in two_pass),
         # then the within-partial M2 plus the spread of the means about it.
         n_b = tl.sum(n_i, axis=0)
         inv_n = 1.0 / tl.maximum(n_b, 1.0)
@@ -163,29 +150,6 @@ def _merge_partials_kernel(
 
 
 # ----------------------------------------------------------------------------- host
-
-
-def check_device(x: torch.Tensor) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
-    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
-        raise ValueError(f"x must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got device {x.device}")
-
-
-def _check_x(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 for the triton kernels, got {x.dtype}")
-    if x.shape[1] == 0 or x.numel() == 0:
-        raise ValueError(f"x must have at least one channel and one value per channel, got shape {tuple(x.shape)}")
-    check_device(x)
-
-
-def _span(t: torch.Tensor) -> int:
-    """One past the largest element offset t's strides reach."""
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
 
 
 def _row_view(x: torch.Tensor):
@@ -228,16 +192,18 @@ def _stats_partials(x: torch.Tensor):
     m2 = torch.empty_like(cnt)
     _partial_stats_kernel[(P, cblocks)](
         x, cnt, mean, m2, C, L, segs, seg, o1, so0, so1, s_inner, s_c,
-        BLOCK_R=block_r, BLOCK_C=block_c, IDX64=_span(x) > _INT32_MAX, num_warps=4,
+        BLOCK_R=block_r, BLOCK_C=block_c, IDX64=needs_int64(x), num_warps=4,
     )
     return cnt, mean, m2
 
 
 def _merge(count, mean, m2, eps, invstd):
     for name, t in (("count", count), ("mean", mean), ("m2", m2)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.float32:
-            raise TypeError(f"{name} must be a 2-D float32 tensor [num_partials, C], got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor [num_partials, C], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [num_partials, C], got shape {tuple(t.shape)}")
         if t.shape != count.shape or t.device != count.device:
             raise ValueError(f"{name} must have count's shape {tuple(count.shape)} and device {count.device}, "
                              f"got {tuple(t.shape)} on {t.device}")
@@ -247,14 +213,12 @@ def _merge(count, mean, m2, eps, invstd):
     count, mean, m2 = count.contiguous(), mean.contiguous(), m2.contiguous()
     block_c = min(triton.next_power_of_2(C), 32)
     grid_c = triton.cdiv(C, block_c)
-    if P > 2 * _MERGE_GROUP_ROWS:
-        # Thousands of partials over few channels (a conv epilogue at the paper's
-        # shapes): merge groups of them in parallel first, then the groups.
-        groups = triton.cdiv(P, _MERGE_GROUP_ROWS)
+    groups = reduction_groups(P)
+    if groups is not None:
         merged = [torch.empty((groups, C), dtype=torch.float32, device=count.device) for _ in range(3)]
         _merge_partials_kernel[(grid_c, groups)](
-            count, mean, m2, merged[1], merged[1], merged[0], merged[2], P, C, _MERGE_GROUP_ROWS, 0.0,
-            FINAL=False, INVSTD=False, BLOCK_P=_merge_block_p(_MERGE_GROUP_ROWS, block_c), BLOCK_C=block_c,
+            count, mean, m2, merged[1], merged[1], merged[0], merged[2], P, C, REDUCTION_GROUP_ROWS, 0.0,
+            FINAL=False, INVSTD=False, BLOCK_P=_merge_block_p(REDUCTION_GROUP_ROWS, block_c), BLOCK_C=block_c,
             num_warps=4,
         )
         (count, mean, m2), P = merged, groups
@@ -265,11 +229,6 @@ def _merge(count, mean, m2, eps, invstd):
         FINAL=True, INVSTD=invstd, BLOCK_P=_merge_block_p(P, block_c), BLOCK_C=block_c, num_warps=4,
     )
     return out_mean, out_second
-
-
-# Partials per group of the merge's first level; small in the interpreter, so
-# that the tests' small problems take the two-level path too.
-_MERGE_GROUP_ROWS = 4 if interpreting() else 256
 
 
 def _merge_block_p(rows: int, block_c: int) -> int:
@@ -284,16 +243,10 @@ def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
     return _merge(count, mean, m2, 0.0, invstd=False)
 
 
-def batch_mean_var(x: torch.Tensor):
-    """(mean, biased var) of x [N, C, H, W] per channel over (N, H, W), fp32 [C]."""
-    _check_x(x)
-    return merge_partials(*_stats_partials(x))
-
-
 def batch_stats(x: torch.Tensor, eps: float):
     """(mean, invstd) of x [N, C, H, W] per channel, fp32 [C]: invstd = 1/sqrt(var + eps)
     with the biased variance, as BatchNorm2d's training forward uses them."""
-    _check_x(x)
+    check_activation(x)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     return _merge(*_stats_partials(x), eps, invstd=True)

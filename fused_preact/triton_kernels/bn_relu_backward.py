@@ -7,20 +7,18 @@ scale = gamma * invstd and m = N*H*W per channel:
                                      = scale * (dz - (sum_dz + xhat * sum_dz_xhat) / m)
     eval (constant statistics):   dx = scale * dz
 
-optionally plus an incoming residual gradient (the identity branch of a
-pre-activation block), added in the same pass so dx is written once. Computed
-in fp32, stored in x's dtype.
+computed in fp32, stored in x's dtype.
 
 The kernel walks dx in its memory order (dx = empty_like(x) is dense in x's
 layout); the channel of flat offset i is (i // stride_c) % C in any dense layout.
-Operands laid out like dx are read at offset i directly; others (a strided x or
-residual) at offsets rebuilt from i's coordinates.
+Operands laid out like dx are read at offset i directly; others (a strided x
+or dz) at offsets rebuilt from i's coordinates.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .conv_dgrad import channel_vector, check_activation
+from .common import channel_vector, check_activation
 
 
 @triton.jit
@@ -36,11 +34,10 @@ def _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_n, s_c, s_h, s_w, SAME: tl
 
 @triton.jit
 def _input_grad_kernel(
-    dz_ptr, x_ptr, res_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
+    dz_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
     numel, N, C, H, W, inv_m,
-    so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn, s_xc, s_xh, s_xw, s_rn, s_rc, s_rh, s_rw,
-    TRAINING: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    DZ_SAME: tl.constexpr, X_SAME: tl.constexpr, RES_SAME: tl.constexpr,
+    so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn, s_xc, s_xh, s_xw,
+    TRAINING: tl.constexpr, DZ_SAME: tl.constexpr, X_SAME: tl.constexpr,
     INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -63,30 +60,25 @@ def _input_grad_kernel(
         xhat = (xv - mean) * invstd
         dz = dz - (sum_dz + xhat * sum_dz_xhat) * inv_m
     dx = dz * scale
-    if HAS_RESIDUAL:
-        dx += tl.load(res_ptr + _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_rn, s_rc, s_rh, s_rw, RES_SAME),
-                      mask=ok, other=0.0).to(tl.float32)
     tl.store(dx_ptr + i, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-                       scale: torch.Tensor, sum_dz, sum_dz_xhat, training: bool, grad_residual=None) -> torch.Tensor:
+                       scale: torch.Tensor, sum_dz, sum_dz_xhat, training: bool) -> torch.Tensor:
     """dx of BN -> ReLU given dz (see the module docstring), in x's dtype and layout.
 
     training: mean/invstd are x's batch statistics (sum_dz and sum_dz_xhat, fp32
     [C], are then required); otherwise they are constants and the sums are
-    ignored (may be None). grad_residual, if given, is added to dx."""
+    ignored (may be None)."""
     check_activation(x)
-    for name, t in (("dz", dz), ("grad_residual", grad_residual)):
-        if t is None and name == "grad_residual":
-            continue
-        if not isinstance(t, torch.Tensor) or t.shape != x.shape:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {got}")
-        if not t.is_floating_point() or t.dtype == torch.float64:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if not isinstance(dz, torch.Tensor):
+        raise TypeError(f"dz must be a torch.Tensor, got {type(dz).__name__}")
+    if dz.shape != x.shape:
+        raise ValueError(f"dz must have x's shape {tuple(x.shape)}, got {tuple(dz.shape)}")
+    if not dz.is_floating_point() or dz.dtype == torch.float64:
+        raise TypeError(f"dz must be float32, float16 or bfloat16, got {dz.dtype}")
+    if dz.device != x.device:
+        raise ValueError(f"dz must be on x's device {x.device}, got {dz.device}")
     scale = channel_vector(scale, "scale", x)
     if training:
         mean, invstd = channel_vector(mean, "mean", x), channel_vector(invstd, "invstd", x)
@@ -99,16 +91,14 @@ def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, in
     numel = x.numel()
     if numel == 0:
         return dx
-    res = grad_residual if grad_residual is not None else dz
     # Size-1 dimensions' strides are arbitrary: compare only the others.
-    same = [all(t.stride(d) == dx.stride(d) for d in range(4) if x.shape[d] > 1) for t in (dz, x, res)]
+    same = [all(t.stride(d) == dx.stride(d) for d in range(4) if x.shape[d] > 1) for t in (dz, x)]
     block = 1024
     _input_grad_kernel[(triton.cdiv(numel, block),)](
-        dz, x, res, dx, mean, invstd, scale, sum_dz, sum_dz_xhat,
+        dz, x, dx, mean, invstd, scale, sum_dz, sum_dz_xhat,
         numel, n, c, h, w, 1.0 / (numel // c),
-        *dx.stride(), *dz.stride(), *x.stride(), *res.stride(),
-        TRAINING=bool(training), HAS_RESIDUAL=grad_residual is not None,
-        DZ_SAME=same[0], X_SAME=same[1], RES_SAME=same[2],
+        *dx.stride(), *dz.stride(), *x.stride(),
+        TRAINING=bool(training), DZ_SAME=same[0], X_SAME=same[1],
         INT64=numel >= 2**31, BLOCK=block, num_warps=4,
     )
     return dx

@@ -1,10 +1,60 @@
-"""Pieces every fused kernel shares."""
+"""What the Triton kernel modules share: the BN-ReLU operand transform and the
+corrected two-pass moments (device functions), the argument checks, conv
+geometry and index-width rules (host), and the fixed-order reduction that
+every multi-program sum goes through."""
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreting  # noqa: F401  (re-exported for the kernel modules)
+from . import SUPPORTED_DTYPES, interpreting
 
+INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------- device functions
+
+@triton.jit
+def bn_relu(x, scale, shift, valid):
+    """relu(x * scale + shift) in fp32, and 0 where `valid` is false. Padding
+    is applied to the activation, not to x: a padded position contributes 0,
+    not relu(shift)."""
+    z = x.to(tl.float32) * scale + shift
+    # ~(z <= 0) rather than z > 0: NaN propagates, as in torch.relu.
+    return tl.where(valid & ~(z <= 0.0), z, 0.0)
+
+
+@triton.jit
+def two_pass(v, ok, n, axis: tl.constexpr):
+    """(mean, M2) along `axis` of the `ok` entries of v, n of them (n > 0), by the
+    corrected two-pass algorithm: the rounding error of the first mean is recovered
+    from the sum of the deviations, so the mean stays exact to a few ulps even when it
+    is 1e4 times the spread (a plain sum of 1e4-sized values is not)."""
+    mean = tl.sum(tl.where(ok, v, 0.0), axis=axis) / n
+    d = tl.where(ok, v - tl.expand_dims(mean, axis), 0.0)
+    sum_d = tl.sum(d, axis=axis)
+    return mean + sum_d / n, tl.sum(d * d, axis=axis) - sum_d * sum_d / n
+
+
+@triton.jit
+def _sum_rows_kernel(src_ptr, dst_ptr, T, P, rows_per_group, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """dst[g, p] = sum of src[t, p] over group g's rows t (rows_per_group of a
+    contiguous fp32 [T, P]), in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    col_ok = cols < P
+    group = tl.program_id(1)
+    start = group * rows_per_group
+    end = tl.minimum(start + rows_per_group, T)
+    acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        acc += tl.load(src_ptr + t.to(tl.int64)[:, None] * P + cols[None, :],
+                       mask=(t < end)[:, None] & col_ok[None, :], other=0.0)
+    tl.store(dst_ptr + group * P + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- host
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision for operands of `dtype`: fp32 follows PyTorch's
@@ -15,11 +65,96 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-@triton.jit
-def bn_relu(x, scale, shift, valid):
-    """relu(x * scale + shift) in fp32, and 0 where `valid` is false. Padding
-    is applied to the activation, not to x: a padded position contributes 0,
-    not relu(shift)."""
-    z = x.to(tl.float32) * scale + shift
-    # ~(z <= 0) rather than z > 0: NaN propagates, as in torch.relu.
-    return tl.where(valid & ~(z <= 0.0), z, 0.0)
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset of one of `tensors` can pass 2**31 - 1 (one
+    past the largest offset its strides reach), so the kernel must index in
+    64 bits."""
+    return max(1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) for t in tensors) > INT32_MAX
+
+
+def pair(v, name: str, minimum: int = 0) -> tuple[int, int]:
+    """An int or a pair of ints >= minimum as a pair; else a ValueError naming `name`."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if (not isinstance(v, (tuple, list)) or len(v) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in v)):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {v!r}")
+    return tuple(v)
+
+
+def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def conv_output_format(x: torch.Tensor, weights) -> torch.memory_format:
+    """PyTorch's rule for a convolution's output layout (the one F.conv2d and its
+    fake follow): channels_last when the input or a weight is channels_last."""
+    if _channels_last(x) or any(_channels_last(w) for w in weights):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_activation(x, name: str = "x") -> None:
+    """A 4-D float32/float16/bfloat16 tensor with data, on a device the kernels
+    run on: CUDA, or the CPU under the interpreter."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernels, got {x.dtype}")
+    if x.shape[1] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have at least one channel and one value per channel, got shape "
+                         f"{tuple(x.shape)}")
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
+        raise ValueError(f"{name} must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got device "
+                         f"{x.device}")
+
+
+def channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel fp32 statistic as a contiguous [C] tensor on x's device."""
+    c = x.shape[1]
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape ({c},), got {type(v).__name__}")
+    if tuple(v.shape) != (c,):
+        raise ValueError(f"{name} must have shape ({c},) (one value per channel of x), got {tuple(v.shape)}")
+    if v.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (statistics are fp32 for every activation dtype), got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"{name} must be on x's device {x.device}, got {v.device}")
+    return v.contiguous()
+
+
+# Rows per group of a fixed-order reduction's first level; small in the
+# interpreter, so that the tests' small problems take the two-level path too.
+REDUCTION_GROUP_ROWS = 4 if interpreting() else 256
+
+
+def reduction_groups(rows: int) -> Optional[int]:
+    """How a fixed-order reduction over `rows` partial rows runs: None, one
+    program per column block walks them all; else this many groups of
+    REDUCTION_GROUP_ROWS rows are reduced in parallel first (thousands of row
+    tiles over few channels at the paper's shapes), then the groups. The
+    order depends on the shape alone: the results are bit-identical run to run."""
+    return triton.cdiv(rows, REDUCTION_GROUP_ROWS) if rows > 2 * REDUCTION_GROUP_ROWS else None
+
+
+def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Sum a contiguous fp32 [T, P] buffer over T into a new [P] tensor of
+    `out_dtype`, in a fixed order (reduction_groups), without atomics."""
+    t, p = partials.shape
+    block_p = 64
+    grid_p = triton.cdiv(p, block_p)
+    groups = reduction_groups(t)
+    if groups is not None:
+        group_sums = torch.empty((groups, p), dtype=torch.float32, device=partials.device)
+        _sum_rows_kernel[(grid_p, groups)](partials, group_sums, t, p, REDUCTION_GROUP_ROWS, BLOCK_T=32,
+                                           BLOCK_P=block_p)
+        partials, t = group_sums, groups
+    out = torch.empty(p, dtype=out_dtype, device=partials.device)
+    _sum_rows_kernel[(grid_p, 1)](partials, out, t, p, t, BLOCK_T=32, BLOCK_P=block_p)
+    return out

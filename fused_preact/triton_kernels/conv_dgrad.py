@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, autotune_enabled, conv_out_size, pair
-from .common import dot_precision, interpreting
+from . import autotune_enabled, interpreting
+from .common import channel_vector, check_activation, conv_out_size, dot_precision, pair, sum_partials
 
 
 
@@ -130,75 +130,11 @@ def _dgrad_kernel(
     tl.store(part + C, tl.sum(dzf * xhat, axis=0), mask=c_ok)
 
 
-@triton.jit
-def _sum_rows_kernel(src_ptr, dst_ptr, T, P, rows_per_group, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dst[g, p] = sum of src[t, p] over group g's rows t (rows_per_group of a
-    contiguous fp32 [T, P]), in a fixed order."""
-    cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    col_ok = cols < P
-    group = tl.program_id(1)
-    start = group * rows_per_group
-    end = tl.minimum(start + rows_per_group, T)
-    acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        acc += tl.load(src_ptr + t.to(tl.int64)[:, None] * P + cols[None, :],
-                       mask=(t < end)[:, None] & col_ok[None, :], other=0.0)
-    tl.store(dst_ptr + group * P + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
-
-
 # ------------------------------------------------------------------------------ host
-
-# Rows per group of sum_partials' first level; small in the interpreter, so that
-# the tests' small problems take the two-level path too.
-_SUM_GROUP_ROWS = 4 if interpreting() else 256
-
-
-def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Sum a contiguous fp32 [T, P] buffer over T into a new [P] tensor of
-    `out_dtype`: the same order every run (bit-reproducible), no atomics.
-    Many rows (dgrad's row tiles: thousands at the paper's shapes, over few
-    channels) are first summed in groups in parallel, so no single program
-    walks them all."""
-    t, p = partials.shape
-    block_p = 64
-    grid_p = triton.cdiv(p, block_p)
-    if t > 2 * _SUM_GROUP_ROWS:
-        groups = triton.cdiv(t, _SUM_GROUP_ROWS)
-        group_sums = torch.empty((groups, p), dtype=torch.float32, device=partials.device)
-        _sum_rows_kernel[(grid_p, groups)](partials, group_sums, t, p, _SUM_GROUP_ROWS, BLOCK_T=32, BLOCK_P=block_p)
-        partials, t = group_sums, groups
-    out = torch.empty(p, dtype=out_dtype, device=partials.device)
-    _sum_rows_kernel[(grid_p, 1)](partials, out, t, p, t, BLOCK_T=32, BLOCK_P=block_p)
-    return out
-
-
-def check_activation(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D (N, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16 for the Triton kernels, got {x.dtype}")
-
-
-def channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
-    """A per-channel fp32 statistic as a contiguous [C] tensor on x's device."""
-    c = x.shape[1]
-    if not isinstance(v, torch.Tensor) or tuple(v.shape) != (c,):
-        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{name} must be a tensor of shape ({c},) (one value per channel of x), got {got}")
-    if v.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 (statistics are fp32 for every activation dtype), got {v.dtype}")
-    if v.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}, got {v.device}")
-    return v.contiguous()
-
 
 def _check_conv(i: int, grad, weight, stride, padding, x):
     """Validated (grad, weight, stride, padding) of conv i."""
     stride, padding = pair(stride, f"strides[{i}]", 1), pair(padding, f"paddings[{i}]")
-    if min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"strides[{i}] must be >= 1 and paddings[{i}] >= 0, got {stride} and {padding}")
     n, c, h, w = x.shape
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[1] != c:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__

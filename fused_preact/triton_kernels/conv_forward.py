@@ -36,9 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, autotune_enabled, conv_output_format, pair
-from .batch_stats import _INT32_MAX, _span, _two_pass, check_device, merge_partials
-from .common import bn_relu, dot_precision, interpreting
+from . import SUPPORTED_DTYPES, autotune_enabled, interpreting
+from .batch_stats import merge_partials
+from .common import (bn_relu, channel_vector, check_activation, conv_output_format, dot_precision, needs_int64, pair,
+                     two_pass)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): channels 16..256, M = N*Ho*Wo large.
 # _prune keeps the few that fit a problem's channel counts, so tuning compiles little.
@@ -154,7 +155,7 @@ def _conv_fwd_kernel(
             rf = tl.reshape(row_ok.to(tl.float32), (BLOCK_M // RPP, RPP))
             cnt = tl.sum(rf, axis=1)  # [G]; a group past M has 0 and is not stored
             ok3 = tl.expand_dims(rf, 2) > 0.0
-            g_mean, g_m2 = _two_pass(yq, ok3, tl.expand_dims(tl.maximum(cnt, 1.0), 1), axis=1)
+            g_mean, g_m2 = two_pass(yq, ok3, tl.expand_dims(tl.maximum(cnt, 1.0), 1), axis=1)
             prow = pid_m * (BLOCK_M // RPP) + tl.arange(0, BLOCK_M // RPP)
             pok = (cnt > 0.0)[:, None] & in0[None, :]
             poffs = prow[:, None] * K0 + cols[None, :]
@@ -171,15 +172,6 @@ def _per_weight(v, count: int, name: str, minimum: int) -> list[tuple[int, int]]
     if isinstance(v, (tuple, list)) and len(v) == count and all(isinstance(i, (tuple, list)) for i in v):
         return [pair(p, f"{name}[{i}]", minimum) for i, p in enumerate(v)]
     return [pair(v, name, minimum)] * count
-
-
-def _check_vector(t, name: str, C: int, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.shape != (C,):
-        raise TypeError(f"{name} must be a float32 tensor of shape ({C},) (one value per channel of x), got "
-                        f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if t.device != device:
-        raise ValueError(f"{name} must be on x's device {device}, got {t.device}")
-    return t.contiguous()
 
 
 def conv_forward(
@@ -202,15 +194,9 @@ def conv_forward(
     is, else NCHW-contiguous. No host synchronisation: capturable in a CUDA graph once
     the autotuner has seen the shape (its first call benchmarks configs).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x must be a 4-D tensor [N, C, H, W], got {got}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 for the triton kernels, got {x.dtype}")
-    check_device(x)
+    check_activation(x)
     N, C, H, W = x.shape
-    scale = _check_vector(scale, "scale", C, x.device)
-    shift = _check_vector(shift, "shift", C, x.device)
+    scale, shift = channel_vector(scale, "scale", x), channel_vector(shift, "shift", x)
     weights = list(weights)
     if not weights:
         raise ValueError("weights must hold at least one weight tensor")
@@ -241,9 +227,10 @@ def conv_forward(
         if not isinstance(residual, torch.Tensor) or residual.shape != outs[0].shape:
             raise ValueError(f"residual must have outs[0]'s shape {tuple(outs[0].shape)}, got "
                              f"{tuple(getattr(residual, 'shape', ())) or type(residual).__name__}")
-        if residual.dtype not in SUPPORTED_DTYPES or residual.device != x.device:
-            raise TypeError(f"residual must be a float32/float16/bfloat16 tensor on {x.device}, "
-                            f"got {residual.dtype} on {residual.device}")
+        if residual.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"residual must be float32, float16 or bfloat16, got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
 
     # Launches: weights with the same (R, S, padding) share a GEMM, two outputs per launch;
     # weights[0] leads the first launch, which carries the residual and the statistics.
@@ -276,7 +263,7 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats):
         cnt, mean, m2 = (torch.empty((P, K0), dtype=torch.float32, device=x.device) for _ in range(3))
     else:
         cnt = mean = m2 = scale  # never touched: STATS is off
-    idx64 = max(_span(t) for t in (x, *outs, res)) > _INT32_MAX
+    idx64 = needs_int64(x, *outs, res)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KTOT, meta["BLOCK_N"]),)  # noqa: E731
     _conv_fwd_kernel[grid](
         x, scale, shift, w_mat, outs[0], out1, res, cnt, mean, m2,

@@ -28,9 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bn_relu, dot_precision, interpreting
-from . import autotune_enabled, conv_out_size, pair
-from .conv_dgrad import channel_vector, check_activation, sum_partials
+from . import autotune_enabled, interpreting
+from .common import bn_relu, channel_vector, check_activation, conv_out_size, dot_precision, pair, sum_partials
 
 # ----------------------------------------------------------------------------- kernels
 
