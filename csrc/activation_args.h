@@ -71,7 +71,7 @@ inline ActView activation_view(const at::Tensor& t) {
 
 // Outputs take the kernel operand's layout by at::empty_like's rule (its
 // strides when dense, else its suggested memory format); the fake
-// implementations in fused_preact/ops/kernels.py follow the same rule.
+// implementations in fused_preact/ops/kernel_tables.py follow the same rule.
 inline at::Tensor empty_activation_like(const at::Tensor& operand) { return at::empty_like(operand); }
 
 #define FUSED_PREACT_DISPATCH(x, name, ...) \

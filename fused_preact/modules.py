@@ -16,24 +16,20 @@ from .recompute import running_stats_frozen
 Stats = tuple[Tensor, Tensor]  # per-channel batch (mean, invstd) of an activation, for one BatchNorm's eps
 
 
-def bn_relu_conv(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto",
-                 residual: Optional[Tensor] = None) -> list[Tensor]:
-    """[conv(relu(bn(x))) for conv in convs], with `residual` added to the first,
-    and bn's exact nn semantics (momentum=None cumulative averaging,
-    track_running_stats, eval mode)."""
-    return bn_relu_conv_chained(x, None, bn, convs, fused, backend, residual)[0]
-
-
-def bn_relu_conv_chained(x: Tensor, x_stats: Optional[Stats], bn: nn.BatchNorm2d, convs: list[nn.Conv2d],
-                         fused: bool, backend: str = "auto", residual: Optional[Tensor] = None,
+def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto",
+                         residual: Optional[Tensor] = None, x_stats: Optional[Stats] = None,
                          next_bn: Optional[nn.BatchNorm2d] = None) -> tuple[list[Tensor], Optional[Stats]]:
-    """bn_relu_conv that hands BatchNorm statistics along a chain of layers:
-    x_stats is x's batch (mean, invstd) for bn.eps from the layer before (or
-    None), and when `next_bn` (the BatchNorm that reads the first output) is
-    given, the first output's statistics for next_bn.eps come back with the
-    outputs, computed in the convolution's epilogue, so no layer reads its
-    input an extra time for statistics. Statistics are only handed along where
-    they are used: batch statistics in training on the fused path."""
+    """([conv(relu(bn(x))) for conv in convs] with `residual` added to the first,
+    statistics or None), with bn's exact nn semantics (momentum=None cumulative
+    averaging, track_running_stats, eval mode); fused=False runs the modules.
+
+    Along a chain of layers, BatchNorm statistics are handed on: x_stats is x's
+    batch (mean, invstd) for bn.eps from the layer before (or None), and when
+    `next_bn` (the BatchNorm that reads the first output) is given, the first
+    output's statistics for next_bn.eps come back as the second result,
+    computed in the convolution's epilogue, so no layer reads its input an
+    extra time for statistics. They are only handed along where they are used:
+    batch statistics in training on the fused path."""
     update = bn.training and bn.track_running_stats and not running_stats_frozen()
     momentum = bn.momentum if bn.momentum is not None else 0.0
     if update:
@@ -53,11 +49,11 @@ def bn_relu_conv_chained(x: Tensor, x_stats: Optional[Stats], bn: nn.BatchNorm2d
         unsupported = {"bias": conv.bias is not None, "groups": conv.groups != 1,
                        "dilation": conv.dilation != (1, 1), "padding_mode": conv.padding_mode != "zeros"}
         if any(unsupported.values()):
-            raise ValueError(f"bn_relu_conv: convs[{i}] must be a bias-free, ungrouped, undilated, zero-padded "
+            raise ValueError(f"bn_relu_conv_modules: convs[{i}] must be a bias-free, ungrouped, undilated, zero-padded "
                              f"nn.Conv2d; unsupported: {[k for k, bad in unsupported.items() if bad]}")
     hand_on = next_bn is not None and next_bn.training
     return bn_relu_convs(
-        "bn_relu_conv", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
+        "bn_relu_conv_modules", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
         use_batch_stats, momentum, bn.eps, backend, residual=residual, x_stats=x_stats if use_batch_stats else None,
         stats_eps=next_bn.eps if hand_on else None,
     )
@@ -82,7 +78,7 @@ class FusedBNReLUConv2d(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        return bn_relu_conv(x, self.bn, [self.conv], self.fused, self.backend)[0]
+        return bn_relu_conv_modules(x, self.bn, [self.conv], self.fused, self.backend)[0][0]
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}"

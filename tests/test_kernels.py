@@ -5,7 +5,7 @@ import torch
 
 from conftest import DTYPES, LAYOUTS, assert_close, make_layout
 from fused_preact import reference
-from fused_preact.ops.kernels import native
+from fused_preact.ops.kernel_tables import native
 
 SHAPES = [(3, 5, 7, 9), (1, 1, 1, 2), (2, 3, 33, 35), (4, 17, 1, 1), (2, 8, 40, 40)]
 

@@ -131,17 +131,17 @@ def test_recompute_modes_match_the_plain_net(name, options, size, fused, recompu
    if isinstance(v, dict) else None)
 @pytest.mark.parametrize("recompute", ["bn_relu", "unit", "none"])
 def test_every_bn_relu_conv_goes_through_the_op(monkeypatch, name, options, bn_relu_convs_per_unit, recompute):
-    """Each BatchNorm is used once per forward: through bn_relu_conv (with fused=True unless recompute="none")
-    where a ReLU and conv(s) follow it on every path, else as a plain module."""
+    """Each BatchNorm is used once per forward: through bn_relu_conv_modules (with fused=True unless
+    recompute="none") where a ReLU and conv(s) follow it on every path, else as a plain module."""
     calls = []
     for module in (original_resnet, imagenet_preact):
-        real = module.bn_relu_conv
+        real = module.bn_relu_conv_modules
 
         def spy(x, bn, convs, fused, backend="auto", _real=real):
             calls.append((bn, tuple(convs), fused))
             return _real(x, bn, convs, fused, backend)
 
-        monkeypatch.setattr(module, "bn_relu_conv", spy)
+        monkeypatch.setattr(module, "bn_relu_conv_modules", spy)
     model = fused_preact.create_model(name, num_classes=5, recompute=recompute, backend="native", **options)
     module_calls = []
     for bn in model.modules():

@@ -4,7 +4,7 @@ import torch
 
 from conftest import BACKENDS, assert_close, make_layout
 from fused_preact import reference
-from fused_preact.ops import bn_relu_conv2d, bn_relu_conv2d_with_shortcut
+from fused_preact.ops import bn_relu_conv2d
 from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
 
 # (N, C, H, W, C_out, kernel, stride, padding)
@@ -93,8 +93,8 @@ def test_with_shortcut_equals_two_modules(backend, kernel, padding):
     x, weight, gamma, beta, running, _ = _problem((3, 5, 7, 9, 6, kernel, 2, padding), torch.float64)
     shortcut = torch.randn(8, 5, 1, 1, dtype=torch.float64, requires_grad=True)
     rm, rv = running[0].clone(), running[1].clone()
-    y, sc = bn_relu_conv2d_with_shortcut(x, weight, shortcut, gamma, beta, rm, rv, stride=2, padding=padding,
-                                         backend=backend)
+    y, sc = bn_relu_conv2d(x, weight, gamma, beta, rm, rv, stride=2, padding=padding, backend=backend,
+                           shortcut_weight=shortcut)
     a = torch.relu(torch.nn.functional.batch_norm(x, running[0].clone(), running[1].clone(), gamma, beta, True))
     ty = torch.nn.functional.conv2d(a, weight, None, 2, padding)
     tsc = torch.nn.functional.conv2d(a, shortcut, None, 2, 0)

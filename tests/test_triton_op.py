@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close, make_layout, randomize
 from fused_preact import PreActResNet, reference
-from fused_preact.ops import bn_relu_conv2d, bn_relu_conv2d_with_shortcut
+from fused_preact.ops import bn_relu_conv2d
 from fused_preact.ops.backends import resolve_backend
 from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
 import test_op
@@ -72,8 +72,8 @@ def test_matches_nn_modules_fp16(case):
 def test_with_shortcut_equals_two_modules(kernel, padding):
     x, weight, gamma, beta, running, _ = _problem((3, 5, 7, 9, 6, kernel, 2, padding), torch.float32)
     shortcut = torch.randn(8, 5, 1, 1, device=DEVICE, requires_grad=True)
-    y, sc = bn_relu_conv2d_with_shortcut(x, weight, shortcut, gamma, beta, running[0].clone(), running[1].clone(),
-                                         stride=2, padding=padding, backend="triton")
+    y, sc = bn_relu_conv2d(x, weight, gamma, beta, running[0].clone(), running[1].clone(), stride=2, padding=padding,
+                           backend="triton", shortcut_weight=shortcut)
     inputs = (x, weight, shortcut, gamma, beta)
     x64, w64, s64, g64, b64 = (t.detach().double().requires_grad_() for t in inputs)
     a = torch.relu(F.batch_norm(x64, None, None, g64, b64, True))
@@ -190,7 +190,7 @@ def test_nan_propagates_like_relu():
 def test_convs_with_different_strides_share_one_pre_activation():
     # An ImageNet pre-activation unit's conv1 (stride 1) and strided projection.
     from torch import nn
-    from fused_preact.modules import bn_relu_conv
+    from fused_preact.modules import bn_relu_conv_modules
 
     torch.manual_seed(0)
     bn, conv1, proj = (m.to(DEVICE) for m in (nn.BatchNorm2d(5), nn.Conv2d(5, 6, 1, bias=False),
@@ -198,7 +198,7 @@ def test_convs_with_different_strides_share_one_pre_activation():
     x = torch.randn(3, 5, 7, 9, device=DEVICE, requires_grad=True)
     outs = {}
     for fused in (False, True):
-        y, sc = bn_relu_conv(x, bn, [conv1, proj], fused=fused, backend="triton")
+        (y, sc), _ = bn_relu_conv_modules(x, bn, [conv1, proj], fused=fused, backend="triton")
         params = (x, bn.weight, bn.bias, conv1.weight, proj.weight)
         outs[fused] = (y, sc, *torch.autograd.grad((y.sum(), (sc * sc).sum()), params))
     for name, a, b in zip(("y", "shortcut", "dx", "dgamma", "dbeta", "dW1", "dW_proj"), outs[True], outs[False]):

@@ -1,6 +1,6 @@
 // CPU kernels for the BatchNorm -> ReLU part of BN -> ReLU -> conv (torch-free).
 //
-// Math (DESIGN.md section 4), per channel c over the m = N*H*W elements:
+// Math (the op's, as in fused_preact/reference.py), per channel c over the m = N*H*W elements:
 //   mean, invstd = 1/sqrt(var + eps)         (biased variance)
 //   xhat = (x - mean) * invstd,  z = x * scale + shift,  a = relu(z)
 //   with scale = gamma * invstd and shift = beta - mean * scale.

@@ -1,8 +1,13 @@
 // CUDA kernels for the BatchNorm -> ReLU part of BN -> ReLU -> conv (torch-free).
 //
-// Same math and semantics as the CPU twins in core/bn_relu_cpu.h (see there);
-// storage types are float, double, __half and __nv_bfloat16, computing in fp32
-// (fp64 for double), with statistics typed stat_t<T>.
+// The same formulas, arguments and semantics as the CPU twins in
+// core/bn_relu_cpu.h (see there), but not the same summation: the CPU
+// kernels take corrected two-pass moments per chunk and the GPU ones Welford
+// updates per thread, both merged with Chan's formula in a fixed order, so
+// each device is bit-reproducible by itself and the two agree to rounding
+// (the tests hold both to the same per-dtype tolerance). Storage types are float, double, __half and
+// __nv_bfloat16, computing in fp32 (fp64 for double), with statistics typed
+// stat_t<T>.
 //
 // Per-channel reductions (batch_stats, bn_relu_backward_reduce) run in two
 // kernels: one partial per (block of rows, channel) written to a caller-owned

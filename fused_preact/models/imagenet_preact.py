@@ -37,7 +37,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules import bn_relu_conv
+from ..modules import bn_relu_conv_modules
 from .net_utils import (BLOCKS, batch_norm, build_stages, check_choice, check_recompute, default_segment_size,
                         fixed_depth_factory, init_weights, run_units)
 from .registry import register_model
@@ -88,18 +88,19 @@ class ImageNetPreActUnit(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shares_preact = self.bn1 is not None and self.shortcut is not None and self.projection == "preact_conv"
         if shares_preact:
-            out, shortcut = bn_relu_conv(x, self.bn1, [self.conv1, self.shortcut], self.fused, self.backend)
+            (out, shortcut), _ = bn_relu_conv_modules(x, self.bn1, [self.conv1, self.shortcut], self.fused,
+                                                      self.backend)
         else:
             if self.bn1 is None:
                 out = self.conv1(x)
             else:
-                (out,) = bn_relu_conv(x, self.bn1, [self.conv1], self.fused, self.backend)
+                (out,), _ = bn_relu_conv_modules(x, self.bn1, [self.conv1], self.fused, self.backend)
             shortcut = x if self.shortcut is None else self.shortcut(x)
             if self.shortcut_bn is not None:
                 shortcut = batch_norm(shortcut, self.shortcut_bn)
         for i in range(2, self.num_convs + 1):
-            (out,) = bn_relu_conv(out, getattr(self, f"bn{i}"), [getattr(self, f"conv{i}")], self.fused,
-                                  self.backend)
+            (out,), _ = bn_relu_conv_modules(out, getattr(self, f"bn{i}"), [getattr(self, f"conv{i}")],
+                                             self.fused, self.backend)
         return out + shortcut
 
 

@@ -31,7 +31,7 @@ the last addition, and a projection shortcut that reads the unit's
 pre-activation, relu(x), as resnet-pre-act.lua's projections read BN-ReLU(x).
 
 Fused op: every BN -> ReLU -> conv inside a branch (BN_i - ReLU - conv_{i+1})
-runs through bn_relu_conv; the other BN and ReLU layers (after the last conv,
+runs through bn_relu_conv_modules; the other BN and ReLU layers (after the last conv,
 after the addition, at the start of (d), after a projection) are not
 followed by a conv on all of their consumers, so they run as plain modules.
 """
@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules import bn_relu_conv
+from ..modules import bn_relu_conv_modules
 from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_choice, check_recompute,
                         cifar_units_per_stage, default_segment_size, default_shortcut, fixed_depth_factory,
                         init_weights, run_units, zero_padded_identity)
@@ -92,8 +92,8 @@ class ResidualUnit(nn.Module):
         preact = F.relu(x) if self.ordering == "relu_only_preact" else x
         out = self.conv1(preact)
         for i in range(1, self.num_convs):
-            (out,) = bn_relu_conv(out, getattr(self, f"bn{i}"), [getattr(self, f"conv{i + 1}")], self.fused,
-                                  self.backend)
+            (out,), _ = bn_relu_conv_modules(out, getattr(self, f"bn{i}"), [getattr(self, f"conv{i + 1}")],
+                                             self.fused, self.backend)
         if self.post_add_bn is None:
             out = batch_norm(out, getattr(self, f"bn{self.num_convs}"))
         if self.ordering == "relu_before_add":

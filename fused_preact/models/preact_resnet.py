@@ -22,7 +22,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules import Stats, bn_relu_conv_chained
+from ..modules import Stats, bn_relu_conv_modules
 from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_recompute, cifar_units_per_stage,
                         default_segment_size, default_shortcut, fixed_depth_factory, init_weights, run_units,
                         zero_padded_identity)
@@ -75,7 +75,7 @@ class _PreActUnit(nn.Module):
         return out, stats, x if self.pad_shortcut is None else zero_padded_identity(x, *self.pad_shortcut)
 
     def _layer(self, x, x_stats, bn, convs, next_bn, residual=None):
-        return bn_relu_conv_chained(x, x_stats, bn, convs, self.fused, self.backend, residual, next_bn)
+        return bn_relu_conv_modules(x, bn, convs, self.fused, self.backend, residual, x_stats, next_bn)
 
 
 class PreActBlock(_PreActUnit):
@@ -103,7 +103,7 @@ class PreActBlock(_PreActUnit):
     def forward(self, x: Tensor, chain: Optional[Chain] = None):
         """The unit's output; called with `chain` = (x's statistics or None, the
         BatchNorm that reads the output or None), returns (output, its statistics
-        for that BatchNorm) instead: see modules.bn_relu_conv_chained."""
+        for that BatchNorm) instead: see modules.bn_relu_conv_modules."""
         x_stats, next_bn = chain or (None, None)
         out, stats, residual = self._first_layer(x, x_stats)
         (out,), stats = self._layer(out, stats, self.bn2, [self.conv2], next_bn, residual)

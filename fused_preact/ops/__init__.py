@@ -6,8 +6,12 @@
 returns what nn.BatchNorm2d -> nn.ReLU -> nn.Conv2d(bias=False) return, with the
 same gradients and running-statistics updates, but autograd keeps only x, the
 per-channel mean/invstd and the parameters (relu(bn(x)) is recomputed in
-backward). Backends: "reference" (plain PyTorch, any device), "native" (the
-compiled C++/CUDA kernels around PyTorch's convolution), "auto".
+backward). Backends: backend_names() (see backends.py).
+
+Layers, from the user down: `bn_relu_conv2d` (public, checked) and
+`bn_relu_convs` (the checked entry the nn modules share: several convs of one
+activation, BatchNorm statistics handed along) -> `bn_relu_conv.apply` (the
+custom op / autograd.Function) -> a backend (backends.py) -> its kernels.
 """
 from typing import Optional, Union
 
@@ -15,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .backends import backend_names, register_backend, resolve_backend
-from .bn_relu_conv import bn_relu_convs_autograd, normalization_stats
+from . import bn_relu_conv
+from .bn_relu_conv import normalization_stats
 
-__all__ = ["bn_relu_conv2d", "bn_relu_conv2d_with_shortcut", "backend_names", "register_backend"]
+__all__ = ["bn_relu_conv2d", "backend_names", "register_backend"]
 
 IntOrPair = Union[int, tuple[int, int]]
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -26,7 +31,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], stride: IntOrPair = 1,
                    padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                   backend: str = "auto", residual: Optional[Tensor] = None) -> Tensor:
+                   backend: str = "auto", residual: Optional[Tensor] = None, shortcut_weight: Optional[Tensor] = None,
+                   shortcut_padding: IntOrPair = 0):
     """conv2d(relu(batch_norm(x)), conv_weight, stride, padding) [+ residual]; see
     the module docstring.
 
@@ -35,25 +41,16 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
     BatchNorm2d(track_running_stats=False)); eval mode normalises with them.
     residual (the output's shape) is added to the result in the convolution's
     epilogue where the backend fuses it (a ResNet unit's identity shortcut).
+    shortcut_weight: the first unit of a ResNet stage, where a = relu(bn(x))
+    also feeds the projection shortcut (same stride): returns (conv(a,
+    conv_weight), conv(a, shortcut_weight)), a computed once and recomputed once.
     """
-    (y,), _ = bn_relu_convs("bn_relu_conv2d", x, [(conv_weight, stride, padding)], bn_weight, bn_bias, running_mean,
-                            running_var, training, momentum, eps, backend, residual=residual)
-    return y
-
-
-def bn_relu_conv2d_with_shortcut(x: Tensor, conv_weight: Tensor, shortcut_weight: Tensor,
-                                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                                 stride: IntOrPair = 1, padding: IntOrPair = 0, shortcut_padding: IntOrPair = 0,
-                                 training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                                 backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """The first unit of a ResNet stage: a = relu(bn(x)) feeds both conv1 and the
-    projection shortcut (same stride). Returns (conv(a, conv_weight),
-    conv(a, shortcut_weight)); a is computed once and recomputed once."""
-    (y, shortcut), _ = bn_relu_convs("bn_relu_conv2d_with_shortcut", x,
-                                     [(conv_weight, stride, padding), (shortcut_weight, stride, shortcut_padding)],
-                                     bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend)
-    return y, shortcut
+    convs = [(conv_weight, stride, padding)]
+    if shortcut_weight is not None:
+        convs.append((shortcut_weight, stride, shortcut_padding))
+    outs, _ = bn_relu_convs("bn_relu_conv2d", x, convs, bn_weight, bn_bias, running_mean, running_var, training,
+                            momentum, eps, backend, residual=residual)
+    return outs[0] if shortcut_weight is None else tuple(outs)
 
 
 def _is_int(v) -> bool:
@@ -95,8 +92,8 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         _check_residual(fn, residual, x, weights[0], strides[:2], paddings[:2])
         residual = residual.to(x.dtype)
     mean, invstd = normalization_stats(x, running_mean, running_var, training, momentum, eps, backend, x_stats)
-    return bn_relu_convs_autograd(x, weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings,
-                                  training, backend, stats_eps)
+    return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training,
+                              backend, stats_eps)
 
 
 def _check_residual(fn, residual, x, weight, stride, padding):

@@ -3,30 +3,17 @@ the recomputing backward.
 
 A backend sees the BN affine already folded into per-channel `scale` and
 `shift` (z = x * scale + shift), so training and eval mode, running statistics
-and the gamma/beta gradients stay in one place (bn_relu_conv.py), and a backend
-only provides three steps:
-
-- batch_stats(x, eps) -> (mean, invstd)
-- forward(x, scale, shift, convs, residual, stats_eps) -> (outs, stats): one
-      output per conv, conv(relu(z)), with `residual` (or None) added to the
-      first; stats = the first output's (mean, invstd) for eps=stats_eps (the
-      next BatchNorm's statistics), or None when stats_eps is None
-- backward(grads, x, mean, invstd, scale, shift, convs, training, needs_weight, needs_bn,
-           traceable) -> (dx, [dW per conv], sum_dz, sum_dz_xhat); needs_bn: x, gamma
-      or beta wants a gradient (else dx and the sums are None); traceable: the
-      call is traced with fake tensors (torch.compile), so only ops with fake
-      implementations may run
-
-`convs` is a list of `Conv` (weight, stride, padding) all reading the same
-activation: one conv normally, two for a stage's first unit (conv1 and the
-projection shortcut). New backends (e.g. Triton) call `register_backend`.
+and the gamma/beta gradients stay in one place (bn_relu_conv.py); what a
+backend provides is the `Backend` protocol. "reference" and "native" are
+`KernelBackend`s (BN-ReLU kernels from a table, PyTorch's convolutions),
+"triton" is `TritonBackend` (triton_backend.py); `register_backend` adds more.
 """
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Protocol
 
 import torch
 
 from .. import _extension
-from .kernels import REFERENCE, BnReluKernels, native
+from .kernel_tables import REFERENCE, BnReluKernels, native
 from .triton_backend import TritonBackend
 
 
@@ -34,6 +21,42 @@ class Conv(NamedTuple):
     weight: torch.Tensor
     stride: tuple[int, int]
     padding: tuple[int, int]
+
+
+class Backend(Protocol):
+    """What bn_relu_conv2d asks of a backend. `convs` are `Conv`s all reading
+    the same activation relu(z): one conv normally, two for a stage's first
+    unit (conv1 and the projection shortcut)."""
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether it has kernels for `dtype` tensors on `device` here."""
+
+    def automatic(self, device: torch.device, channels_last: bool) -> bool:
+        """Whether "auto" may pick it for an input on `device` in (or not in)
+        the channels_last layout."""
+
+    def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
+        """Why supports() is False, for the error message ("" if nothing to add)."""
+
+    def batch_stats(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x's per-channel batch (mean, invstd), fp32 (fp64 for fp64 x)."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, convs: list["Conv"],
+                residual: Optional[torch.Tensor] = None, stats_eps: Optional[float] = None
+                ) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        """(one output per conv, conv(relu(z)), `residual` added to the first;
+        the first output's (mean, invstd) for eps=stats_eps, or None when
+        stats_eps is None)."""
+
+    def backward(self, grads: list[Optional[torch.Tensor]], x: torch.Tensor, mean: torch.Tensor,
+                 invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, convs: list["Conv"],
+                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False
+                 ) -> tuple[Optional[torch.Tensor], list[Optional[torch.Tensor]], Optional[torch.Tensor],
+                            Optional[torch.Tensor]]:
+        """(dx, [dW per conv], sum_dz, sum_dz_xhat). needs_bn: x, gamma or beta
+        wants a gradient (else dx and the sums are None); traceable: the call is
+        traced with fake tensors (torch.compile), so only ops with fake
+        implementations may run."""
 
 
 class KernelBackend:
@@ -52,8 +75,6 @@ class KernelBackend:
         return self._supports(device)
 
     def automatic(self, device: torch.device, channels_last: bool) -> bool:
-        """Whether "auto" may pick this backend for an input on `device` in (or
-        not in) the channels_last layout."""
         return True
 
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
@@ -103,7 +124,7 @@ def _native_supports(device: torch.device) -> bool:
     return device.type == "cuda" and _extension.has_cuda_kernels()
 
 
-_BACKENDS = {
+_BACKENDS: dict[str, Backend] = {
     "reference": KernelBackend(lambda: REFERENCE, lambda device: True),
     "native": KernelBackend(native, _native_supports),
     "triton": TritonBackend(),
@@ -113,7 +134,7 @@ _BACKENDS = {
 _AUTO_ORDER = ["triton", "native", "reference"]
 
 
-def register_backend(name: str, backend, auto_priority: Optional[int] = None) -> None:
+def register_backend(name: str, backend: Backend, auto_priority: Optional[int] = None) -> None:
     """Add a backend; with auto_priority it joins "auto"'s preference list there."""
     _BACKENDS[name] = backend
     if auto_priority is not None:
@@ -140,5 +161,5 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, channel
     return name
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> Backend:
     return _BACKENDS[name]

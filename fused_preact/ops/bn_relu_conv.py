@@ -7,13 +7,17 @@ One op serves one or two convolutions of the same activation: the first unit
 of a ResNet stage feeds relu(bn(x)) to both conv1 and the projection shortcut,
 so that activation is computed once in forward and once in backward.
 
-`bn_relu_convs_autograd` is the entry point. Under torch.compile it calls the
-torch.library op (opaque to the compiler, with a fake implementation and a
-registered autograd formula); in eager mode it calls `_BnReluConvFunction`, an
-autograd.Function around the same forward and backward, because torch.library's
-Python autograd wrapper costs about 0.2 ms a call, more than the kernels of a
-small layer, and ResNet-1001 has some 3000 such layers.
+The op is defined once, by `_op` (its signature is the schema) and the
+`_forward`, `_setup_context` and `_gradients` below. From that one definition
+come the torch.library op `bn_relu_conv2d_op` (opaque to torch.compile, with a
+fake implementation and a registered autograd formula) and `_EagerFunction`,
+an autograd.Function taking the same arguments, which eager mode calls because
+torch.library's Python autograd wrapper costs about 0.2 ms a call, more than
+the kernels of a small layer, and ResNet-1001 has some 3000 such layers.
+`apply` picks between the two.
 """
+import inspect
+
 from typing import Optional
 
 import torch
@@ -74,8 +78,7 @@ def refuse_double_backward(what: str) -> None:
                            f"torch.nn modules) for it")
 
 
-@torch.library.custom_op(_OP, mutates_args=())
-def bn_relu_conv2d_op(
+def _op(
     x: Tensor, conv_weights: list[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
     invstd: Tensor, residual: Optional[Tensor], strides: list[int], paddings: list[int], training: bool,
     backend: str, stats_eps: Optional[float],
@@ -86,15 +89,48 @@ def bn_relu_conv2d_op(
 
     `training` says whether mean/invstd are x's own batch statistics (so the
     gradient of x flows through them) or constants (running statistics)."""
-    outs, stats = _forward(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, backend,
-                           stats_eps)
+    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
+    outs, stats = get_backend(backend).forward(x, scale, shift, _convs(conv_weights, strides, paddings), residual,
+                                               stats_eps)
     return [*outs, *(stats or ())]
 
 
-def _forward(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, backend, stats_eps):
+ARG_NAMES = tuple(inspect.signature(_op).parameters)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    # Everything backward needs goes through save_for_backward, so
+    # saved_tensors_hooks (and save_on_cpu) see and may offload all of it.
+    # The residual is only added: its gradient is the first output's, and
+    # nothing of it is kept.
+    a = dict(zip(ARG_NAMES, inputs))
+    ctx.save_for_backward(a["x"], a["mean"], a["invstd"], a["bn_weight"], a["bn_bias"], *a["conv_weights"])
+    ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"])
+
+
+def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
+    """The gradients of the op's arguments, in ARG_NAMES order; `needs` maps
+    each name to whether it wants one (a list for conv_weights)."""
+    refuse_double_backward("bn_relu_conv2d")
+    x, mean, invstd, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
+    strides, paddings, training, backend = ctx.conf
+    needs_bn = needs["x"] or needs["bn_weight"] or needs["bn_bias"]
     scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
-    return get_backend(backend).forward(x, scale, shift, _convs(conv_weights, strides, paddings), residual,
-                                        stats_eps)
+    dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
+        list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
+        _convs(conv_weights, strides, paddings), training, needs["conv_weights"], needs_bn, traceable,
+    )
+    # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
+    grads = {"x": dx, "conv_weights": d_weights,
+             "bn_weight": None if bn_weight is None or sum_dz_xhat is None else sum_dz_xhat.to(bn_weight.dtype),
+             "bn_bias": None if bn_bias is None or sum_dz is None else sum_dz.to(bn_bias.dtype),
+             "residual": grad_outputs[0] if needs["residual"] else None}
+    return tuple(grads.get(name) for name in ARG_NAMES)
+
+
+# ---- the torch.library op (torch.compile)
+
+bn_relu_conv2d_op = torch.library.custom_op(_OP, mutates_args=())(_op)
 
 
 @bn_relu_conv2d_op.register_fake
@@ -107,85 +143,63 @@ def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, padd
     return outs
 
 
-def _save(ctx, x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend):
-    # Everything backward needs goes through save_for_backward, so
-    # saved_tensors_hooks (and save_on_cpu) see and may offload all of it.
-    # The residual is only added: its gradient is the first output's, and
-    # nothing of it is kept.
-    ctx.save_for_backward(x, mean, invstd, bn_weight, bn_bias, *conv_weights)
-    ctx.conf = (strides, paddings, training, backend)
-
-
-def _grads(ctx, grad_outputs, needs_weight: list[bool], needs_bn: bool, traceable: bool):
-    """(dx, [dW per conv], d_gamma, d_beta) from what `_save` kept; needs_bn says
-    whether x, gamma or beta wants a gradient."""
-    x, mean, invstd, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
-    strides, paddings, training, backend = ctx.conf
-    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
-    dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
-        list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
-        _convs(conv_weights, strides, paddings), training, needs_weight, needs_bn, traceable,
-    )
-    # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
-    d_gamma = None if bn_weight is None or sum_dz_xhat is None else sum_dz_xhat.to(bn_weight.dtype)
-    d_beta = None if bn_bias is None or sum_dz is None else sum_dz.to(bn_bias.dtype)
-    return dx, d_weights, d_gamma, d_beta
-
-
-def _setup_context(ctx, inputs, output):
-    x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend, _ = inputs
-    _save(ctx, x, conv_weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend)
-
-
 def _op_backward(ctx, grad_outputs):
-    refuse_double_backward("bn_relu_conv2d")
-    needs = ctx.needs_input_grad
+    needs = dict(zip(ARG_NAMES, ctx.needs_input_grad))
     n = len(ctx.conf[0]) // 2
-    needs_weight = list(needs[1]) if isinstance(needs[1], (list, tuple)) else [needs[1]] * n
-    dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, needs_weight, any((needs[0], needs[2], needs[3])),
-                                            traceable=True)
-    d_residual = grad_outputs[0] if needs[6] else None
-    return dx, d_weights, d_gamma, d_beta, None, None, d_residual, None, None, None, None, None
+    if not isinstance(needs["conv_weights"], (list, tuple)):
+        needs["conv_weights"] = [needs["conv_weights"]] * n
+    return _gradients(ctx, grad_outputs, needs, traceable=True)
 
 
 bn_relu_conv2d_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-class _BnReluConvFunction(torch.autograd.Function):
-    """bn_relu_conv2d_op's forward and backward for eager mode (see module docstring)."""
+# ---- the same op as an autograd.Function (eager mode)
 
+_WEIGHTS = ARG_NAMES.index("conv_weights")
+
+
+def _spread(args: tuple) -> tuple:
+    """The op's arguments with the conv_weights list moved to the end, one
+    argument per weight, so autograd.Function tracks each weight."""
+    return (*args[:_WEIGHTS], *args[_WEIGHTS + 1:], *args[_WEIGHTS])
+
+
+def _gather(flat: tuple) -> tuple:
+    """The inverse of _spread."""
+    rest = len(ARG_NAMES) - 1
+    return (*flat[:_WEIGHTS], list(flat[rest:]), *flat[_WEIGHTS:rest])
+
+
+class _EagerFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights):
-        strides, paddings, training, backend, stats_eps = conf
-        weights = list(conv_weights)
-        outs, stats = _forward(x, weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, backend,
-                               stats_eps)
-        _save(ctx, x, weights, bn_weight, bn_bias, mean, invstd, strides, paddings, training, backend)
+    def forward(ctx, *flat):
+        args = _gather(flat)
+        outs = _op(*args)
+        _setup_context(ctx, args, outs)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its conv backward is skipped
-        if stats is not None:
-            ctx.mark_non_differentiable(*stats)
-        return (*outs, *(stats or ()))
+        n = len(args[_WEIGHTS])
+        if len(outs) > n:  # the next BatchNorm's statistics
+            ctx.mark_non_differentiable(*outs[n:])
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        refuse_double_backward("bn_relu_conv2d")
-        needs = ctx.needs_input_grad  # (x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights)
-        dx, d_weights, d_gamma, d_beta = _grads(ctx, grad_outputs, list(needs[7:]), any(needs[:3]), traceable=False)
-        d_residual = grad_outputs[0] if needs[5] else None
-        return dx, d_gamma, d_beta, None, None, d_residual, None, *d_weights
+        needs = dict(zip(ARG_NAMES, _gather(ctx.needs_input_grad)))
+        return _spread(_gradients(ctx, grad_outputs, needs, traceable=False))
 
 
-def bn_relu_convs_autograd(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training,
-                           backend, stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
+def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend,
+          stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
     first, and that output's (mean, invstd) for eps=stats_eps or None),
     differentiable in x, the weights, gamma/beta and the residual; mean/invstd
     are x's batch statistics when training."""
+    args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend,
+            stats_eps)
     if torch.compiler.is_compiling():
-        outs = bn_relu_conv2d_op(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings,
-                                 training, backend, stats_eps)
+        outs = bn_relu_conv2d_op(*args)
     else:
-        conf = (strides, paddings, training, backend, stats_eps)
-        outs = list(_BnReluConvFunction.apply(x, bn_weight, bn_bias, mean, invstd, residual, conf, *conv_weights))
+        outs = list(_EagerFunction.apply(*_spread(args)))
     n = len(conv_weights)
     return outs[:n], (tuple(outs[n:]) if stats_eps is not None else None)

@@ -1,5 +1,5 @@
-// CUDA implementations of the fused_preact operators (schemas in ops.cpp).
-// Each mirrors its CPU twin in ops.cpp: same checks (activation_args.h), same
+// CUDA implementations of the fused_preact operators (schemas in bindings_cpu.cpp).
+// Each mirrors its CPU twin in bindings_cpu.cpp: same checks (activation_args.h), same
 // output allocation, same semantics; only the kernels differ.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
