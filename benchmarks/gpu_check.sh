@@ -1,40 +1,101 @@
 #!/usr/bin/env bash
-# One-shot GPU check: on a fresh CUDA machine, build the extension for this card
-# only, run the GPU tests, run the benchmark suites at the paper's sizes, and
-# write raw results (pytest-benchmark JSON with card, versions and date; the
-# markdown report; the memory-vs-depth plot; logs) into the folder given as $1.
-#   bash benchmarks/gpu_check.sh /path/to/results
-# Each step has its own time limit and its own output file, so a slow step
-# costs only its own results; the whole script stays under 9 minutes (limits add up to 525 s).
+# The one GPU check: on a fresh CUDA machine, build the extension for this card
+# only, run every Triton and CUDA test on CUDA tensors, run the benchmark
+# suites at the paper's sizes, and leave raw results in OUT_DIR (env.json with
+# card, versions and date; one log per step; junit XML; pytest-benchmark JSON;
+# the markdown report and plot; summary.txt).
+#   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run OUT_DIR  # anywhere: the same steps at tiny sizes on the CPU
+# Each step runs under its own time limit (SIGINT first, so pytest still writes
+# its XML/JSON) and writes its own files, so a slow step costs only its own
+# results. The limits add up to 510 s: the script ends within 9 minutes.
 set -uo pipefail
-out=${1:?usage: gpu_check.sh OUT_DIR}
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=${1:?usage: gpu_check.sh [--dry-run] OUT_DIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-status=0
+: >"$out/summary.txt"
 
-arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
-echo "== build for sm_${arch/./} (torch $(python -c 'import torch; print(torch.__version__)'))"
-TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} timeout 150 python setup.py build_ext --inplace \
-  >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+# step NAME LIMIT_S COMMAND...: run it, log to OUT/NAME.log, record status and time.
+step() {
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name (limit ${limit} s)"
+  timeout -s INT -k 15 "$limit" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  local status=ok
+  [ $rc -ne 0 ] && status="failed (exit $rc)"
+  [ $rc -eq 124 ] || [ $rc -eq 130 ] && status="timed out after ${limit} s"
+  printf '%-17s %-26s %4d s  %s\n' "$name" "$status" $((SECONDS - start)) \
+    "$(grep -E '[0-9]+ (passed|failed|error|tests? collected)' "$out/$name.log" | tail -1)" >>"$out/summary.txt"
+  tail -3 "$out/$name.log"
+  return $rc
+}
 
-echo "== GPU tests (one Triton config per kernel: correctness needs no tuning, and it compiles little)"
-FUSED_PREACT_TRITON_AUTOTUNE=0 timeout 100 python -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$out/gpu_tests.xml" \
-  >"$out/gpu_tests.log" 2>&1 || status=1
-tail -5 "$out/gpu_tests.log"
+python - "$out/env.json" "$dry" <<'EOF'
+import datetime, json, platform, sys
+import torch
+info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dry_run": sys.argv[2] == "1", "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "card": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else None}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info))
+EOF
 
-# suite:time limit in seconds
+# The Triton and CUDA test modules run whole (their tensors follow the kernels'
+# device); the rest of the suite contributes its gpu-marked tests.
+device_tests=(tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_op.py
+              tests/test_cuda_kernels.py tests/test_gpu_paths.py)
+ignore=()
+for f in "${device_tests[@]}"; do ignore+=(--ignore "$f"); done
+
+if [ $dry -eq 1 ]; then
+  # No CUDA build or card: the installed extension, Triton in the interpreter,
+  # tests collected (their CPU runs are the main test suite's job) and the
+  # benchmarks run at tiny sizes.
+  export TRITON_INTERPRET=1 FUSED_PREACT_BENCH_DRY=1
+  step extension 60 python -c "import fused_preact._extension as e; e.load(); print('extension loads')"
+  step device_tests 120 python -m pytest "${device_tests[@]}" --collect-only -q -p no:cacheprovider
+  step gpu_marked 120 python -m pytest tests -m gpu "${ignore[@]}" -q -p no:cacheprovider \
+    --junitxml="$out/gpu_marked.xml"
+  select=(-k "not compile")  # inductor compiles take minutes on the CPU and are the GPU run's to measure
+  limits="unit:60 train_step:90 memory:60 op:60"
+else
+  arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
+  export TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16}
+  step build 120 python setup.py build_ext --inplace || { cat "$out/summary.txt"; exit 1; }
+  # One Triton config per kernel: correctness needs no tuning, and it compiles little.
+  export FUSED_PREACT_TRITON_AUTOTUNE=0
+  step device_tests 120 python -m pytest "${device_tests[@]}" -q -p no:cacheprovider \
+    --junitxml="$out/device_tests.xml"
+  step gpu_marked 30 python -m pytest tests -m gpu "${ignore[@]}" -q -p no:cacheprovider \
+    --junitxml="$out/gpu_marked.xml"
+  unset FUSED_PREACT_TRITON_AUTOTUNE  # the benchmarks measure tuned kernels
+  select=()
+  limits="unit:45 train_step:100 memory:40 op:55"
+fi
+
 jsons=()
-for suite in unit:50 train_step:110 memory:45 op:70; do
+for suite in $limits; do
   name=${suite%%:*}
-  echo "== benchmark suite $name"
-  timeout "${suite##*:}" python -m pytest "benchmarks/test_bench_$name.py" --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$out/gpu_$name.json" >"$out/gpu_$name.log" 2>&1 || { status=1; tail -5 "$out/gpu_$name.log"; }
+  step "bench_$name" "${suite##*:}" python -m pytest "benchmarks/test_bench_$name.py" --benchmark-only -q \
+    -p no:cacheprovider "${select[@]}" --benchmark-json="$out/gpu_$name.json"
   [ -s "$out/gpu_$name.json" ] && jsons+=("$out/gpu_$name.json")
 done
-
 if [ ${#jsons[@]} -gt 0 ]; then
-  python benchmarks/report.py "${jsons[@]}" --out-dir "$out" --name gpu || status=1
-  [ -f "$out/gpu.md" ] && head -60 "$out/gpu.md"
+  step report 30 python benchmarks/report.py "${jsons[@]}" --out-dir "$out" --name gpu
 fi
-exit $status
+
+echo "== summary ($out)"
+cat "$out/summary.txt"
+[ -f "$out/gpu.md" ] && head -40 "$out/gpu.md"
+! grep -qE 'failed|timed out' "$out/summary.txt"

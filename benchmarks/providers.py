@@ -66,6 +66,9 @@ def sizes_for(device_type: str) -> Sizes:
         return Sizes(batch=128, op_batch=128, depths=(110, 164, 1001), memory_depths=(110, 164, 290, 1001),
                      max_compile_depth=110, op_shapes=_paper_op_shapes(), unit_shapes=((16, 32), (32, 16), (64, 8)),
                      dtypes=(torch.float32, torch.bfloat16), rounds=5)
+    if os.environ.get("FUSED_PREACT_BENCH_DRY", "0") not in ("", "0"):  # gpu_check.sh --dry-run: tiny, fast
+        return Sizes(batch=2, op_batch=2, depths=(11,), memory_depths=(11,), max_compile_depth=0,
+                     op_shapes=((16, 16, 3, 8),), unit_shapes=((16, 8),), dtypes=(torch.float32,), rounds=1)
     full = os.environ.get("FUSED_PREACT_BENCH_FULL", "0") not in ("", "0")
     return Sizes(batch=8 if full else 4, op_batch=16 if full else 8, depths=(110, 164, 1001) if full else (110, 164),
                  memory_depths=(110, 164, 290, 1001), max_compile_depth=1001 if full else 110,

@@ -27,6 +27,14 @@ EPS = 1e-5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _tensors_on_the_kernels_device():
+    """CPU tensors under the interpreter, CUDA tensors for the compiled kernels
+    (the GPU check runs this whole module on a GPU)."""
+    with torch.device(DEVICE):
+        yield
+
+
 def _v(t):
     return t.view(1, -1, 1, 1)
 

@@ -27,6 +27,14 @@ DEV = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _tensors_on_the_kernels_device():
+    """CPU tensors under the interpreter, CUDA tensors for the compiled kernels
+    (the GPU check runs this whole module on a GPU)."""
+    with torch.device(DEV):
+        yield
+
+
 def _bn_params(C, device=DEV):
     return torch.randn(C, device=device), torch.randn(C, device=device)
 

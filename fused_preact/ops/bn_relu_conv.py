@@ -62,9 +62,13 @@ def normalization_stats(x: Tensor, running_mean: Optional[Tensor], running_var: 
         # batch variance above 65504 must not become inf before averaging).
         m = x.numel() // x.shape[1]
         var = invstd.pow(-2).sub_(eps).clamp_(min=0).mul_(m / (m - 1))
+        running, batch = [running_mean, running_var], [mean, var]
         with torch.no_grad():
-            for running, batch in ((running_mean, mean), (running_var, var)):
-                running.copy_(torch.lerp(running.to(stats), batch, momentum))
+            if all(r.dtype == stats for r in running):
+                torch._foreach_lerp_(running, batch, momentum)  # both in one launch
+            else:
+                for r, b in zip(running, batch):
+                    r.copy_(torch.lerp(r.to(stats), b, momentum))
     return mean, invstd
 
 

@@ -1,0 +1,238 @@
+"""Ahead-of-time compile of every Triton kernel a training step launches, for a
+GPU architecture, on a machine without a GPU:
+
+    python -m fused_preact.triton_kernels.aot --arch 90 --out benchmarks/results/triton_sm90.md
+
+It drives the Triton backend's own forward, backward and statistics launchers
+through the layers of the paper's CIFAR bottleneck nets (ResNet-164 and -1001
+share their shapes) at batch 128, in fp32 (TF32 and IEEE), fp16 and bf16, with
+and without the residual and statistics epilogues, on CPU tensors that are
+never read: every launch compiles for the target instead of running, and every
+autotune config that the kernel's pruner keeps for that shape is compiled.
+What the interpreter cannot show comes out here: compile errors, shared memory
+beyond the target's limit (an error), and per kernel and config the registers,
+local memory (spills), and whether tensor-core instructions were emitted.
+"""
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+from . import SUPPORTED_DTYPES, batch_stats, bn_relu_backward, conv_dgrad, conv_forward, conv_wgrad
+
+# Largest shared memory one block may opt in to (bytes): H100 227 KiB, A100 163 KiB.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+# (name, dtype, TF32): the argument kinds a training step uses
+MODES = [("fp32-tf32", torch.float32, True), ("fp32-ieee", torch.float32, False), ("fp16", torch.float16, False),
+         ("bf16", torch.bfloat16, False)]
+BATCH = 128
+
+
+def paper_layers():
+    """(name, input channels, input size, [(K, kernel, stride, padding)], residual) of every distinct
+    BN-ReLU-conv of a CIFAR bottleneck net; a stage's first unit runs conv1 and its projection as one launch."""
+    layers = []
+    in_ch, size = 16, 32
+    for stage, width in enumerate((16, 32, 64)):
+        stride = 1 if stage == 0 else 2
+        layers.append((f"s{stage + 1}.first.conv1+proj", in_ch, size, [(width, 1, stride, 0), (4 * width, 1, stride, 0)],
+                       False))
+        size //= stride
+        layers.append((f"s{stage + 1}.conv2", width, size, [(width, 3, 1, 1)], False))
+        layers.append((f"s{stage + 1}.conv3", width, size, [(4 * width, 1, 1, 0)], True))
+        layers.append((f"s{stage + 1}.inner.conv1", 4 * width, size, [(width, 1, 1, 0)], False))
+        in_ch = 4 * width
+    return layers
+
+
+class _CompileOnlyDriver:
+    """The active-driver surface JITFunction.run uses, answering for `target`
+    with no device behind it."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
+def _check_without_device(x, name="x"):
+    """check_activation's checks except the device: these CPU tensors are never read."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: a 4-D float32/float16/bfloat16 tensor expected")
+
+
+@contextlib.contextmanager
+def compiling_for(arch: int, record):
+    """Inside, a Triton launch compiles for sm_<arch> and calls record(kernel
+    name, config, compiled kernel) instead of running; an autotuned launch
+    compiles every config its pruner keeps."""
+    saved_driver = driver._active  # not .active: creating the real driver needs a GPU
+    saved_run, saved_tune = JITFunction.run, Autotuner.run
+    patched = [(m, m.check_activation) for m in (batch_stats, conv_forward, conv_dgrad, conv_wgrad, bn_relu_backward)]
+
+    def run(self, *args, grid=None, warmup=False, **kwargs):
+        kernel = saved_run(self, *args, grid=grid, warmup=True, **kwargs)
+        record(self.fn.__name__, _config_of(kwargs), kernel)
+        return kernel
+
+    def tune(self, *args, **kwargs):
+        kwargs.pop("grid", None)
+        kwargs.pop("warmup", None)
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+        for config in configs:
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+    driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
+    JITFunction.run, Autotuner.run = run, tune
+    for module, _ in patched:
+        module.check_activation = _check_without_device
+    try:
+        yield
+    finally:
+        driver._active = saved_driver
+        JITFunction.run, Autotuner.run = saved_run, saved_tune
+        for module, original in patched:
+            module.check_activation = original
+
+
+def _config_of(kwargs) -> str:
+    keys = sorted(k for k in kwargs if k.isupper() or k in ("num_warps", "num_stages"))
+    return " ".join(f"{k}={kwargs[k]}" for k in keys if not isinstance(kwargs[k], torch.Tensor))
+
+
+def _drive_step(dtype: torch.dtype, layers) -> None:
+    """The Triton backend's statistics, forward and backward launches for every layer."""
+    from ..ops.backends import Conv, get_backend
+
+    backend = get_backend("triton")
+    for _, c_in, size, convs, has_residual in layers:
+        x = torch.empty(BATCH, c_in, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        vec = torch.ones(c_in)
+        weights = [torch.empty(k_out, c_in, k, k, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                   for k_out, k, _, _ in convs]
+        specs = [Conv(w, (s, s), (p, p)) for w, (_, _, s, p) in zip(weights, convs)]
+        out_size = (size + 2 * convs[0][3] - convs[0][1]) // convs[0][2] + 1
+        grads = [torch.empty(BATCH, k_out, out_size, out_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                 for k_out, _, _, _ in convs]
+        backend.batch_stats(x, 1e-5)
+        for residual in ([None, grads[0]] if has_residual else [None]):
+            for stats_eps in (None, 1e-5):
+                backend.forward(x, vec, vec, specs, residual, stats_eps)
+        backend.backward(grads, x, vec, vec, vec, vec, specs, True, [True] * len(specs), True)
+
+
+def _tool(name: str):
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else shutil.which(name)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG, LOCAL (bytes of local memory per thread: spills) and SHARED from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    return {key: int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", text)) else None
+            for key in ("REG", "LOCAL", "SHARED", "STACK")}
+
+
+def tensor_cores(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return "-"
+
+
+def compile_all(arch: int) -> tuple[list[dict], list[str]]:
+    rows, errors, seen = [], [], set()
+    layers = paper_layers()
+    for mode, dtype, tf32 in MODES:
+        torch.backends.cudnn.allow_tf32 = tf32  # dot_precision follows PyTorch's convolution setting
+
+        def record(name, config, kernel, mode=mode):
+            if kernel is None or id(kernel) in seen:
+                return
+            seen.add(id(kernel))
+            usage = resource_usage(kernel.asm["cubin"])
+            rows.append({"kernel": name, "mode": mode, "config": config, "shared": kernel.metadata.shared,
+                         "regs": usage["REG"], "local": usage["LOCAL"], "stack": usage["STACK"],
+                         "tensor_cores": tensor_cores(kernel.asm["ptx"])})
+
+        try:
+            with compiling_for(arch, record):
+                _drive_step(dtype, layers)
+        except Exception as err:  # a compile error: report every one, fail at the end
+            errors.append(f"{mode}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}")
+    over = [r for r in rows if r["shared"] > SHARED_LIMIT[arch]]
+    errors += [f"{r['kernel']} {r['mode']} {r['config']}: {r['shared']} bytes of shared memory > the "
+               f"{SHARED_LIMIT[arch]} of sm_{arch}" for r in over]
+    return rows, errors
+
+
+def table(rows: list[dict], arch: int, seconds: float) -> str:
+    lines = [f"# Triton kernels compiled ahead of time for sm_{arch}",
+             "",
+             f"Generated by `python -m fused_preact.triton_kernels.aot --arch {arch}` (triton {triton.__version__}, "
+             f"torch {torch.__version__}) in {seconds:.0f} s: every kernel a training step of the paper's CIFAR "
+             f"bottleneck nets launches at batch {BATCH}, every autotune config its pruner keeps there. Shared "
+             f"memory limit {SHARED_LIMIT[arch]} bytes; LOCAL > 0 means register spills.",
+             "",
+             "| kernel | mode | config | shared bytes | registers | local bytes | tensor cores |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["mode"], r["config"])):
+        lines.append(f"| {r['kernel']} | {r['mode']} | {r['config']} | {r['shared']} | {r['regs']} | {r['local']} | "
+                     f"{r['tensor_cores']} |")
+    spills = sum(1 for r in rows if r["local"])
+    at_max = sum(1 for r in rows if r["regs"] is not None and r["regs"] >= 255)
+    lines += ["", f"{len(rows)} compiled kernels; {spills} with local memory (spills); {at_max} at 255 registers."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_preact.triton_kernels.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMIT), required=True, help="90 (H100) or 80 (A100)")
+    parser.add_argument("--out", help="write the markdown table here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; unset it")
+    if _tool("cuobjdump") is None:
+        parser.error("cuobjdump not found (it ships with triton's NVIDIA backend)")
+    start = time.perf_counter()
+    rows, errors = compile_all(args.arch)
+    text = table(rows, args.arch, time.perf_counter() - start)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text.splitlines()[-1])
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if errors or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
