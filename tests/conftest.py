@@ -1,6 +1,8 @@
 """Shared test helpers: per-dtype tolerances and a comparison that says where
 tensors differ. The reference implementations come from fused_preact.reference,
 the same module the benchmarks use."""
+import os
+
 import pytest
 import torch
 
@@ -82,3 +84,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def on_triton_device():
+    """Tensor factories default to the Triton kernels' device: the CPU under the
+    interpreter (TRITON_INTERPRET=1), else CUDA."""
+    with torch.device("cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"):
+        yield

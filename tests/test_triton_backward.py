@@ -24,15 +24,8 @@ from fused_preact.triton_kernels.conv_wgrad import conv_wgrad  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 EPS = 1e-5
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _tensors_on_the_kernels_device():
-    """CPU tensors under the interpreter, CUDA tensors for the compiled kernels
-    (the GPU check runs this whole module on a GPU)."""
-    with torch.device(DEVICE):
-        yield
+# the GPU check runs these modules whole on a GPU: factory calls follow the kernels' device
+pytestmark = pytest.mark.usefixtures("one_thread", "on_triton_device")
 
 
 def _v(t):

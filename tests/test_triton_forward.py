@@ -24,15 +24,8 @@ from fused_preact.triton_kernels.batch_stats import batch_stats, merge_partials 
 from fused_preact.triton_kernels.conv_forward import conv_forward  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _tensors_on_the_kernels_device():
-    """CPU tensors under the interpreter, CUDA tensors for the compiled kernels
-    (the GPU check runs this whole module on a GPU)."""
-    with torch.device(DEV):
-        yield
+# the GPU check runs these modules whole on a GPU: factory calls follow the kernels' device
+pytestmark = pytest.mark.usefixtures("one_thread", "on_triton_device")
 
 
 def _bn_params(C, device=DEV):
