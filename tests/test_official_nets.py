@@ -96,7 +96,8 @@ class PreResNetLua:
             block += [SBatchNorm(n_in), ReLU()]
         elif type_ != "no_preact":
             s += [SBatchNorm(n_in), ReLU()]
-        s += [Convolution(n_in, n, 3, 3, stride, stride, 1, 1), SBatchNorm(n), ReLU(), Convolution(n, n, 3, 3, 1, 1, 1, 1)]
+        s += [Convolution(n_in, n, 3, 3, stride, stride, 1, 1), SBatchNorm(n), ReLU(),
+              Convolution(n, n, 3, 3, 1, 1, 1, 1)]
         return nn.Sequential(*block, ConcatTable(nn.Sequential(*s), lua_shortcut(self.shortcut_type, n_in, n, stride,
                                                                                  False)), CAddTable())
 

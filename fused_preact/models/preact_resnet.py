@@ -45,7 +45,8 @@ class _PreActUnit(nn.Module):
     def _init_shortcut(self, owner: str, in_planes: int, out_planes: int, stride: int, shortcut: str,
                        preact_shortcut: Optional[bool]) -> None:
         reshapes = stride != 1 or in_planes != out_planes
-        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False) if reshapes and shortcut == "B" else None
+        projects = reshapes and shortcut == "B"
+        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False) if projects else None
         self.pad_shortcut = (stride, out_planes - in_planes) if reshapes and shortcut == "A" else None
         # Every unit that reshapes is a stage's first in the official nets.
         self.preact_shortcut = reshapes if preact_shortcut is None else preact_shortcut

@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="fused-preact-train", description="Train pre-activation ResNets as He et al. 2016 did.",
         epilog="presets: paper (Caffe recipe: batch 128, 64k iterations, lr /10 at 32k and 48k, 400 warm-up "
-               "iterations at 0.01, Caffe's momentum form), torch-official (fb.resnet.torch recipe: batch 64, nesterov, 200 epochs, "
-               "/10 after epochs 80 and 121), quick (embedded shapes10 data, ResNet-8 on the CPU, about 2 minutes). "
+               "iterations at 0.01, Caffe's momentum form), torch-official (fb.resnet.torch recipe: batch 64, "
+               "nesterov, 200 epochs, /10 after epochs 80 and 121), quick (embedded shapes10 data, ResNet-8 on the CPU, about 2 minutes). "
                "Every option overrides the preset; the resolved configuration is printed and saved as "
                "OUT/config.json.")
     S = argparse.SUPPRESS

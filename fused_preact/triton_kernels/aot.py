@@ -47,8 +47,8 @@ def paper_layers():
     in_ch, size = 16, 32
     for stage, width in enumerate((16, 32, 64)):
         stride = 1 if stage == 0 else 2
-        layers.append((f"s{stage + 1}.first.conv1+proj", in_ch, size, [(width, 1, stride, 0), (4 * width, 1, stride, 0)],
-                       False))
+        layers.append((f"s{stage + 1}.first.conv1+proj", in_ch, size,
+                       [(width, 1, stride, 0), (4 * width, 1, stride, 0)], False))
         size //= stride
         layers.append((f"s{stage + 1}.conv2", width, size, [(width, 3, 1, 1)], False))
         layers.append((f"s{stage + 1}.conv3", width, size, [(4 * width, 1, 1, 0)], True))
@@ -135,8 +135,8 @@ def _drive_step(dtype: torch.dtype, layers) -> None:
                    for k_out, k, _, _ in convs]
         specs = [Conv(w, (s, s), (p, p)) for w, (_, _, s, p) in zip(weights, convs)]
         out_size = (size + 2 * convs[0][3] - convs[0][1]) // convs[0][2] + 1
-        grads = [torch.empty(BATCH, k_out, out_size, out_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
-                 for k_out, _, _, _ in convs]
+        grads = [torch.empty(BATCH, k_out, out_size, out_size, dtype=dtype)
+                 .contiguous(memory_format=torch.channels_last) for k_out, _, _, _ in convs]
         backend.batch_stats(x, 1e-5)
         for residual in ([None, grads[0]] if has_residual else [None]):
             for stats_eps in (None, 1e-5):
@@ -214,7 +214,8 @@ def table(rows: list[dict], arch: int, seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fused_preact.triton_kernels.aot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fused_preact.triton_kernels.aot",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMIT), required=True, help="90 (H100) or 80 (A100)")
     parser.add_argument("--out", help="write the markdown table here")
     args = parser.parse_args(argv)
