@@ -20,7 +20,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 # Ops that launch no kernel: views, allocation, metadata.
 _FREE = {
@@ -46,7 +46,6 @@ class DispatchCounter(TorchDispatchMode):
         self.ops: collections.Counter = collections.Counter()
         self.triton: collections.Counter = collections.Counter()
         self.syncs: list[str] = []
-        self._inside_launch = 0
         self._patched = None
 
     @property
@@ -55,14 +54,13 @@ class DispatchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self._inside_launch:
-            name = func._schema.name
-            if name in SYNCS:
-                self.syncs.append(name)
-            elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(func, args, kwargs):
-                self.syncs.append(f"{name} (device to host)")
-            if name not in _FREE and not name.startswith("aten::sym_"):
-                self.ops[name.replace("aten::", "").replace("fused_preact::", "fused_preact.")] += 1
+        name = func._schema.name
+        if name in SYNCS:
+            self.syncs.append(name)
+        elif name in ("aten::_to_copy", "aten::copy_") and _device_to_host(func, args, kwargs):
+            self.syncs.append(f"{name} (device to host)")
+        if name not in _FREE and not name.startswith("aten::sym_"):
+            self.ops[name.replace("aten::", "").replace("fused_preact::", "fused_preact.")] += 1
         return func(*args, **kwargs)
 
     def __enter__(self):
@@ -83,11 +81,10 @@ class DispatchCounter(TorchDispatchMode):
 
         def run(fn, *args, **kwargs):
             counter.triton[getattr(fn.fn, "__name__", "kernel")] += 1
-            counter._inside_launch += 1
-            try:
+            # The interpreter's own tensor traffic is neither a launch nor
+            # this mode's business: run it with the mode off.
+            with _disable_current_modes():
                 return original(fn, *args, **kwargs)
-            finally:
-                counter._inside_launch -= 1
 
         InterpretedFunction.run = run
         self._patched = (InterpretedFunction, original)
