@@ -8,6 +8,7 @@
 
 #include <optional>
 
+#include "core/bn_fold.h"
 #include "core/view.h"
 
 namespace fused_preact {
@@ -95,7 +96,7 @@ inline void check_eps(const char* op, double eps) {
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
 }
 
-// Operands of the two backward ops, checked; the statistics vectors are dense.
+// Operands of the backward op, checked; the statistics vectors are dense.
 struct BackwardArgs {
   at::Tensor grad, x, mean, invstd, scale, shift;
 };
@@ -113,17 +114,66 @@ inline BackwardArgs backward_args(const char* op, const at::Tensor& grad, const 
           scale.contiguous(), shift.contiguous()};
 }
 
-// The training-mode sums of bn_relu_backward_input, or two undefined tensors
-// in eval mode (the kernels take null pointers for them).
-inline std::pair<at::Tensor, at::Tensor> backward_sums(const char* op, const at::Tensor& x,
-                                                       const std::optional<at::Tensor>& sum_dz,
-                                                       const std::optional<at::Tensor>& sum_dz_xhat) {
-  TORCH_CHECK(sum_dz.has_value() == sum_dz_xhat.has_value(), op,
-              ": sum_dz and sum_dz_xhat must be given together (training) or both omitted (eval)");
-  if (!sum_dz.has_value()) return {};
-  check_channel_vector(op, "sum_dz", *sum_dz, x);
-  check_channel_vector(op, "sum_dz_xhat", *sum_dz_xhat, x);
-  return {sum_dz->contiguous(), sum_dz_xhat->contiguous()};
+// Operands of batch_norm_stats, checked: the activation, and the BatchNorm's
+// optional parameters and running statistics (undefined tensors when absent).
+struct BatchNormStatsArgs {
+  at::Tensor x, weight, bias, running_mean, running_var, num_batches_tracked;
+};
+
+inline BatchNormStatsArgs batch_norm_stats_args(const char* op, const at::Tensor& x_in,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& running_mean,
+                                                const std::optional<at::Tensor>& running_var,
+                                                const std::optional<at::Tensor>& num_batches_tracked,
+                                                double momentum, double eps) {
+  check_activation(op, "x", x_in);
+  check_eps(op, eps);
+  TORCH_CHECK(momentum >= 0 && momentum <= 1, op, ": momentum must be in [0, 1], got ", momentum);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": running_mean and running_var must be given together or both be None");
+  BatchNormStatsArgs a;
+  a.x = as_kernel_operand(x_in);
+  const auto vector = [&](const char* name, const std::optional<at::Tensor>& t, bool in_place) {
+    if (!t.has_value()) return at::Tensor();
+    check_channel_vector(op, name, *t, x_in);
+    TORCH_CHECK(!in_place || t->is_contiguous(), op, ": ", name, " must be contiguous (it is updated in place)");
+    return in_place ? *t : t->contiguous();
+  };
+  a.weight = vector("weight", weight, false);
+  a.bias = vector("bias", bias, false);
+  a.running_mean = vector("running_mean", running_mean, true);
+  a.running_var = vector("running_var", running_var, true);
+  if (running_mean.has_value())
+    TORCH_CHECK(x_in.numel() > x_in.size(1), op,
+                ": updating running statistics needs more than one value per channel, got x of shape ",
+                x_in.sizes());
+  if (num_batches_tracked.has_value()) {
+    const at::Tensor& t = *num_batches_tracked;
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1 && t.device() == x_in.device(), op,
+                ": num_batches_tracked must be a one-element int64 tensor on x's device (", x_in.device(),
+                "), got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
+    a.num_batches_tracked = t;
+  }
+  return a;
+}
+
+// The kernels' view of the fold: where to read gamma/beta, write scale/shift
+// and update the running statistics.
+template <typename S>
+BnFold<S> bn_fold_of(BatchNormStatsArgs& a, at::Tensor& scale, at::Tensor& shift, double momentum) {
+  BnFold<S> f;
+  f.weight = data_or_null<S>(a.weight);
+  f.bias = data_or_null<S>(a.bias);
+  f.scale = mutable_data_as<S>(scale);
+  f.shift = mutable_data_as<S>(shift);
+  f.running_mean = a.running_mean.defined() ? mutable_data_as<S>(a.running_mean) : nullptr;
+  f.running_var = a.running_var.defined() ? mutable_data_as<S>(a.running_var) : nullptr;
+  f.num_batches_tracked =
+      a.num_batches_tracked.defined() ? a.num_batches_tracked.mutable_data_ptr<int64_t>() : nullptr;
+  f.momentum = momentum;
+  f.count = double(a.x.numel() / a.x.size(1));
+  return f;
 }
 
 template <typename S>

@@ -39,19 +39,22 @@ struct AtenParallelFor {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> cpu_batch_stats(const at::Tensor& x_in, double eps) {
-  check_activation("batch_stats", "x", x_in);
-  check_eps("batch_stats", eps);
-  const at::Tensor x = as_kernel_operand(x_in);
-  auto mean = at::empty({x.size(1)}, x.options().dtype(stats_dtype(x)));
-  auto invstd = at::empty_like(mean);
-  if (x.numel() == 0) return {mean.fill_(NAN), invstd.fill_(NAN)};
-  FUSED_PREACT_DISPATCH(x, "batch_stats_cpu", [&] {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_batch_norm_stats(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, double momentum, double eps) {
+  auto a = batch_norm_stats_args("batch_norm_stats", x_in, weight, bias, running_mean, running_var,
+                                 num_batches_tracked, momentum, eps);
+  auto mean = at::empty({a.x.size(1)}, a.x.options().dtype(stats_dtype(a.x)));
+  auto invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
+  if (a.x.numel() == 0) return {mean.fill_(NAN), invstd.fill_(NAN), scale.fill_(NAN), shift.fill_(NAN)};
+  FUSED_PREACT_DISPATCH(a.x, "batch_norm_stats_cpu", [&] {
     using T = typename core_storage<scalar_t>::type;
-    batch_stats_cpu(data_as<T>(x), activation_view(x), eps, mutable_data_as<stat_t<T>>(mean),
-                    mutable_data_as<stat_t<T>>(invstd), AtenParallelFor{});
+    batch_stats_cpu(data_as<T>(a.x), activation_view(a.x), eps, mutable_data_as<stat_t<T>>(mean),
+                    mutable_data_as<stat_t<T>>(invstd), AtenParallelFor{},
+                    bn_fold_of<stat_t<T>>(a, scale, shift, momentum));
   });
-  return {mean, invstd};
+  return {mean, invstd, scale, shift};
 }
 
 at::Tensor cpu_bn_relu_apply(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift) {
@@ -69,57 +72,49 @@ at::Tensor cpu_bn_relu_apply(const at::Tensor& x_in, const at::Tensor& scale, co
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> cpu_bn_relu_backward_reduce(const at::Tensor& grad_act, const at::Tensor& x,
-                                                               const at::Tensor& mean, const at::Tensor& invstd,
-                                                               const at::Tensor& scale, const at::Tensor& shift) {
-  const auto a = backward_args("bn_relu_backward_reduce", grad_act, x, mean, invstd, scale, shift);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_bn_relu_backward(const at::Tensor& grad_act, const at::Tensor& x,
+                                                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                                                  const at::Tensor& scale, const at::Tensor& shift,
+                                                                  bool training) {
+  const auto a = backward_args("bn_relu_backward", grad_act, x, mean, invstd, scale, shift);
   auto sum_dz = at::empty_like(a.mean);
   auto sum_dz_xhat = at::empty_like(a.mean);
-  FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_reduce_cpu", [&] {
-    using T = typename core_storage<scalar_t>::type;
-    bn_relu_backward_reduce_cpu(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
-                                bn_relu_params<stat_t<T>>(a), mutable_data_as<stat_t<T>>(sum_dz),
-                                mutable_data_as<stat_t<T>>(sum_dz_xhat), AtenParallelFor{});
-  });
-  return {sum_dz, sum_dz_xhat};
-}
-
-at::Tensor cpu_bn_relu_backward_input(const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& mean,
-                                      const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
-                                      const std::optional<at::Tensor>& sum_dz,
-                                      const std::optional<at::Tensor>& sum_dz_xhat) {
-  const char* op = "bn_relu_backward_input";
-  const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
-  const std::pair<at::Tensor, at::Tensor> sums = backward_sums(op, x, sum_dz, sum_dz_xhat);
   at::Tensor dx = empty_activation_like(a.x);
-  FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_input_cpu", [&] {
+  FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_cpu", [&] {
     using T = typename core_storage<scalar_t>::type;
-    bn_relu_backward_input_cpu(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
-                               bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sums.first),
-                               data_or_null<stat_t<T>>(sums.second), mutable_data_as<T>(dx), activation_view(dx),
-                               AtenParallelFor{});
+    using S = stat_t<T>;
+    const ActView vg = activation_view(a.grad), vx = activation_view(a.x);
+    bn_relu_backward_reduce_cpu(data_as<T>(a.grad), vg, data_as<T>(a.x), vx, bn_relu_params<S>(a),
+                                mutable_data_as<S>(sum_dz), mutable_data_as<S>(sum_dz_xhat), AtenParallelFor{});
+    // Eval-mode statistics are constants: dx takes no correction terms.
+    bn_relu_backward_input_cpu(data_as<T>(a.grad), vg, data_as<T>(a.x), vx, bn_relu_params<S>(a),
+                               training ? data_as<S>(sum_dz) : nullptr, training ? data_as<S>(sum_dz_xhat) : nullptr,
+                               mutable_data_as<T>(dx), activation_view(dx), AtenParallelFor{});
   });
-  return dx;
+  return {dx, sum_dz, sum_dz_xhat};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fused_preact, m) {
-  m.def("batch_stats(Tensor x, float eps) -> (Tensor mean, Tensor invstd)");
+  // Training-mode statistics of x with the affine fold (scale, shift) and the
+  // running-statistics update done in the same launch (core/bn_fold.h).
+  m.def(
+      "batch_norm_stats(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float momentum, float eps) "
+      "-> (Tensor mean, Tensor invstd, Tensor scale, Tensor shift)");
   m.def("bn_relu_apply(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  // dx of BN -> ReLU from the activation's gradient, and the sums that give
+  // gamma's and beta's gradients; training=False: statistics are constants.
   m.def(
-      "bn_relu_backward_reduce(Tensor grad_act, Tensor x, Tensor mean, Tensor invstd, Tensor scale, "
-      "Tensor shift) -> (Tensor sum_dz, Tensor sum_dz_xhat)");
-  m.def(
-      "bn_relu_backward_input(Tensor grad_act, Tensor x, Tensor mean, Tensor invstd, Tensor scale, "
-      "Tensor shift, Tensor? sum_dz, Tensor? sum_dz_xhat) -> Tensor");
+      "bn_relu_backward(Tensor grad_act, Tensor x, Tensor mean, Tensor invstd, Tensor scale, Tensor shift, "
+      "bool training) -> (Tensor dx, Tensor sum_dz, Tensor sum_dz_xhat)");
 }
 
 TORCH_LIBRARY_IMPL(fused_preact, CPU, m) {
-  m.impl("batch_stats", &cpu_batch_stats);
+  m.impl("batch_norm_stats", &cpu_batch_norm_stats);
   m.impl("bn_relu_apply", &cpu_bn_relu_apply);
-  m.impl("bn_relu_backward_reduce", &cpu_bn_relu_backward_reduce);
-  m.impl("bn_relu_backward_input", &cpu_bn_relu_backward_input);
+  m.impl("bn_relu_backward", &cpu_bn_relu_backward);
 }
 
 }  // namespace fused_preact

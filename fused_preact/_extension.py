@@ -24,7 +24,7 @@ def _import():
 
 _MODULE, _IMPORT_ERROR = _import()
 _HAS_CUDA_KERNELS = _MODULE is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "fused_preact::batch_stats", "CUDA"
+    "fused_preact::batch_norm_stats", "CUDA"
 )
 
 

@@ -32,10 +32,13 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     batch statistics in training on the fused path."""
     update = bn.training and bn.track_running_stats and not running_stats_frozen()
     momentum = bn.momentum if bn.momentum is not None else 0.0
-    if update:
+    counter = None  # num_batches_tracked, when the fused statistics pass increments it
+    if update and (bn.momentum is None or not fused):
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+        if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm2d (reads the count on the host)
             momentum = 1.0 / float(bn.num_batches_tracked)
+    elif update:
+        counter = bn.num_batches_tracked
     # Batch statistics in training, or in eval when no running ones are tracked.
     use_batch_stats = bn.training or bn.running_mean is None
     running = (bn.running_mean, bn.running_var) if update or not use_batch_stats else (None, None)
@@ -55,7 +58,7 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     return bn_relu_convs(
         "bn_relu_conv_modules", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
         use_batch_stats, momentum, bn.eps, backend, residual=residual, x_stats=x_stats if use_batch_stats else None,
-        stats_eps=next_bn.eps if hand_on else None,
+        stats_eps=next_bn.eps if hand_on else None, num_batches_tracked=counter,
     )
 
 

@@ -79,6 +79,11 @@ def bn_params(x, gen):
     return mean, invstd, scale, beta - mean * scale
 
 
+def batch_stats(x, eps):
+    """(mean, invstd) of the statistics kernel, with nothing to fold or track."""
+    return ops().batch_norm_stats(x, None, None, None, None, None, 0.1, eps)[:2]
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(0)
@@ -89,12 +94,12 @@ def gen():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batch_stats(shape, layout, dtype, gen):
     x = activation(shape, dtype, layout, gen, offset=0.5)
-    mean, invstd = ops().batch_stats(x, EPS)
+    mean, invstd = batch_stats(x, EPS)
     want_mean, want_invstd = ref.batch_stats(x.double(), EPS)
     assert mean.dtype == ref.stats_dtype(x) and mean.device == x.device
     torch.testing.assert_close(mean.double(), want_mean, **stat_tol(dtype))
     torch.testing.assert_close(invstd.double(), want_invstd, **stat_tol(dtype))
-    again = ops().batch_stats(x, EPS)  # fixed merge order: bit-identical reruns
+    again = batch_stats(x, EPS)  # fixed merge order: bit-identical reruns
     assert torch.equal(again[0], mean) and torch.equal(again[1], invstd)
 
 
@@ -102,7 +107,7 @@ def test_batch_stats(shape, layout, dtype, gen):
 def test_batch_stats_large_mean_is_stable(layout, gen):
     # Naive sum(x^2)/m - mean^2 in fp32 loses every digit of this variance.
     x = activation((16, 8, 32, 32), torch.float32, layout, gen, offset=1000.0, scale=0.1)
-    mean, invstd = ops().batch_stats(x, EPS)
+    mean, invstd = batch_stats(x, EPS)
     want_mean, want_invstd = ref.batch_stats(x.double(), EPS)
     torch.testing.assert_close(mean.double(), want_mean, atol=1e-3, rtol=0)
     torch.testing.assert_close(invstd.double(), want_invstd, atol=0, rtol=1e-3)
@@ -128,15 +133,15 @@ def test_bn_relu_backward_reduce(shape, layout, dtype, gen):
     x = activation(shape, dtype, layout, gen)
     grad = activation(shape, dtype, "nchw", gen)  # a layout other than x's on purpose
     params = bn_params(x, gen)
-    sum_dz, sum_dz_xhat = ops().bn_relu_backward_reduce(grad, x, *params)
+    _, sum_dz, sum_dz_xhat = ops().bn_relu_backward(grad, x, *params, True)
     want = ref.bn_relu_backward_reduce(*f64(grad, x, *params))
     m = x.numel() // x.shape[1]
     tol = stat_tol(dtype)
     tol = dict(atol=tol["atol"] * max(1.0, m**0.5), rtol=tol["rtol"])  # sums of m terms
     torch.testing.assert_close(sum_dz.double(), want[0], **tol)
     torch.testing.assert_close(sum_dz_xhat.double(), want[1], **tol)
-    again = ops().bn_relu_backward_reduce(grad, x, *params)
-    assert torch.equal(again[0], sum_dz) and torch.equal(again[1], sum_dz_xhat)
+    again = ops().bn_relu_backward(grad, x, *params, True)
+    assert torch.equal(again[1], sum_dz) and torch.equal(again[2], sum_dz_xhat)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
@@ -147,10 +152,9 @@ def test_bn_relu_backward_input(training, shape, layout, dtype, gen):
     x = activation(shape, dtype, layout, gen)
     grad = activation(shape, dtype, "channels_last", gen)
     params = bn_params(x, gen)
-    sums = list(ref.bn_relu_backward_reduce(grad, x, *params)) if training else [None, None]
-    dx = ops().bn_relu_backward_input(grad, x, *params, *sums)
+    dx, *sums = ops().bn_relu_backward(grad, x, *params, training)
     assert dx.dtype == dtype and dx.shape == x.shape
-    want = ref.bn_relu_backward_input(*f64(grad, x, *params, *sums))
+    want = ref.bn_relu_backward_input(*f64(grad, x, *params, *(sums if training else [None, None])))
     torch.testing.assert_close(dx.double(), want, **ACT_TOL[dtype])
 
 
@@ -162,12 +166,12 @@ def test_rejects_mismatched_devices(gen):
 
 def test_empty_batch():
     x, ones = torch.empty(0, 4, 3, 3, device="cuda"), torch.ones(4, device="cuda")
-    mean, invstd = ops().batch_stats(x, EPS)
+    mean, invstd = batch_stats(x, EPS)
     assert mean.shape == (4,) and mean.isnan().all() and invstd.isnan().all()
     assert ops().bn_relu_apply(x, ones, ones).shape == x.shape
-    sums = ops().bn_relu_backward_reduce(x, x, ones, ones, ones, ones)
+    dx, *sums = ops().bn_relu_backward(x, x, ones, ones, ones, ones, True)
     assert all(torch.equal(s, torch.zeros_like(ones)) for s in sums)
-    assert ops().bn_relu_backward_input(x, x, ones, ones, ones, ones, *sums).shape == x.shape
+    assert dx.shape == x.shape
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -176,12 +180,31 @@ def test_opcheck(layout, dtype, gen):
     x = activation((2, 5, 7, 3), dtype, layout, gen)
     grad = activation((2, 5, 7, 3), dtype, layout, gen)
     params = bn_params(x, gen)
-    sums = ref.bn_relu_backward_reduce(grad, x, *params)
-    torch.library.opcheck(ops().batch_stats.default, (x, EPS))
+    sd = params[0].dtype
+    running = [torch.zeros(5, device="cuda", dtype=sd), torch.ones(5, device="cuda", dtype=sd),
+               torch.tensor(0, device="cuda")]
+    torch.library.opcheck(ops().batch_norm_stats.default, (x, params[2], params[3], *running, 0.1, EPS))
     torch.library.opcheck(ops().bn_relu_apply.default, (x, params[2], params[3]))
-    torch.library.opcheck(ops().bn_relu_backward_reduce.default, (grad, x, *params))
-    torch.library.opcheck(ops().bn_relu_backward_input.default, (grad, x, *params, *sums))
-    torch.library.opcheck(ops().bn_relu_backward_input.default, (grad, x, *params, None, None))
+    for training in (True, False):
+        torch.library.opcheck(ops().bn_relu_backward.default, (grad, x, *params, training))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_stats_fold_and_running_update_match_the_cpu_reference(dtype, gen):
+    x = activation((4, 6, 5, 7), dtype, "channels_last", gen, offset=0.5)
+    sd = ref.stats_dtype(x)
+    gamma, beta = torch.rand(6, generator=gen).to("cuda", sd) + 0.5, torch.randn(6, generator=gen).to("cuda", sd)
+    running = [torch.randn(6, generator=gen).to("cuda", sd), torch.rand(6, generator=gen).to("cuda", sd) + 0.5]
+    want_running = [r.double().cpu() for r in running]
+    count = torch.tensor(3, device="cuda")
+    got = ops().batch_norm_stats(x, gamma, beta, *running, count, 0.1, EPS)
+    want = ref.batch_norm_stats(x.double().cpu(), gamma.double().cpu(), beta.double().cpu(), *want_running, None,
+                                0.1, EPS)
+    for name, a, b in zip(("mean", "invstd", "scale", "shift"), got, want):
+        torch.testing.assert_close(a.double().cpu(), b, **stat_tol(dtype), msg=name)
+    for a, b in zip(running, want_running):
+        torch.testing.assert_close(a.double().cpu(), b, **stat_tol(dtype))
+    assert count.item() == 4
 
 
 def test_more_than_2_pow_31_elements():
@@ -195,6 +218,6 @@ def test_more_than_2_pow_31_elements():
     want = ref.bn_relu_apply(*f64(x[tail], scale, shift))
     torch.testing.assert_close(out[tail].double(), want, **ACT_TOL[torch.float16])
     del out
-    mean, invstd = ops().batch_stats(x, EPS)
+    mean, invstd = batch_stats(x, EPS)
     torch.testing.assert_close(mean, torch.mean(x, dim=(0, 2, 3), dtype=torch.float32), atol=1e-5, rtol=0)
     torch.testing.assert_close(invstd, torch.ones_like(invstd), atol=1e-3, rtol=0)  # randn: var 1

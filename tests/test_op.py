@@ -131,7 +131,7 @@ def test_keeps_only_input_statistics_and_parameters(backend):
         bn_relu_conv2d(x, weight, gamma, beta, *running, backend=backend, **conv)
     params = {t.untyped_storage().data_ptr() for t in (x, weight, gamma, beta)}
     others = [t for t in saved if t.untyped_storage().data_ptr() not in params]
-    assert sorted(tuple(t.shape) for t in others) == [(x.shape[1],), (x.shape[1],)]  # mean and invstd
+    assert sorted(tuple(t.shape) for t in others) == [(x.shape[1],)] * 4  # mean, invstd and the fold scale, shift
     assert all(t.dtype == torch.float32 for t in others)
 
 
@@ -164,15 +164,15 @@ def test_save_on_cpu_hooks_see_everything_kept(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float32)
-    mean, invstd = reference.batch_stats(x.detach(), 1e-5)
+    stats = reference.batch_norm_stats(x.detach(), gamma.detach(), beta.detach(), None, None, None, 0.1, 1e-5)
     for training in (True, False):
         torch.library.opcheck(bn_relu_conv2d_op,
-                              (x, [weight], gamma, beta, mean, invstd, None, [2, 2], [1, 1], training, backend, None))
+                              (x, [weight], gamma, beta, *stats, None, [2, 2], [1, 1], training, backend, None))
     shortcut = torch.randn(4, x.shape[1], 1, 1, requires_grad=True)
     y = torch.nn.functional.conv2d(x.detach(), weight.detach(), None, 2, 1)
     residual = torch.randn(y.shape, requires_grad=True)
     torch.library.opcheck(bn_relu_conv2d_op,
-                          (x, [weight, shortcut], gamma, beta, mean, invstd, residual, [2, 2, 2, 2], [1, 1, 0, 0],
+                          (x, [weight, shortcut], gamma, beta, *stats, residual, [2, 2, 2, 2], [1, 1, 0, 0],
                            True, backend, 1e-3))
 
 

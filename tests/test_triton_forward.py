@@ -349,3 +349,15 @@ def test_gpu_cuda_graph_capture():
     assert torch.equal(captured[0][0][0], eager[0][0][0])
     assert all(torch.equal(a, b) for a, b in zip(captured[0][1], eager[0][1]))
     assert all(torch.equal(a, b) for a, b in zip(captured[1], eager[1]))
+
+
+def test_repacked_weights_are_reused_until_a_weight_changes():
+    weight_matrix = cf.weight_matrix
+    w1, w2 = torch.randn(4, 3, 1, 1), torch.randn(5, 3, 1, 1)
+    first = weight_matrix([w1, w2])
+    assert torch.equal(first, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
+    assert weight_matrix([w1, w2]) is first  # same weights, same versions: no repack
+    w2.add_(1.0)  # an optimizer step: in place, the version moves on
+    again = weight_matrix([w1, w2])
+    assert again is not first and torch.equal(again, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
+    assert weight_matrix([w1]) is not again and weight_matrix([w1]).shape == (3, 4)

@@ -104,11 +104,11 @@ def test_residual_is_added_and_receives_the_output_gradient(backend, layout):
 
 def test_opcheck_with_residual_and_statistics_epilogues():
     x, weight, gamma, beta, running, conv = _problem(CASES[3], torch.float32)
-    mean, invstd = reference.batch_stats(x.detach(), 1e-5)
+    stats = reference.batch_norm_stats(x.detach(), gamma.detach(), beta.detach(), None, None, None, 0.1, 1e-5)
     y = F.conv2d(x.detach(), weight.detach(), None, conv["stride"], conv["padding"])
     residual = torch.randn(y.shape, device=DEVICE, requires_grad=True)
     stride, padding = [conv["stride"]] * 2, [conv["padding"]] * 2
-    torch.library.opcheck(bn_relu_conv2d_op, (x, [weight], gamma, beta, mean, invstd, residual, stride, padding,
+    torch.library.opcheck(bn_relu_conv2d_op, (x, [weight], gamma, beta, *stats, residual, stride, padding,
                                               True, "triton", 1e-3))
 
 

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "bn_fold.h"
 #include "half.h"
 #include "view.h"
 
@@ -137,9 +138,11 @@ struct Moments {
   }
 };
 
+// With a wanted `fold`, also writes the BN affine fold and updates the
+// running statistics (bn_fold.h) from the same per-channel totals.
 template <typename T, typename ParallelFor = SerialFor>
 void batch_stats_cpu(const T* x, const ActView& vx, double eps, stat_t<T>* mean, stat_t<T>* invstd,
-                     ParallelFor&& pfor = {}) {
+                     ParallelFor&& pfor = {}, const BnFold<stat_t<T>>& fold = {}) {
   using acc_t = compute_t<T>;
   const Chunks chunks(vx);
   std::vector<Moments> partial(chunks.count * vx.c);
@@ -172,8 +175,10 @@ void batch_stats_cpu(const T* x, const ActView& vx, double eps, stat_t<T>* mean,
     for (int64_t c = b; c < e; ++c) {
       Moments total;
       for (int64_t chunk = 0; chunk < chunks.count; ++chunk) total.merge(partial[chunk * vx.c + c]);
+      const double var = total.m2 / total.count;
       mean[c] = stat_t<T>(total.mean);
-      invstd[c] = stat_t<T>(1.0 / std::sqrt(total.m2 / total.count + eps));
+      invstd[c] = stat_t<T>(1.0 / std::sqrt(var + eps));
+      if (fold.wanted()) fold(c, total.mean, var, invstd[c]);
     }
   });
 }

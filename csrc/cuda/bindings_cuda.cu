@@ -40,24 +40,28 @@ at::Tensor reduction_workspace(const at::Tensor& x, size_t bytes) {
   return at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_stats_cuda(const at::Tensor& x_in, double eps) {
-  check_activation("batch_stats", "x", x_in);
-  check_cuda("batch_stats", "x", x_in);
-  check_eps("batch_stats", eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cuda(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, double momentum, double eps) {
+  const char* op = "batch_norm_stats";
+  check_cuda(op, "x", x_in);
+  auto a = batch_norm_stats_args(op, x_in, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                 eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = as_kernel_operand(x_in);
-  auto mean = at::empty({x.size(1)}, x.options().dtype(stats_dtype(x)));
-  auto invstd = at::empty_like(mean);
-  if (x.numel() == 0) return {mean.fill_(NAN), invstd.fill_(NAN)};
-  FUSED_PREACT_DISPATCH(x, "batch_stats_cuda", [&] {
+  auto mean = at::empty({a.x.size(1)}, a.x.options().dtype(stats_dtype(a.x)));
+  auto invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
+  if (a.x.numel() == 0) return {mean.fill_(NAN), invstd.fill_(NAN), scale.fill_(NAN), shift.fill_(NAN)};
+  FUSED_PREACT_DISPATCH(a.x, "batch_norm_stats_cuda", [&] {
     using T = typename gpu_storage<scalar_t>::type;
-    const ActView vx = activation_view(x);
-    at::Tensor ws = reduction_workspace(x, gpu::reduction_workspace_bytes<T>(vx));
-    gpu::batch_stats(data_as<T>(x), vx, eps, mutable_data_as<stat_t<T>>(mean), mutable_data_as<stat_t<T>>(invstd),
-                     ws.mutable_data_ptr(), at::cuda::getCurrentCUDAStream());
+    const ActView vx = activation_view(a.x);
+    at::Tensor ws = reduction_workspace(a.x, gpu::reduction_workspace_bytes<T>(vx));
+    gpu::batch_stats(data_as<T>(a.x), vx, eps, mutable_data_as<stat_t<T>>(mean), mutable_data_as<stat_t<T>>(invstd),
+                     bn_fold_of<stat_t<T>>(a, scale, shift, momentum), ws.mutable_data_ptr(),
+                     at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {mean, invstd};
+  return {mean, invstd, scale, shift};
 }
 
 at::Tensor bn_relu_apply_cuda(const at::Tensor& x_in, const at::Tensor& scale, const at::Tensor& shift) {
@@ -78,57 +82,43 @@ at::Tensor bn_relu_apply_cuda(const at::Tensor& x_in, const at::Tensor& scale, c
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(const at::Tensor& grad_act, const at::Tensor& x,
-                                                                const at::Tensor& mean, const at::Tensor& invstd,
-                                                                const at::Tensor& scale,
-                                                                const at::Tensor& shift) {
-  const char* op = "bn_relu_backward_reduce";
+// Two launches, the sums then the elementwise dx (which needs every sum).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(const at::Tensor& grad_act, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                                                   const at::Tensor& scale, const at::Tensor& shift,
+                                                                   bool training) {
+  const char* op = "bn_relu_backward";
   check_cuda(op, "x", x);
   const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
   const c10::cuda::CUDAGuard guard(x.device());
   auto sum_dz = at::empty_like(a.mean);
   auto sum_dz_xhat = at::empty_like(a.mean);
-  FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_reduce_cuda", [&] {
-    using T = typename gpu_storage<scalar_t>::type;
-    const ActView vx = activation_view(a.x);
-    at::Tensor ws = reduction_workspace(a.x, gpu::reduction_workspace_bytes<T>(vx));
-    gpu::bn_relu_backward_reduce(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), vx,
-                                 bn_relu_params<stat_t<T>>(a), mutable_data_as<stat_t<T>>(sum_dz),
-                                 mutable_data_as<stat_t<T>>(sum_dz_xhat), ws.mutable_data_ptr(),
-                                 at::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {sum_dz, sum_dz_xhat};
-}
-
-at::Tensor bn_relu_backward_input_cuda(const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& mean,
-                                       const at::Tensor& invstd, const at::Tensor& scale, const at::Tensor& shift,
-                                       const std::optional<at::Tensor>& sum_dz,
-                                       const std::optional<at::Tensor>& sum_dz_xhat) {
-  const char* op = "bn_relu_backward_input";
-  check_cuda(op, "x", x);
-  const auto a = backward_args(op, grad_act, x, mean, invstd, scale, shift);
-  const std::pair<at::Tensor, at::Tensor> sums = backward_sums(op, x, sum_dz, sum_dz_xhat);
-  const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = empty_activation_like(a.x);
-  FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_input_cuda", [&] {
+  FUSED_PREACT_DISPATCH(a.x, "bn_relu_backward_cuda", [&] {
     using T = typename gpu_storage<scalar_t>::type;
-    gpu::bn_relu_backward_input(data_as<T>(a.grad), activation_view(a.grad), data_as<T>(a.x), activation_view(a.x),
-                                bn_relu_params<stat_t<T>>(a), data_or_null<stat_t<T>>(sums.first),
-                                data_or_null<stat_t<T>>(sums.second), mutable_data_as<T>(dx), activation_view(dx),
-                                at::cuda::getCurrentCUDAStream());
+    using S = stat_t<T>;
+    const ActView vg = activation_view(a.grad), vx = activation_view(a.x);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor ws = reduction_workspace(a.x, gpu::reduction_workspace_bytes<T>(vx));
+    gpu::bn_relu_backward_reduce(data_as<T>(a.grad), vg, data_as<T>(a.x), vx, bn_relu_params<S>(a),
+                                 mutable_data_as<S>(sum_dz), mutable_data_as<S>(sum_dz_xhat), ws.mutable_data_ptr(),
+                                 stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Eval-mode statistics are constants: dx takes no correction terms.
+    gpu::bn_relu_backward_input(data_as<T>(a.grad), vg, data_as<T>(a.x), vx, bn_relu_params<S>(a),
+                                training ? data_as<S>(sum_dz) : nullptr, training ? data_as<S>(sum_dz_xhat) : nullptr,
+                                mutable_data_as<T>(dx), activation_view(dx), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return dx;
+  return {dx, sum_dz, sum_dz_xhat};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_preact, CUDA, m) {
-  m.impl("batch_stats", &batch_stats_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
   m.impl("bn_relu_apply", &bn_relu_apply_cuda);
-  m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce_cuda);
-  m.impl("bn_relu_backward_input", &bn_relu_backward_input_cuda);
+  m.impl("bn_relu_backward", &bn_relu_backward_cuda);
 }
 
 }  // namespace fused_preact

@@ -210,6 +210,7 @@ struct StatsMerge {
   double eps;
   stat_t<T>* mean;
   stat_t<T>* invstd;
+  BnFold<stat_t<T>> fold;
 
   __device__ static State identity() { return {0.0, 0.0, 0.0}; }
   __device__ State partial(int64_t block_row, int64_t c) const {
@@ -225,6 +226,7 @@ struct StatsMerge {
     const double var = st.m2 / st.count;  // NaN for an empty channel, as the CPU binding answers
     mean[c] = stat_t<T>(st.count > 0 ? st.mean : var);
     invstd[c] = stat_t<T>(1.0 / sqrt(var + eps));
+    if (fold.wanted()) fold(c, st.mean, var, invstd[c]);
   }
 };
 

@@ -151,12 +151,12 @@ size_t reduction_workspace_bytes(const ActView& vx) {
 }
 
 template <typename T>
-void batch_stats(const T* x, const ActView& vx, double eps, stat_t<T>* mean, stat_t<T>* invstd, void* workspace,
-                 cudaStream_t stream) {
+void batch_stats(const T* x, const ActView& vx, double eps, stat_t<T>* mean, stat_t<T>* invstd,
+                 const BnFold<stat_t<T>>& fold, void* workspace, cudaStream_t stream) {
   const ReductionGrid g = reduction_grid(vx);
   auto* ws = static_cast<compute_t<T>*>(workspace);
-  reduce_channels(StatsReduction<T>{x, vx}, StatsMerge<T>{ws, vx.c, vx.rows(), g, eps, mean, invstd}, vx, g, ws,
-                  stream);
+  reduce_channels(StatsReduction<T>{x, vx}, StatsMerge<T>{ws, vx.c, vx.rows(), g, eps, mean, invstd, fold}, vx, g,
+                  ws, stream);
 }
 
 template <typename T>
@@ -187,8 +187,8 @@ void bn_relu_backward_input(const T* grad, const ActView& vg, const T* x, const 
 
 #define FUSED_PREACT_INSTANTIATE(T)                                                                    \
   template size_t reduction_workspace_bytes<T>(const ActView&);                                        \
-  template void batch_stats<T>(const T*, const ActView&, double, stat_t<T>*, stat_t<T>*, void*,        \
-                               cudaStream_t);                                                          \
+  template void batch_stats<T>(const T*, const ActView&, double, stat_t<T>*, stat_t<T>*,              \
+                               const BnFold<stat_t<T>>&, void*, cudaStream_t);                         \
   template void bn_relu_apply<T>(const T*, const ActView&, const stat_t<T>*, const stat_t<T>*, T*,     \
                                  const ActView&, cudaStream_t);                                        \
   template void bn_relu_backward_reduce<T>(const T*, const ActView&, const T*, const ActView&,         \

@@ -26,7 +26,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "core/view.h"  // ActView, stat_t, BnReluParams: one definition for both devices
+#include "core/bn_fold.h"  // BnFold: the statistics' affine fold and running update, shared with the CPU
+#include "core/view.h"     // ActView, stat_t, BnReluParams: one definition for both devices
 
 namespace fused_preact {
 namespace gpu {
@@ -46,9 +47,10 @@ template <typename T>
 size_t reduction_workspace_bytes(const ActView& vx);
 
 // Precondition: vx.rows() > 0 (the binding answers NaN statistics for empty x).
+// A wanted `fold` is applied by the merge kernel, per channel: no extra launch.
 template <typename T>
 void batch_stats(const T* x, const ActView& vx, double eps, stat_t<T>* mean, stat_t<T>* invstd,
-                 void* workspace, cudaStream_t stream);
+                 const BnFold<stat_t<T>>& fold, void* workspace, cudaStream_t stream);
 
 template <typename T>
 void bn_relu_apply(const T* x, const ActView& vx, const stat_t<T>* scale, const stat_t<T>* shift, T* out,

@@ -70,3 +70,36 @@ TEST_CASE(batch_stats_float_is_stable_for_large_mean_small_variance) {
     }
   }
 }
+
+// The fold written out from nn.BatchNorm2d's definition: z = gamma * (x - mean)
+// * invstd + beta = x * scale + shift; running <- running + momentum * (batch -
+// running) with the unbiased batch variance; one more batch counted.
+TEST_CASE(batch_stats_fold_gives_the_affine_and_the_running_update) {
+  const Shape shape{2, 5, 3, 7};
+  Rng rng(11);
+  StridedTensor<float> x(shape, Layout::channels_last);
+  x.assign_nchw(random_activation<float>(shape, rng));
+  std::vector<float> mean(shape.c), invstd(shape.c), scale(shape.c), shift(shape.c);
+  std::vector<float> gamma(shape.c), beta(shape.c), running_mean(shape.c), running_var(shape.c);
+  for (int64_t c = 0; c < shape.c; ++c)
+    gamma[c] = float(0.5 + c), beta[c] = float(c) - 2.f, running_mean[c] = float(c), running_var[c] = 1.f + c;
+  const std::vector<float> mean0 = running_mean, var0 = running_var;
+  int64_t batches = 7;
+  fused_preact::BnFold<float> fold;
+  fold.weight = gamma.data(), fold.bias = beta.data(), fold.scale = scale.data(), fold.shift = shift.data();
+  fold.running_mean = running_mean.data(), fold.running_var = running_var.data();
+  fold.num_batches_tracked = &batches, fold.momentum = 0.25, fold.count = double(shape.n * shape.s());
+  fused_preact::batch_stats_cpu(x.data(), x.view, kEps, mean.data(), invstd.data(), fused_preact::SerialFor{}, fold);
+  const RefStats ref = ref_batch_stats(x.to_nchw(), shape, kEps);
+  const double m = double(shape.n * shape.s());
+  for (int64_t c = 0; c < shape.c; ++c) {
+    const std::string at = "c=" + std::to_string(c);
+    for (double v : {-1.5, 0.0, 2.0}) {  // z at a few x: the fold is the affine map of BatchNorm
+      const double z = gamma[c] * (v - ref.mean[c]) * ref.invstd[c] + beta[c];
+      CHECK_NEAR(v * scale[c] + shift[c], z, 1e-5 * (1 + std::fabs(z)), at);
+    }
+    CHECK_NEAR(running_mean[c], mean0[c] + 0.25 * (ref.mean[c] - mean0[c]), 1e-5, at);
+    CHECK_NEAR(running_var[c], var0[c] + 0.25 * (ref.var[c] * m / (m - 1) - var0[c]), 1e-5 * (1 + var0[c]), at);
+  }
+  CHECK(batches == 8);
+}

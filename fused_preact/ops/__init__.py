@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backends import backend_names, register_backend, resolve_backend
+from .backends import backend_names, get_backend, register_backend, resolve_backend
 from . import bn_relu_conv
 from .bn_relu_conv import normalization_stats
 
@@ -65,7 +65,7 @@ def _pair(name: str, fn: str, v: IntOrPair, minimum: int) -> tuple[int, int]:
 
 
 def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend,
-                  residual=None, x_stats=None, stats_eps=None):
+                  residual=None, x_stats=None, stats_eps=None, num_batches_tracked=None):
     """Checked entry shared by the public functions and the nn modules: `convs`
     is a list of (weight, stride, padding) reading relu(bn(x)); `fn` names the
     caller in error messages. Returns (outputs, stats):
@@ -74,8 +74,11 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
       backend can);
     - x_stats: x's batch (mean, invstd) for this eps, from the epilogue of the
       op that produced x (skips the statistics pass over x in training);
-    - stats_eps: when given, stats = the first output's (mean, invstd) for a
-      next BatchNorm with that eps (else None)."""
+    - stats_eps: when given and the backend computes them in its epilogue,
+      stats = the first output's (mean, invstd) for a next BatchNorm with
+      that eps (else None: the next layer computes them itself);
+    - num_batches_tracked: incremented with the running statistics' update
+      (training with running statistics only)."""
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     weights = [w for w, _, _ in convs]
     if torch.is_autocast_enabled(x.device.type):
@@ -91,9 +94,14 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if residual is not None:
         _check_residual(fn, residual, x, weights[0], strides[:2], paddings[:2])
         residual = residual.to(x.dtype)
-    mean, invstd = normalization_stats(x, running_mean, running_var, training, momentum, eps, backend, x_stats)
-    return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training,
-                              backend, stats_eps)
+    if num_batches_tracked is not None and not (training and running_mean is not None):
+        raise ValueError(f"{fn}: num_batches_tracked is counted only with running statistics in training mode")
+    if not get_backend(backend).epilogue_stats:
+        stats_eps = None
+    stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                                momentum, eps, backend, x_stats)
+    return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, *stats, residual, strides, paddings, training, backend,
+                              stats_eps)
 
 
 def _check_residual(fn, residual, x, weight, stride, padding):

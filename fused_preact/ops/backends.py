@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple, Optional, Protocol
 
 import torch
 
-from .. import _extension
+from .. import _extension, reference
 from .kernel_tables import REFERENCE, BnReluKernels, native
 from .triton_backend import TritonBackend
 
@@ -38,8 +38,22 @@ class Backend(Protocol):
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
         """Why supports() is False, for the error message ("" if nothing to add)."""
 
-    def batch_stats(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """x's per-channel batch (mean, invstd), fp32 (fp64 for fp64 x)."""
+    # Whether forward() computes an output's batch statistics in its epilogue
+    # (stats_eps); a backend that would need an extra pass for them leaves
+    # them to the next layer's batch_norm_stats instead.
+    epilogue_stats: bool
+
+    def batch_norm_stats(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                         num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
+                         x_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training-mode BatchNorm of x: (mean, invstd, scale, shift), fp32 (fp64
+        for fp64 x), with relu(bn(x)) = relu(x * scale + shift); updates the
+        running statistics (unbiased variance) and num_batches_tracked in place
+        where given. weight/bias/running tensors are None or of the statistics
+        dtype. x_stats: x's (mean, invstd) for eps, handed on from an epilogue
+        (then only the fold and the update remain)."""
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, convs: list["Conv"],
                 residual: Optional[torch.Tensor] = None, stats_eps: Optional[float] = None
@@ -67,6 +81,8 @@ class KernelBackend:
     is never kept between the two.
     """
 
+    epilogue_stats = False
+
     def __init__(self, kernels: Callable[[], BnReluKernels], devices: Callable[[torch.device], bool]):
         self._kernels = kernels
         self._supports = devices
@@ -80,8 +96,13 @@ class KernelBackend:
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
         return ""
 
-    def batch_stats(self, x, eps):
-        return self._kernels().batch_stats(x, eps)
+    def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                         x_stats=None):
+        if x_stats is not None:  # not from this backend (epilogue_stats is False), but honoured
+            return *x_stats, *reference.bn_fold_from_invstd(*x_stats, eps, x.numel() // x.shape[1], weight, bias,
+                                                            running_mean, running_var, num_batches_tracked, momentum)
+        return self._kernels().batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                momentum, eps)
 
     def forward(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None):
         k = self._kernels()
@@ -89,7 +110,10 @@ class KernelBackend:
         outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding) for c in convs]
         if residual is not None:
             outs[0] += residual
-        return outs, (None if stats_eps is None else k.batch_stats(outs[0], stats_eps))
+        if stats_eps is None:
+            return outs, None
+        # Asked for all the same (the models do not ask: epilogue_stats is False): a separate pass.
+        return outs, tuple(k.batch_norm_stats(outs[0], None, None, None, None, None, 0.0, stats_eps)[:2])
 
     def backward(self, grads: list[Optional[torch.Tensor]], x, mean, invstd, scale, shift, convs: list[Conv],
                  training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False):
@@ -112,10 +136,8 @@ class KernelBackend:
             grad_weights.append(dw)
         if grad_act is None:  # nothing upstream of the convolutions wants a gradient
             return None, grad_weights, None, None
-        sums = k.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
-        # Eval-mode statistics are constants: dx takes no correction terms.
-        dx = k.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, *(sums if training else (None, None)))
-        return dx, grad_weights, *sums
+        dx, sum_dz, sum_dz_xhat = k.bn_relu_backward(grad_act, x, mean, invstd, scale, shift, training)
+        return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
 def _native_supports(device: torch.device) -> bool:

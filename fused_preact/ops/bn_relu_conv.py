@@ -23,18 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..reference import stats_dtype
 from .backends import Conv, get_backend
 
 _OP = "fused_preact::bn_relu_conv2d"
-
-
-def bn_affine(mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor]):
-    """Fold BN into z = x * scale + shift (per channel, statistics dtype)."""
-    scale = invstd if bn_weight is None else bn_weight.to(invstd.dtype) * invstd
-    if bn_bias is None:
-        return scale, -mean * scale
-    return scale, torch.addcmul(bn_bias.to(invstd.dtype), mean, scale, value=-1)
 
 
 def _convs(weights: list[Tensor], strides: list[int], paddings: list[int]) -> list[Conv]:
@@ -43,33 +36,34 @@ def _convs(weights: list[Tensor], strides: list[int], paddings: list[int]) -> li
             for i, w in enumerate(weights)]
 
 
-def normalization_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-                        momentum: float, eps: float, backend: str,
-                        batch_stats: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
-    """(mean, invstd) that normalise x: batch statistics in training (updating the
-    running ones in place), running statistics in eval. They are constants to
-    autograd: the op's backward differentiates through them itself.
+def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        num_batches_tracked: Optional[Tensor], training: bool, momentum: float, eps: float,
+                        backend: str, x_stats: Optional[tuple[Tensor, Tensor]] = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, scale, shift) that normalise x, relu(bn(x)) = relu(x * scale
+    + shift): batch statistics in training (updating the running ones and
+    num_batches_tracked in place, in the statistics pass itself), running
+    statistics in eval. They are constants to autograd: the op's backward
+    differentiates through them itself.
 
-    batch_stats: x's (mean, invstd) for this eps when the op that produced x
+    x_stats: x's (mean, invstd) for this eps when the op that produced x
     already computed them in its epilogue; then no statistics pass reads x."""
     stats = stats_dtype(x)
-    if not training:
-        return running_mean.to(stats), torch.rsqrt(running_var.to(stats) + eps)
-    mean, invstd = batch_stats if batch_stats is not None else get_backend(backend).batch_stats(x.detach(), eps)
-    if running_mean is not None:
-        # Same update as nn.BatchNorm2d: the running variance is the unbiased
-        # one, averaged in the statistics dtype and rounded once (an fp16
-        # batch variance above 65504 must not become inf before averaging).
-        m = x.numel() // x.shape[1]
-        var = invstd.pow(-2).sub_(eps).clamp_(min=0).mul_(m / (m - 1))
-        running, batch = [running_mean, running_var], [mean, var]
-        with torch.no_grad():
-            if all(r.dtype == stats for r in running):
-                torch._foreach_lerp_(running, batch, momentum)  # both in one launch
-            else:
-                for r, b in zip(running, batch):
-                    r.copy_(torch.lerp(r.to(stats), b, momentum))
-    return mean, invstd
+    with torch.no_grad():
+        if not training:
+            mean, invstd = running_mean.to(stats), torch.rsqrt(running_var.to(stats) + eps)
+            return mean, invstd, *reference.bn_fold(mean, None, invstd, 0, bn_weight, bn_bias, None, None, None, 0.0)
+        params = (bn_weight, bn_bias, running_mean, running_var)
+        if all(p is None or p.dtype == stats for p in params):
+            return get_backend(backend).batch_norm_stats(x.detach(), *params, num_batches_tracked, momentum, eps,
+                                                         x_stats)
+        # Parameters of another dtype (a .half() network): the kernels take
+        # statistics-dtype vectors, so the fold runs in tensor ops.
+        mean, invstd = x_stats or get_backend(backend).batch_norm_stats(x.detach(), None, None, None, None, None,
+                                                                        momentum, eps)[:2]
+        return mean, invstd, *reference.bn_fold_from_invstd(mean, invstd, eps, x.numel() // x.shape[1], *params,
+                                                            num_batches_tracked, momentum)
 
 
 def refuse_double_backward(what: str) -> None:
@@ -84,16 +78,16 @@ def refuse_double_backward(what: str) -> None:
 
 def _op(
     x: Tensor, conv_weights: list[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
-    invstd: Tensor, residual: Optional[Tensor], strides: list[int], paddings: list[int], training: bool,
-    backend: str, stats_eps: Optional[float],
+    invstd: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], strides: list[int],
+    paddings: list[int], training: bool, backend: str, stats_eps: Optional[float],
 ) -> list[Tensor]:
     """[conv(relu((x - mean) * invstd * bn_weight + bn_bias), w) for w in conv_weights],
+    the BatchNorm given folded as (scale, shift) too (normalization_stats),
     with `residual` added to the first output; when stats_eps is given, followed
     by that output's per-channel (mean, invstd) for a next BatchNorm with that eps.
 
     `training` says whether mean/invstd are x's own batch statistics (so the
     gradient of x flows through them) or constants (running statistics)."""
-    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
     outs, stats = get_backend(backend).forward(x, scale, shift, _convs(conv_weights, strides, paddings), residual,
                                                stats_eps)
     return [*outs, *(stats or ())]
@@ -108,7 +102,8 @@ def _setup_context(ctx, inputs, output) -> None:
     # The residual is only added: its gradient is the first output's, and
     # nothing of it is kept.
     a = dict(zip(ARG_NAMES, inputs))
-    ctx.save_for_backward(a["x"], a["mean"], a["invstd"], a["bn_weight"], a["bn_bias"], *a["conv_weights"])
+    ctx.save_for_backward(a["x"], a["mean"], a["invstd"], a["scale"], a["shift"], a["bn_weight"], a["bn_bias"],
+                          *a["conv_weights"])
     ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"])
 
 
@@ -116,10 +111,9 @@ def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     """The gradients of the op's arguments, in ARG_NAMES order; `needs` maps
     each name to whether it wants one (a list for conv_weights)."""
     refuse_double_backward("bn_relu_conv2d")
-    x, mean, invstd, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
+    x, mean, invstd, scale, shift, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
     strides, paddings, training, backend = ctx.conf
     needs_bn = needs["x"] or needs["bn_weight"] or needs["bn_bias"]
-    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
         list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
         _convs(conv_weights, strides, paddings), training, needs["conv_weights"], needs_bn, traceable,
@@ -138,7 +132,8 @@ bn_relu_conv2d_op = torch.library.custom_op(_OP, mutates_args=())(_op)
 
 
 @bn_relu_conv2d_op.register_fake
-def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend, stats_eps):
+def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training, backend,
+      stats_eps):
     a = torch.empty_like(x)
     outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding)
             for c in _convs(conv_weights, strides, paddings)]
@@ -193,14 +188,14 @@ class _EagerFunction(torch.autograd.Function):
         return _spread(_gradients(ctx, grad_outputs, needs, traceable=False))
 
 
-def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend,
-          stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
+def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training,
+          backend, stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
     first, and that output's (mean, invstd) for eps=stats_eps or None),
     differentiable in x, the weights, gamma/beta and the residual; mean/invstd
     are x's batch statistics when training."""
-    args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, residual, strides, paddings, training, backend,
-            stats_eps)
+    args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training,
+            backend, stats_eps)
     if torch.compiler.is_compiling():
         outs = bn_relu_conv2d_op(*args)
     else:

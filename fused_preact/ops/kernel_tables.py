@@ -1,4 +1,4 @@
-"""The four BN-ReLU kernels, as one table per implementation.
+"""The three BN-ReLU kernels, as one table per implementation.
 
 `REFERENCE` computes them with plain tensor ops (any device, any dtype);
 `native()` returns the compiled `torch.ops.fused_preact.*` kernels (C++ on the
@@ -14,18 +14,15 @@ from .. import _extension, reference
 
 
 class BnReluKernels(NamedTuple):
-    batch_stats: Callable  # (x, eps) -> (mean, invstd)
+    # (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+    #   -> (mean, invstd, scale, shift), the running statistics updated in place
+    batch_norm_stats: Callable
     bn_relu_apply: Callable  # (x, scale, shift) -> relu(x * scale + shift)
-    bn_relu_backward_reduce: Callable  # (grad_act, x, mean, invstd, scale, shift) -> (sum_dz, sum_dz_xhat)
-    bn_relu_backward_input: Callable  # (..., sum_dz?, sum_dz_xhat?) -> dx
+    # (grad_act, x, mean, invstd, scale, shift, training) -> (dx, sum_dz, sum_dz_xhat)
+    bn_relu_backward: Callable
 
 
-REFERENCE = BnReluKernels(
-    reference.batch_stats,
-    reference.bn_relu_apply,
-    reference.bn_relu_backward_reduce,
-    reference.bn_relu_backward_input,
-)
+REFERENCE = BnReluKernels(reference.batch_norm_stats, reference.bn_relu_apply, reference.bn_relu_backward)
 
 
 def _kernel_output_like(x: torch.Tensor) -> torch.Tensor:
@@ -44,13 +41,14 @@ def _channel_vector(x: torch.Tensor) -> torch.Tensor:
 
 def _register_fakes():
     lib = "fused_preact::"
-    torch.library.register_fake(lib + "batch_stats")(lambda x, eps: (_channel_vector(x), _channel_vector(x)))
-    torch.library.register_fake(lib + "bn_relu_apply")(lambda x, scale, shift: _kernel_output_like(x))
-    torch.library.register_fake(lib + "bn_relu_backward_reduce")(
-        lambda grad_act, x, mean, invstd, scale, shift: (_channel_vector(x), _channel_vector(x))
+    torch.library.register_fake(lib + "batch_norm_stats")(
+        lambda x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps:
+        tuple(_channel_vector(x) for _ in range(4))
     )
-    torch.library.register_fake(lib + "bn_relu_backward_input")(
-        lambda grad_act, x, mean, invstd, scale, shift, sum_dz, sum_dz_xhat: _kernel_output_like(x)
+    torch.library.register_fake(lib + "bn_relu_apply")(lambda x, scale, shift: _kernel_output_like(x))
+    torch.library.register_fake(lib + "bn_relu_backward")(
+        lambda grad_act, x, mean, invstd, scale, shift, training:
+        (_kernel_output_like(x), _channel_vector(x), _channel_vector(x))
     )
 
 
@@ -59,7 +57,7 @@ def _native_table():
         return None
     _register_fakes()
     ops = torch.ops.fused_preact
-    return BnReluKernels(ops.batch_stats, ops.bn_relu_apply, ops.bn_relu_backward_reduce, ops.bn_relu_backward_input)
+    return BnReluKernels(ops.batch_norm_stats, ops.bn_relu_apply, ops.bn_relu_backward)
 
 
 _NATIVE = _native_table()

@@ -17,6 +17,7 @@ on CUDA for channels_last input.
 import functools
 import importlib.util
 from itertools import groupby
+from typing import Optional
 
 import torch
 
@@ -61,8 +62,13 @@ class TritonBackend:
                    "CPU, bf16 on CUDA)"
         return " (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
 
-    def batch_stats(self, x, eps):
-        return (triton_batch_stats if torch.compiler.is_compiling() else _batch_stats)(x, eps)
+    epilogue_stats = True
+
+    def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                         x_stats=None):
+        stats_op = triton_batch_norm_stats if torch.compiler.is_compiling() else _batch_norm_stats
+        return stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                        *(x_stats or (None, None)))
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
         conv_forward = _kernels().conv_forward.conv_forward
@@ -74,11 +80,10 @@ class TritonBackend:
             results, group_stats = conv_forward(
                 x, scale, shift, [c.weight for c in group], group[0].stride, group[0].padding,
                 residual=residual if index == 0 else None, stats=stats_eps is not None and index == 0,
+                stats_eps=stats_eps,
             )
             outs += results
-            if group_stats is not None:
-                mean, var = group_stats
-                stats = (mean, torch.rsqrt(var + stats_eps))
+            stats = stats or group_stats
         return outs, stats
 
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
@@ -117,8 +122,13 @@ def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):
     return dx, *sums
 
 
-def _batch_stats(x, eps):
-    return _kernels().batch_stats.batch_stats(x, eps)  # invstd from the merge kernel: no extra launches
+def _batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, mean, invstd):
+    # mean, invstd: x's statistics handed on from an epilogue, or None
+    kernels = _kernels().batch_stats
+    bn = (weight, bias, running_mean, running_var, num_batches_tracked, momentum)
+    if mean is None:  # statistics, fold and update from the merge kernel: no extra launch
+        return kernels.batch_norm_stats(x, *bn, eps)
+    return mean, invstd, *kernels.bn_fold(mean, invstd, eps, x.numel() // x.shape[1], *bn)
 
 
 def _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training):
@@ -140,15 +150,26 @@ def _weight_grad(grad, x, scale, shift, weight, stride, padding):
 # cannot run on those). Eager code calls the functions above directly: an op
 # call costs more host time than the small kernels of a CIFAR layer take.
 
-@torch.library.custom_op("fused_preact::triton_batch_stats", mutates_args=())
-def triton_batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x's per-channel batch (mean, invstd) for eps, in fp32."""
-    return _batch_stats(x, eps)
+@torch.library.custom_op("fused_preact::triton_batch_norm_stats",
+                          mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def triton_batch_norm_stats(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                            running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                            num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
+                            x_mean: Optional[torch.Tensor], x_invstd: Optional[torch.Tensor]
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm of x: (mean, invstd, scale, shift) in fp32, the
+    running statistics updated in place (Backend.batch_norm_stats); x_mean,
+    x_invstd: x's statistics handed on from an epilogue, or None."""
+    mean, invstd, scale, shift = _batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                   momentum, eps, x_mean, x_invstd)
+    if x_mean is not None:  # outputs of an op may not alias its inputs
+        mean, invstd = mean.clone(), invstd.clone()
+    return mean, invstd, scale, shift
 
 
-@triton_batch_stats.register_fake
-def _(x, eps):
-    return tuple(x.new_empty((x.shape[1],), dtype=torch.float32) for _ in range(2))
+@triton_batch_norm_stats.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, x_mean, x_invstd):
+    return tuple(x.new_empty((x.shape[1],), dtype=torch.float32) for _ in range(4))
 
 
 @torch.library.custom_op("fused_preact::triton_input_grad", mutates_args=())

@@ -32,6 +32,8 @@ program walks), so a program's loads are contiguous along C for channels_last an
 H*W for NCHW, and the compiler sees the unit stride (triton specialises arguments equal
 to 1) and coalesces along it.
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -50,6 +52,45 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     mean = mean_a + delta * frac
     m2 = m2_a + m2_b + delta * delta * n_a * frac
     return n, mean, m2
+
+
+@triton.jit
+def _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum,
+          unbias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+          HAS_COUNTER: tl.constexpr):
+    """The end of a training-mode BatchNorm statistics pass, per channel: the
+    affine fold scale = gamma * invstd, shift = beta - mean * scale, and the
+    running update (unbiased variance: var * unbias); program 0 counts the batch."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = tl.load(w_ptr + cols, mask=col_ok, other=0.0) * invstd
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = tl.load(b_ptr + cols, mask=col_ok, other=0.0) - mean * scale
+    tl.store(scale_ptr + cols, scale, mask=col_ok)
+    tl.store(shift_ptr + cols, shift, mask=col_ok)
+    if HAS_RUNNING:
+        rm = tl.load(rm_ptr + cols, mask=col_ok, other=0.0)
+        rv = tl.load(rv_ptr + cols, mask=col_ok, other=0.0)
+        tl.store(rm_ptr + cols, rm + momentum * (mean - rm), mask=col_ok)
+        tl.store(rv_ptr + cols, rv + momentum * (var * unbias - rv), mask=col_ok)
+    if HAS_COUNTER:
+        if tl.program_id(0) == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
+def _bn_fold_kernel(mean_ptr, invstd_ptr, C, eps, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                    momentum, unbias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+                    HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The fold of statistics handed on as (mean, invstd) by a conv epilogue.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=1.0)
+    var = tl.maximum(1.0 / (invstd * invstd) - eps, 0.0)
+    _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum,
+          unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING, HAS_COUNTER)
 
 
 @triton.jit
@@ -100,11 +141,14 @@ def _partial_stats_kernel(
 @triton.jit
 def _merge_partials_kernel(
     cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_second_ptr, out_cnt_ptr, out_m2_ptr, P, C, rows_per_group, eps,
-    FINAL: tl.constexpr, INVSTD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum, unbias,
+    FINAL: tl.constexpr, INVSTD: tl.constexpr, FOLD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One program per (block of channels, group of rows_per_group partials)
     # walks its partials in order: deterministic. FINAL: one group, write the
-    # (mean, var or invstd); else write each group's (count, mean, M2) to row g.
+    # (mean, var or invstd), and with FOLD the BatchNorm's fold and running
+    # update (_fold); else write each group's (count, mean, M2) to row g.
     pid = tl.program_id(0)
     group = tl.program_id(1)
     start = group * rows_per_group
@@ -139,7 +183,11 @@ def _merge_partials_kernel(
         var = m2 / tl.where(col_ok, n, 1.0)
         tl.store(out_mean_ptr + cols, mean, mask=col_ok)
         if INVSTD:
-            tl.store(out_second_ptr + cols, 1.0 / tl.sqrt_rn(var + eps), mask=col_ok)
+            invstd = 1.0 / tl.sqrt_rn(var + eps)
+            tl.store(out_second_ptr + cols, invstd, mask=col_ok)
+            if FOLD:
+                _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                      momentum, unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING, HAS_COUNTER)
         else:
             tl.store(out_second_ptr + cols, var, mask=col_ok)
     else:
@@ -197,7 +245,7 @@ def _stats_partials(x: torch.Tensor):
     return cnt, mean, m2
 
 
-def _merge(count, mean, m2, eps, invstd):
+def _merge(count, mean, m2, eps, invstd, fold=None):
     for name, t in (("count", count), ("mean", mean), ("m2", m2)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
             raise TypeError(f"{name} must be a float32 tensor [num_partials, C], got "
@@ -218,15 +266,16 @@ def _merge(count, mean, m2, eps, invstd):
         merged = [torch.empty((groups, C), dtype=torch.float32, device=count.device) for _ in range(3)]
         _merge_partials_kernel[(grid_c, groups)](
             count, mean, m2, merged[1], merged[1], merged[0], merged[2], P, C, REDUCTION_GROUP_ROWS, 0.0,
-            FINAL=False, INVSTD=False, BLOCK_P=_merge_block_p(REDUCTION_GROUP_ROWS, block_c), BLOCK_C=block_c,
-            num_warps=4,
+            *_NO_FOLD.args(merged[1]), FINAL=False, INVSTD=False, FOLD=False, **_NO_FOLD.flags(),
+            BLOCK_P=_merge_block_p(REDUCTION_GROUP_ROWS, block_c), BLOCK_C=block_c, num_warps=4,
         )
         (count, mean, m2), P = merged, groups
     out_mean = torch.empty(C, dtype=torch.float32, device=count.device)
     out_second = torch.empty_like(out_mean)
+    fold = fold or _NO_FOLD
     _merge_partials_kernel[(grid_c, 1)](
-        count, mean, m2, out_mean, out_second, out_mean, out_mean, P, C, P, float(eps),
-        FINAL=True, INVSTD=invstd, BLOCK_P=_merge_block_p(P, block_c), BLOCK_C=block_c, num_warps=4,
+        count, mean, m2, out_mean, out_second, out_mean, out_mean, P, C, P, float(eps), *fold.args(out_mean),
+        FINAL=True, INVSTD=invstd, FOLD=fold.scale is not None, **fold.flags(), BLOCK_P=_merge_block_p(P, block_c), BLOCK_C=block_c, num_warps=4,
     )
     return out_mean, out_second
 
@@ -235,18 +284,94 @@ def _merge_block_p(rows: int, block_c: int) -> int:
     return min(triton.next_power_of_2(rows), 128 if block_c <= 16 else 64)
 
 
-def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
-    """(mean, biased var) per channel, fp32 [C], from partial statistics: three
+def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, eps: Optional[float] = None):
+    """(mean, biased var) per channel, fp32 [C] (with eps: (mean, 1/sqrt(var + eps))), from partial statistics: three
     [num_partials, C] fp32 buffers holding each partial's count, mean and M2 (sum of
     squared deviations from its own mean). Partials with count 0 are ignored. Merged in
     a fixed order (deterministic), on the device, without host synchronisation."""
-    return _merge(count, mean, m2, 0.0, invstd=False)
+    if eps is not None:
+        _check_eps(eps)
+    return _merge(count, mean, m2, 0.0 if eps is None else eps, invstd=eps is not None)
+
+
+class _Fold(NamedTuple):
+    """The kernels' arguments for _fold: what to read and update (None: absent)."""
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+    running_mean: Optional[torch.Tensor] = None
+    running_var: Optional[torch.Tensor] = None
+    num_batches_tracked: Optional[torch.Tensor] = None
+    momentum: float = 0.0
+    count: int = 2
+
+    def args(self, dummy: torch.Tensor) -> tuple:
+        # An absent tensor's pointer is never dereferenced (its HAS_ flag is off).
+        ptrs = tuple(dummy if t is None else t for t in self[:7])
+        return (*ptrs, float(self.momentum), self.count / (self.count - 1) if self.count > 1 else 0.0)
+
+    def flags(self) -> dict:
+        return dict(HAS_WEIGHT=self.weight is not None, HAS_BIAS=self.bias is not None,
+                    HAS_RUNNING=self.running_mean is not None, HAS_COUNTER=self.num_batches_tracked is not None)
+
+
+_NO_FOLD = _Fold()
+
+
+def _fold_of(c, device, weight, bias, running_mean, running_var, num_batches_tracked, momentum, count) -> _Fold:
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and (t.dtype != torch.float32 or t.shape != (c,) or t.device != device
+                              or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape ({c},) on {device}, got "
+                             f"{t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    if num_batches_tracked is not None and (num_batches_tracked.dtype != torch.int64
+                                            or num_batches_tracked.numel() != 1):
+        raise ValueError(f"num_batches_tracked must be a one-element int64 tensor, got {num_batches_tracked.dtype} "
+                         f"of shape {tuple(num_batches_tracked.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together or both be None")
+    scale = torch.empty(c, dtype=torch.float32, device=device)
+    return _Fold(weight, bias, scale, torch.empty_like(scale), running_mean, running_var, num_batches_tracked,
+                 momentum, count)
+
+
+def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, momentum: float,
+                     eps: float):
+    """Training-mode BatchNorm of x [N, C, H, W]: (mean, invstd, scale, shift), fp32
+    [C], with relu(bn(x)) = relu(x * scale + shift); running_mean/var (unbiased
+    variance) and num_batches_tracked updated in place where given (fp32 / int64
+    tensors or None). Two launches: the partials, and their merge, which does
+    the fold and the update too."""
+    check_activation(x)
+    _check_eps(eps)
+    fold = _fold_of(x.shape[1], x.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                    x.numel() // max(x.shape[1], 1))
+    mean, invstd = _merge(*_stats_partials(x), eps, invstd=True, fold=fold)
+    return mean, invstd, fold.scale, fold.shift
+
+
+def bn_fold(mean: torch.Tensor, invstd: torch.Tensor, eps: float, count: int, weight, bias, running_mean,
+            running_var, num_batches_tracked, momentum: float):
+    """(scale, shift) of batch statistics handed on as (mean, invstd) for eps over
+    `count` values per channel, with the running update of batch_norm_stats, in
+    one launch."""
+    c = mean.shape[0]
+    fold = _fold_of(c, mean.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum, count)
+    block_c = min(triton.next_power_of_2(c), 1024)
+    _bn_fold_kernel[(triton.cdiv(c, block_c),)](mean, invstd, c, float(eps), *fold.args(mean), **fold.flags(),
+                                                BLOCK_C=block_c, num_warps=4)
+    return fold.scale, fold.shift
+
+
+def _check_eps(eps):
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
 def batch_stats(x: torch.Tensor, eps: float):
     """(mean, invstd) of x [N, C, H, W] per channel, fp32 [C]: invstd = 1/sqrt(var + eps)
     with the biased variance, as BatchNorm2d's training forward uses them."""
     check_activation(x)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    _check_eps(eps)
     return _merge(*_stats_partials(x), eps, invstd=True)

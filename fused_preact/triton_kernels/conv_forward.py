@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import SUPPORTED_DTYPES, autotune_enabled, interpreting
 from .batch_stats import merge_partials
@@ -183,6 +184,7 @@ def conv_forward(
     padding=(0, 0),
     residual: Optional[torch.Tensor] = None,
     stats: bool = False,
+    stats_eps: Optional[float] = None,
 ) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """outs[i] = conv2d(relu(x * scale + shift), weights[i], stride, padding), fused.
 
@@ -190,7 +192,8 @@ def conv_forward(
     [K_i, C, R_i, S_i] in x's dtype. stride/padding: an int or (h, w) pair shared by all
     weights, or a list with one pair per weight (paddings may differ, strides may not).
     residual (outs[0]'s shape, any strides) is added to outs[0]. stats=True also returns
-    (mean, biased var) fp32 [K_0] of outs[0] as stored. Outputs are channels_last when x
+    (mean, biased var) fp32 [K_0] of outs[0] as stored, or (mean, invstd) for
+    eps=stats_eps when that is given (from the same merge launch). Outputs are channels_last when x
     is, else NCHW-contiguous. No host synchronisation: capturable in a CUDA graph once
     the autotuner has seen the shape (its first call benchmarks configs).
     """
@@ -242,18 +245,40 @@ def conv_forward(
     for idx in launches:
         first = idx[0] == 0
         moments_i = _launch(x, scale, shift, [weights[i] for i in idx], [outs[i] for i in idx],
-                            (st_h, st_w), pads[idx[0]], residual if first else None, stats and first)
+                            (st_h, st_w), pads[idx[0]], residual if first else None, stats and first, stats_eps)
         if first:
             moments = moments_i
     return outs, moments
 
 
-def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats):
+# Repacked weights by their first tensor: (what they were made from, the
+# matrix). A weight changes only by optimizer steps (in place: its _version
+# moves on), so a network's forwards between two steps (the recompute of
+# unit/segment mode, evaluation) repack it once.
+_REPACKED = WeakIdKeyDictionary()
+
+
+def weight_matrix(ws: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The weights as one [R*S*C, sum K_i] matrix, columns = the outputs'
+    channels in order, cached until a weight changes. Not cached while a CUDA
+    graph is captured: a replay must repack what the optimizer step changed."""
+    key = tuple((id(w), w._version, w.data_ptr(), w.shape, w.stride(), w.dtype) for w in ws)
+    capturing = ws[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    cached = None if capturing or torch.compiler.is_compiling() else _REPACKED.get(ws[0])
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    R, S, C = ws[0].shape[2], ws[0].shape[3], ws[0].shape[1]
+    w_mat = (torch.cat(ws, 0) if len(ws) > 1 else ws[0]).permute(2, 3, 1, 0).reshape(R * S * C, -1).contiguous()
+    if not capturing:
+        _REPACKED[ws[0]] = (key, w_mat)
+    return w_mat
+
+
+def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, stats_eps):
     N, C, H, W = x.shape
     _, K0, HO, WO = outs[0].shape
     R, S = ws[0].shape[2:]
-    # Weights as a [R*S*C, KTOT] matrix, columns = the outputs' channels in order.
-    w_mat = (torch.cat(ws, 0) if len(ws) > 1 else ws[0]).permute(2, 3, 1, 0).reshape(R * S * C, -1).contiguous()
+    w_mat = weight_matrix(ws)
     KTOT = w_mat.shape[1]
     M = N * HO * WO
     out1 = outs[1] if len(outs) > 1 else outs[0]
@@ -273,4 +298,4 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats):
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
         RPP=ROWS_PER_PARTIAL, IDX64=idx64, PRECISION=dot_precision(x.dtype),
     )
-    return merge_partials(cnt, mean, m2) if stats else None
+    return merge_partials(cnt, mean, m2, stats_eps) if stats else None
