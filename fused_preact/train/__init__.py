@@ -6,7 +6,9 @@ Modules: config (presets, command line, validation), data (CIFAR archives,
 md5, embedded set), synthetic (the embedded "shapes10" set), augment
 (batched crop/flip/normalise on the device), schedule (lr and data order per
 iteration), networks (the registry model for a config), loop (train,
-evaluate), checkpoint, metrics (JSONL, summary, curves), distributed.
+evaluate), optim (the two SGD forms, capturable), graphs (--cuda-graphs:
+the step as CUDA graphs), checkpoint, metrics (JSONL, summary, curves),
+distributed.
 """
 from .config import PRESETS, ConfigError, TrainConfig, resolve
 from .data import CIFAR, CifarSpec, DataError, load_dataset

@@ -65,6 +65,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     threads: Optional[int] = None
     seed: int = 0
     # bookkeeping
@@ -106,8 +107,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Options whose change keeps a resumed run the same computation.
-RESUMABLE_CHANGES = {"out", "epochs", "iters", "device", "compile", "threads", "log_every", "ckpt_every",
-                     "eval_every", "eval_batch_size", "data_dir", "download"}
+RESUMABLE_CHANGES = {"out", "epochs", "iters", "device", "compile", "cuda_graphs", "threads", "log_every",
+                     "ckpt_every", "eval_every", "eval_batch_size", "data_dir", "download"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S)
     x.add_argument("--channels-last", action="store_true", default=S)
     x.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    x.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=S,
+                   help="capture forward, backward and the SGD step in CUDA graphs and replay them (one GPU; "
+                        "not with --amp fp16 or --compile)")
     x.add_argument("--threads", type=_positive_int, default=S, help="CPU threads (torch.set_num_threads)")
     x.add_argument("--seed", type=int, default=S)
     b = p.add_argument_group("run")
@@ -274,6 +278,14 @@ def validate(c: TrainConfig) -> None:
     need(c.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {c.amp!r}")
     need(c.device == "auto" or c.device == "cpu" or c.device.split(":")[0] == "cuda",
          f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    need(not c.cuda_graphs or c.device != "cpu",
+         "--cuda-graphs needs a CUDA device (a graph records GPU kernel launches), got --device cpu; "
+         "drop --cuda-graphs to train on the CPU")
+    need(not (c.cuda_graphs and c.amp == "fp16"),
+         "--cuda-graphs does not work with --amp fp16: its loss scaler reads an overflow flag on the host every "
+         "step, which a graph cannot hold; use --amp bf16 or none")
+    need(not (c.cuda_graphs and c.compile), "--cuda-graphs and --compile exclude each other (a compiled network "
+                                            "is not captured by hand here); pick one")
     from ..ops import backend_names  # late: registering backends may import heavier modules
     need(c.backend is None or c.backend in backend_names(),
          f"--backend must be one of {', '.join(backend_names())}, got {c.backend!r}")

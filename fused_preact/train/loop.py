@@ -4,7 +4,8 @@ evaluation, metrics, checkpoints, resume, the NaN guard, several processes.
 One iteration: take the global batch's rows of this process from the uint8
 training tensor on the device, normalise, crop and flip them there
 (augment.py), forward under autocast, backward (through the fp16 loss scaler
-when asked), SGD step. The host syncs with the device only every
+when asked), SGD step; with --cuda-graphs the last three are one CUDA graph
+replayed (graphs.py). The host syncs with the device only every
 `log_every` iterations and at evaluations; training sums stay on the device
 in between.
 """
@@ -17,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, graphs
 from .augment import Normalizer, random_crop_flip, step_generator
 from .config import ConfigError, TrainConfig, print_config
 from .data import load_dataset, num_classes, prepare_dataset
@@ -25,7 +26,7 @@ from .evaluation import AMP_DTYPES, evaluate
 from .metrics import MetricsLog, plot_curves, write_json
 from .networks import build_model
 from .rundir import RunDirLock
-from .optim import make_optimizer
+from .optim import make_optimizer, set_lr
 from .schedule import BatchOrder, derived_seed, make_schedule
 
 MiB = 2**20
@@ -97,6 +98,7 @@ def train(c: TrainConfig, resume: Optional[Path] = None, *, interrupt_after: Opt
     procs = distributed.setup(c.device)
     finished, held = False, []  # held: process 0's lock on the run directory
     try:
+        graphs.check_support(c, procs)
         if procs.distributed and c.batch_size % procs.world_size:
             raise ConfigError(f"--batch-size {c.batch_size} must be divisible by the {procs.world_size} processes")
         if procs.distributed and c.batch_size // procs.world_size < 2:
@@ -194,6 +196,11 @@ class _Run:
         self.lr = self.schedule.lr_at(self.step)
         self.started = self.interval_start = time.perf_counter()
         self.interval_images = 0
+        # --cuda-graphs: after the restore, so the graphs record the resumed
+        # state's tensors. One process (graphs.check_support): its rows are
+        # the whole batch.
+        self.graphs = graphs.StepGraphs(lambda x, y: self._step(x, y, len(y)), self.net, self.optimizer, device) \
+            if c.cuda_graphs else None
 
     def _restore(self, resume: Path) -> None:
         state = checkpoint.load(resume, self.device)
@@ -224,35 +231,54 @@ class _Run:
               flush=True)
 
     def train_step(self) -> None:
-        c, device = self.c, self.device
         self.lr = self.schedule.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        set_lr(self.optimizer, self.lr)  # in place under --cuda-graphs: the graphs read the rate from the device
+        x, y, images = self._batch()
+        if self.graphs is not None:
+            loss_sum, errors = self.graphs.run(x, y)
+        else:
+            loss_sum, errors = self._step(x, y, images)
+        self.step += 1
+        # Device-side sums only: reading the loss here would make the host
+        # wait for the device every iteration.
+        for acc in (self.sums, self.window):
+            acc[0] += loss_sum.double()
+            acc[1] += errors
+            acc[2] += len(y)
+        self.nonfinite |= ~torch.isfinite(loss_sum)
+        self.interval_images += images
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This process's rows of global batch `self.step`, augmented on the
+        device, their labels, and the global batch's size."""
+        c, device = self.c, self.device
         batch = self.order.indices(self.step)
         rows = self.procs.rows(len(batch))
         idx = batch[rows]
         x = self.normalize(self.train_x[idx])
         x = random_crop_flip(x, c.crop_pad, c.flip, step_generator(c.seed, self.step, device), rows)
-        x, y = x.contiguous(memory_format=self.fmt), self.train_y[idx]
-        with torch.autocast(device.type, dtype=self.amp, enabled=self.amp is not None):
+        return x.contiguous(memory_format=self.fmt), self.train_y[idx], len(batch)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, backward and SGD step on this process's rows (x, y) of a
+        global batch of `images`; returns the summed loss and the number of
+        errors, on the device. What --cuda-graphs records: no value here is
+        read back to the host, and the rate is the optimizer's."""
+        # Autocast's cache of cast weights must not outlive a capture (torch's
+        # CUDA-graph notes): off under --cuda-graphs; the values are the same.
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
+                            cache_enabled=not self.c.cuda_graphs):
             logits = self.model(x)
             loss_sum = F.cross_entropy(logits, y, reduction="sum")
+        errors = (logits.argmax(dim=1) != y).sum()
         # The global batch's mean loss once DDP averages the gradients over
         # processes, also where an epoch's last batch splits unevenly.
-        loss = loss_sum / (len(batch) / self.procs.world_size)
+        loss = loss_sum / (images / self.procs.world_size)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.step += 1
-        # Device-side sums only: reading the loss here would make the host
-        # wait for the device every iteration.
-        for acc in (self.sums, self.window):
-            acc[0] += loss_sum.detach().double()
-            acc[1] += (logits.argmax(dim=1) != y).sum()
-            acc[2] += len(y)
-        self.nonfinite |= ~torch.isfinite(loss.detach())
-        self.interval_images += len(batch)
+        return loss_sum.detach(), errors
 
     def _rate(self) -> float:
         return self.interval_images / max(time.perf_counter() - self.interval_start, 1e-9)
