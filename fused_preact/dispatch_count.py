@@ -108,12 +108,16 @@ def _device_to_host(func, args, kwargs) -> bool:
 
 def count_step(model, x, labels) -> DispatchCounter:
     """One forward + backward of cross-entropy, counted (after one uncounted
-    step, so caches and lazy initialisations are warm)."""
+    step, so lazy initialisations are warm, and after the weights changed in
+    place, as an optimizer step changes them)."""
     def step():
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), labels).backward()
 
     step()
+    with torch.no_grad():  # what an optimizer step does to the weights: caches keyed on them must miss
+        for p in model.parameters():
+            p.add_(0.0)
     with DispatchCounter() as counter:
         step()
     return counter

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from .ops import bn_relu_convs
 from .recompute import running_stats_frozen
 
-Stats = tuple[Tensor, Tensor]  # per-channel batch (mean, invstd) of an activation, for one BatchNorm's eps
+# An activation's batch statistics as a backend's epilogue hands them on to the
+# next layer (opaque: the backend's own form, e.g. Triton's unmerged partials).
+Stats = tuple[Tensor, ...]
 
 
 def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto",
@@ -23,13 +25,13 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     statistics or None), with bn's exact nn semantics (momentum=None cumulative
     averaging, track_running_stats, eval mode); fused=False runs the modules.
 
-    Along a chain of layers, BatchNorm statistics are handed on: x_stats is x's
-    batch (mean, invstd) for bn.eps from the layer before (or None), and when
-    `next_bn` (the BatchNorm that reads the first output) is given, the first
-    output's statistics for next_bn.eps come back as the second result,
-    computed in the convolution's epilogue, so no layer reads its input an
-    extra time for statistics. They are only handed along where they are used:
-    batch statistics in training on the fused path."""
+    Along a chain of layers, BatchNorm statistics are handed on where the
+    backend computes them in the convolution's epilogue (Triton): x_stats is
+    x's batch statistics from the layer before (or None), and when `next_bn`
+    (the BatchNorm that reads the first output) is given, the first output's
+    statistics for next_bn come back as the second result, so no layer reads
+    its input an extra time for statistics. They are only handed along where
+    they are used: batch statistics in training on the fused path."""
     update = bn.training and bn.track_running_stats and not running_stats_frozen()
     momentum = bn.momentum if bn.momentum is not None else 0.0
     counter = None  # num_batches_tracked, when the fused statistics pass increments it

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .ops.bn_relu_conv import refuse_double_backward
+from .ops.bn_relu_conv import keep_activations, refuse_double_backward
 
 _state = threading.local()
 
@@ -50,7 +50,9 @@ class _Recompute(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         x = x.detach().requires_grad_(ctx.needs_input_grad[1])
         device, autocast_on, autocast_dtype = ctx.autocast
-        with torch.enable_grad(), frozen_running_stats(), \
+        # The second run keeps relu(bn(x)) per layer rather than recomputing it
+        # a third time: it lives only until this block's backward returns.
+        with torch.enable_grad(), frozen_running_stats(), keep_activations(), \
                 torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
             out = ctx.run(x)
         wanted = [t for t, need in zip([x, *params], ctx.needs_input_grad[1:]) if need]

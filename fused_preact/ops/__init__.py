@@ -72,11 +72,12 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
 
     - residual: added to the first output (fused into the epilogue where the
       backend can);
-    - x_stats: x's batch (mean, invstd) for this eps, from the epilogue of the
-      op that produced x (skips the statistics pass over x in training);
+    - x_stats: x's batch statistics as the epilogue of the op that produced x
+      handed them on (the same backend's form; skips the statistics pass over
+      x in training);
     - stats_eps: when given and the backend computes them in its epilogue,
-      stats = the first output's (mean, invstd) for a next BatchNorm with
-      that eps (else None: the next layer computes them itself);
+      stats = the first output's statistics for a next BatchNorm with that
+      eps, to hand on as its x_stats (else None: the next layer computes them);
     - num_batches_tracked: incremented with the running statistics' update
       (training with running statistics only)."""
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)

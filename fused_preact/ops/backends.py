@@ -52,25 +52,37 @@ class Backend(Protocol):
         for fp64 x), with relu(bn(x)) = relu(x * scale + shift); updates the
         running statistics (unbiased variance) and num_batches_tracked in place
         where given. weight/bias/running tensors are None or of the statistics
-        dtype. x_stats: x's (mean, invstd) for eps, handed on from an epilogue
-        (then only the fold and the update remain)."""
+        dtype. x_stats: x's statistics as this backend's forward handed them on
+        (its epilogue; opaque to callers), so no pass reads x for them."""
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, convs: list["Conv"],
                 residual: Optional[torch.Tensor] = None, stats_eps: Optional[float] = None
                 ) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
         """(one output per conv, conv(relu(z)), `residual` added to the first;
-        the first output's (mean, invstd) for eps=stats_eps, or None when
-        stats_eps is None)."""
+        the first output's statistics for a next BatchNorm with eps=stats_eps,
+        in the backend's own hand-on form (a list of tensors shaped as
+        stats_like says, for batch_norm_stats' x_stats), or None when stats_eps
+        is None)."""
+
+    def stats_like(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """Empty tensors shaped like forward's hand-on statistics of output
+        `out` (the op's fake implementation, for torch.compile)."""
 
     def backward(self, grads: list[Optional[torch.Tensor]], x: torch.Tensor, mean: torch.Tensor,
                  invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, convs: list["Conv"],
-                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False
+                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False,
+                 activation: Optional[torch.Tensor] = None
                  ) -> tuple[Optional[torch.Tensor], list[Optional[torch.Tensor]], Optional[torch.Tensor],
                             Optional[torch.Tensor]]:
         """(dx, [dW per conv], sum_dz, sum_dz_xhat). needs_bn: x, gamma or beta
         wants a gradient (else dx and the sums are None); traceable: the call is
         traced with fake tensors (torch.compile), so only ops with fake
-        implementations may run."""
+        implementations may run; activation: relu(z) when forward kept it
+        (else recomputed where needed).
+
+    A backend that materialises relu(z) in forward may also offer
+    `forward_keeping_activation(x, scale, shift, convs, residual, stats_eps)
+    -> (outs, stats, relu(z))`, which the op uses inside keep_activations()."""
 
 
 class KernelBackend:
@@ -98,30 +110,36 @@ class KernelBackend:
 
     def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                          x_stats=None):
-        if x_stats is not None:  # not from this backend (epilogue_stats is False), but honoured
+        if x_stats is not None:  # (mean, invstd) from forward(stats_eps=eps), which the models never ask for
             return *x_stats, *reference.bn_fold_from_invstd(*x_stats, eps, x.numel() // x.shape[1], weight, bias,
                                                             running_mean, running_var, num_batches_tracked, momentum)
         return self._kernels().batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
                                                 momentum, eps)
 
+    def stats_like(self, out):
+        return [out.new_empty((out.shape[1],), dtype=reference.stats_dtype(out)) for _ in range(2)]
+
     def forward(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None):
+        return self.forward_keeping_activation(x, scale, shift, convs, residual, stats_eps)[:2]
+
+    def forward_keeping_activation(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None):
         k = self._kernels()
         a = k.bn_relu_apply(x, scale, shift)
         outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding) for c in convs]
         if residual is not None:
             outs[0] += residual
         if stats_eps is None:
-            return outs, None
+            return outs, None, a
         # Asked for all the same (the models do not ask: epilogue_stats is False): a separate pass.
-        return outs, tuple(k.batch_norm_stats(outs[0], None, None, None, None, None, 0.0, stats_eps)[:2])
+        return outs, tuple(k.batch_norm_stats(outs[0], None, None, None, None, None, 0.0, stats_eps)[:2]), a
 
     def backward(self, grads: list[Optional[torch.Tensor]], x, mean, invstd, scale, shift, convs: list[Conv],
-                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False):
+                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False, activation=None):
         k = self._kernels()
-        # The conv weight gradient needs relu(bn(x)) (recomputed, freed on
-        # return); the input gradient reads only its input's shape.
+        # The conv weight gradient needs relu(bn(x)) (kept, or recomputed and
+        # freed on return); the input gradient reads only its input's shape.
         wanted = [need_w and grad is not None for grad, need_w in zip(grads, needs_weight)]
-        a = k.bn_relu_apply(x, scale, shift) if any(wanted) else x
+        a = x if not any(wanted) else activation if activation is not None else k.bn_relu_apply(x, scale, shift)
         grad_act, grad_weights = None, []
         for grad, conv, need_w in zip(grads, convs, wanted):
             if grad is None:

@@ -16,7 +16,9 @@ torch.library's Python autograd wrapper costs about 0.2 ms a call, more than
 the kernels of a small layer, and ResNet-1001 has some 3000 such layers.
 `apply` picks between the two.
 """
+import contextlib
 import inspect
+import threading
 
 from typing import Optional
 
@@ -47,8 +49,8 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     statistics in eval. They are constants to autograd: the op's backward
     differentiates through them itself.
 
-    x_stats: x's (mean, invstd) for this eps when the op that produced x
-    already computed them in its epilogue; then no statistics pass reads x."""
+    x_stats: x's statistics as the backend's forward handed them on (its
+    epilogue computed them); then no statistics pass reads x."""
     stats = stats_dtype(x)
     with torch.no_grad():
         if not training:
@@ -60,8 +62,8 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
                                                          x_stats)
         # Parameters of another dtype (a .half() network): the kernels take
         # statistics-dtype vectors, so the fold runs in tensor ops.
-        mean, invstd = x_stats or get_backend(backend).batch_norm_stats(x.detach(), None, None, None, None, None,
-                                                                        momentum, eps)[:2]
+        mean, invstd = get_backend(backend).batch_norm_stats(x.detach(), None, None, None, None, None, momentum, eps,
+                                                             x_stats)[:2]
         return mean, invstd, *reference.bn_fold_from_invstd(mean, invstd, eps, x.numel() // x.shape[1], *params,
                                                             num_batches_tracked, momentum)
 
@@ -76,6 +78,28 @@ def refuse_double_backward(what: str) -> None:
                            f"torch.nn modules) for it")
 
 
+_state = threading.local()
+
+
+def keeping_activations() -> bool:
+    return getattr(_state, "keep", False)
+
+
+@contextlib.contextmanager
+def keep_activations():
+    """Inside (eager mode), the op keeps relu(bn(x)) for backward where its
+    backend materialises it anyway, instead of recomputing it there. For
+    recomputations that run inside backward (unit/segment recompute), where
+    what is kept lives only until that block's backward returns: one pass
+    less per layer, no lasting memory."""
+    previous = keeping_activations()
+    _state.keep = True
+    try:
+        yield
+    finally:
+        _state.keep = previous
+
+
 def _op(
     x: Tensor, conv_weights: list[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
     invstd: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], strides: list[int],
@@ -84,7 +108,8 @@ def _op(
     """[conv(relu((x - mean) * invstd * bn_weight + bn_bias), w) for w in conv_weights],
     the BatchNorm given folded as (scale, shift) too (normalization_stats),
     with `residual` added to the first output; when stats_eps is given, followed
-    by that output's per-channel (mean, invstd) for a next BatchNorm with that eps.
+    by that output's statistics for a next BatchNorm with that eps, in the
+    backend's hand-on form (Backend.forward).
 
     `training` says whether mean/invstd are x's own batch statistics (so the
     gradient of x flows through them) or constants (running statistics)."""
@@ -93,18 +118,31 @@ def _op(
     return [*outs, *(stats or ())]
 
 
+def _op_keeping_activation(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides,
+                           paddings, training, backend, stats_eps) -> tuple[list[Tensor], Optional[Tensor]]:
+    """_op's outputs and relu(bn(x)) (None where the backend never materialises it)."""
+    impl = get_backend(backend)
+    convs = _convs(conv_weights, strides, paddings)
+    if not hasattr(impl, "forward_keeping_activation"):
+        return _op(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings,
+                   training, backend, stats_eps), None
+    outs, stats, activation = impl.forward_keeping_activation(x, scale, shift, convs, residual, stats_eps)
+    return [*outs, *(stats or ())], activation
+
+
 ARG_NAMES = tuple(inspect.signature(_op).parameters)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs, output, activation: Optional[Tensor] = None) -> None:
     # Everything backward needs goes through save_for_backward, so
     # saved_tensors_hooks (and save_on_cpu) see and may offload all of it.
     # The residual is only added: its gradient is the first output's, and
-    # nothing of it is kept.
+    # nothing of it is kept. activation: relu(bn(x)), kept (keep_activations).
     a = dict(zip(ARG_NAMES, inputs))
+    kept = () if activation is None else (activation,)
     ctx.save_for_backward(a["x"], a["mean"], a["invstd"], a["scale"], a["shift"], a["bn_weight"], a["bn_bias"],
-                          *a["conv_weights"])
-    ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"])
+                          *kept, *a["conv_weights"])
+    ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"], bool(kept))
 
 
 def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
@@ -112,11 +150,12 @@ def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     each name to whether it wants one (a list for conv_weights)."""
     refuse_double_backward("bn_relu_conv2d")
     x, mean, invstd, scale, shift, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
-    strides, paddings, training, backend = ctx.conf
+    strides, paddings, training, backend, kept = ctx.conf
+    activation = conv_weights.pop(0) if kept else None
     needs_bn = needs["x"] or needs["bn_weight"] or needs["bn_bias"]
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
         list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
-        _convs(conv_weights, strides, paddings), training, needs["conv_weights"], needs_bn, traceable,
+        _convs(conv_weights, strides, paddings), training, needs["conv_weights"], needs_bn, traceable, activation,
     )
     # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
     grads = {"x": dx, "conv_weights": d_weights,
@@ -138,13 +177,13 @@ def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual,
     outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding)
             for c in _convs(conv_weights, strides, paddings)]
     if stats_eps is not None:
-        outs += [outs[0].new_empty((outs[0].shape[1],), dtype=mean.dtype) for _ in range(2)]
+        outs += get_backend(backend).stats_like(outs[0])
     return outs
 
 
 def _op_backward(ctx, grad_outputs):
     needs = dict(zip(ARG_NAMES, ctx.needs_input_grad))
-    n = len(ctx.conf[0]) // 2
+    n = len(ctx.conf[0]) // 2  # strides: a pair per conv
     if not isinstance(needs["conv_weights"], (list, tuple)):
         needs["conv_weights"] = [needs["conv_weights"]] * n
     return _gradients(ctx, grad_outputs, needs, traceable=True)
@@ -174,8 +213,11 @@ class _EagerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *flat):
         args = _gather(flat)
-        outs = _op(*args)
-        _setup_context(ctx, args, outs)
+        if keeping_activations():
+            outs, activation = _op_keeping_activation(*args)
+        else:
+            outs, activation = _op(*args), None
+        _setup_context(ctx, args, outs, activation)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its conv backward is skipped
         n = len(args[_WEIGHTS])
         if len(outs) > n:  # the next BatchNorm's statistics
@@ -191,7 +233,7 @@ class _EagerFunction(torch.autograd.Function):
 def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training,
           backend, stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
-    first, and that output's (mean, invstd) for eps=stats_eps or None),
+    first, and that output's hand-on statistics for eps=stats_eps or None),
     differentiable in x, the weights, gamma/beta and the residual; mean/invstd
     are x's batch statistics when training."""
     args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training,

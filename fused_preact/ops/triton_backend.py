@@ -68,9 +68,12 @@ class TritonBackend:
                          x_stats=None):
         stats_op = triton_batch_norm_stats if torch.compiler.is_compiling() else _batch_norm_stats
         return stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                        *(x_stats or (None, None)))
+                        *(x_stats or (None, None, None)))
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
+        # The hand-on statistics are the epilogue's raw partials: the next
+        # layer's batch_norm_stats merges them with its own fold and update
+        # in one launch (stats_eps, the next BatchNorm's eps, is applied there).
         conv_forward = _kernels().conv_forward.conv_forward
         outs, stats = [], None
         # convs[0] leads the first group, so the residual and the statistics
@@ -79,15 +82,20 @@ class TritonBackend:
             group = list(group)
             results, group_stats = conv_forward(
                 x, scale, shift, [c.weight for c in group], group[0].stride, group[0].padding,
-                residual=residual if index == 0 else None, stats=stats_eps is not None and index == 0,
-                stats_eps=stats_eps,
+                residual=residual if index == 0 else None, stats=stats_eps is not None and index == 0, raw_stats=True,
             )
             outs += results
             stats = stats or group_stats
         return outs, stats
 
+    def stats_like(self, out):
+        from ..triton_kernels.conv_forward import stats_partials
+
+        return [out.new_empty((stats_partials(out), out.shape[1]), dtype=torch.float32) for _ in range(3)]
+
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
-                 needs_bn: bool, traceable: bool = False):
+                 needs_bn: bool, traceable: bool = False, activation=None):
+        # activation is always None: relu(bn(x)) never exists outside the kernels here.
         # traceable: called from the torch.library op's backward, which AOT
         # autograd traces with fake tensors; then go through the ops below.
         weight_grad, input_grad = (triton_weight_grad, triton_input_grad) if traceable else (_weight_grad, _input_grad)
@@ -122,13 +130,10 @@ def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):
     return dx, *sums
 
 
-def _batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, mean, invstd):
-    # mean, invstd: x's statistics handed on from an epilogue, or None
-    kernels = _kernels().batch_stats
-    bn = (weight, bias, running_mean, running_var, num_batches_tracked, momentum)
-    if mean is None:  # statistics, fold and update from the merge kernel: no extra launch
-        return kernels.batch_norm_stats(x, *bn, eps)
-    return mean, invstd, *kernels.bn_fold(mean, invstd, eps, x.numel() // x.shape[1], *bn)
+def _batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *partials):
+    # partials: x's (count, mean, M2) from the epilogue that produced it, or three Nones
+    return _kernels().batch_stats.batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                                   momentum, eps, None if partials[0] is None else partials)
 
 
 def _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training):
@@ -155,20 +160,17 @@ def _weight_grad(grad, x, scale, shift, weight, stride, padding):
 def triton_batch_norm_stats(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                             num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
-                            x_mean: Optional[torch.Tensor], x_invstd: Optional[torch.Tensor]
+                            count: Optional[torch.Tensor], mean: Optional[torch.Tensor], m2: Optional[torch.Tensor]
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-mode BatchNorm of x: (mean, invstd, scale, shift) in fp32, the
-    running statistics updated in place (Backend.batch_norm_stats); x_mean,
-    x_invstd: x's statistics handed on from an epilogue, or None."""
-    mean, invstd, scale, shift = _batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                                                   momentum, eps, x_mean, x_invstd)
-    if x_mean is not None:  # outputs of an op may not alias its inputs
-        mean, invstd = mean.clone(), invstd.clone()
-    return mean, invstd, scale, shift
+    running statistics updated in place (Backend.batch_norm_stats); count,
+    mean, m2: x's statistics partials handed on from an epilogue, or None."""
+    return _batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, count,
+                             mean, m2)
 
 
 @triton_batch_norm_stats.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, x_mean, x_invstd):
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, count, mean, m2):
     return tuple(x.new_empty((x.shape[1],), dtype=torch.float32) for _ in range(4))
 
 

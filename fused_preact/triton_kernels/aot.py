@@ -138,7 +138,8 @@ def _drive_step(dtype: torch.dtype, layers) -> None:
         grads = [torch.empty(BATCH, k_out, out_size, out_size, dtype=dtype)
                  .contiguous(memory_format=torch.channels_last) for k_out, _, _, _ in convs]
         running, counter = [torch.zeros(c_in), torch.ones(c_in)], torch.zeros((), dtype=torch.int64)
-        for handed_on in (None, (vec, vec)):  # statistics pass, or the fold of an epilogue's statistics
+        partials = backend.stats_like(x)  # as a conv epilogue hands them on
+        for handed_on in (None, partials):  # a statistics pass, or the merge of an epilogue's partials
             backend.batch_norm_stats(x, vec, vec, *running, counter, 0.1, 1e-5, handed_on)
         for residual in ([None, grads[0]] if has_residual else [None]):
             for stats_eps in (None, 1e-5):

@@ -80,20 +80,6 @@ def _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, r
 
 
 @triton.jit
-def _bn_fold_kernel(mean_ptr, invstd_ptr, C, eps, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,
-                    momentum, unbias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-                    HAS_COUNTER: tl.constexpr, BLOCK_C: tl.constexpr):
-    # The fold of statistics handed on as (mean, invstd) by a conv epilogue.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=1.0)
-    var = tl.maximum(1.0 / (invstd * invstd) - eps, 0.0)
-    _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum,
-          unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING, HAS_COUNTER)
-
-
-@triton.jit
 def _partial_stats_kernel(
     x_ptr, cnt_ptr, mean_ptr, m2_ptr,
     C, L, SEGS, SEG, OUTER1,
@@ -284,14 +270,12 @@ def _merge_block_p(rows: int, block_c: int) -> int:
     return min(triton.next_power_of_2(rows), 128 if block_c <= 16 else 64)
 
 
-def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, eps: Optional[float] = None):
-    """(mean, biased var) per channel, fp32 [C] (with eps: (mean, 1/sqrt(var + eps))), from partial statistics: three
+def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
+    """(mean, biased var) per channel, fp32 [C], from partial statistics: three
     [num_partials, C] fp32 buffers holding each partial's count, mean and M2 (sum of
     squared deviations from its own mean). Partials with count 0 are ignored. Merged in
     a fixed order (deterministic), on the device, without host synchronisation."""
-    if eps is not None:
-        _check_eps(eps)
-    return _merge(count, mean, m2, 0.0 if eps is None else eps, invstd=eps is not None)
+    return _merge(count, mean, m2, 0.0, invstd=False)
 
 
 class _Fold(NamedTuple):
@@ -337,31 +321,20 @@ def _fold_of(c, device, weight, bias, running_mean, running_var, num_batches_tra
 
 
 def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, momentum: float,
-                     eps: float):
+                     eps: float, partials: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
     """Training-mode BatchNorm of x [N, C, H, W]: (mean, invstd, scale, shift), fp32
     [C], with relu(bn(x)) = relu(x * scale + shift); running_mean/var (unbiased
     variance) and num_batches_tracked updated in place where given (fp32 / int64
-    tensors or None). Two launches: the partials, and their merge, which does
-    the fold and the update too."""
+    tensors or None). The merge kernel does the fold and the update too.
+    partials: x's (count, mean, M2) partials [P, C], as the conv forward
+    epilogue that produced x wrote them; then no pass reads x, and the merge
+    (one launch, two for thousands of partials) is all that runs."""
     check_activation(x)
     _check_eps(eps)
     fold = _fold_of(x.shape[1], x.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                     x.numel() // max(x.shape[1], 1))
-    mean, invstd = _merge(*_stats_partials(x), eps, invstd=True, fold=fold)
+    mean, invstd = _merge(*(partials if partials is not None else _stats_partials(x)), eps, invstd=True, fold=fold)
     return mean, invstd, fold.scale, fold.shift
-
-
-def bn_fold(mean: torch.Tensor, invstd: torch.Tensor, eps: float, count: int, weight, bias, running_mean,
-            running_var, num_batches_tracked, momentum: float):
-    """(scale, shift) of batch statistics handed on as (mean, invstd) for eps over
-    `count` values per channel, with the running update of batch_norm_stats, in
-    one launch."""
-    c = mean.shape[0]
-    fold = _fold_of(c, mean.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum, count)
-    block_c = min(triton.next_power_of_2(c), 1024)
-    _bn_fold_kernel[(triton.cdiv(c, block_c),)](mean, invstd, c, float(eps), *fold.args(mean), **fold.flags(),
-                                                BLOCK_C=block_c, num_warps=4)
-    return fold.scale, fold.shift
 
 
 def _check_eps(eps):

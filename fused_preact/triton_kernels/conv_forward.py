@@ -184,16 +184,17 @@ def conv_forward(
     padding=(0, 0),
     residual: Optional[torch.Tensor] = None,
     stats: bool = False,
-    stats_eps: Optional[float] = None,
-) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    raw_stats: bool = False,
+) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]:
     """outs[i] = conv2d(relu(x * scale + shift), weights[i], stride, padding), fused.
 
     x [N, C, H, W] fp32/fp16/bf16, any strides; scale, shift fp32 [C]; weights[i]
     [K_i, C, R_i, S_i] in x's dtype. stride/padding: an int or (h, w) pair shared by all
     weights, or a list with one pair per weight (paddings may differ, strides may not).
     residual (outs[0]'s shape, any strides) is added to outs[0]. stats=True also returns
-    (mean, biased var) fp32 [K_0] of outs[0] as stored, or (mean, invstd) for
-    eps=stats_eps when that is given (from the same merge launch). Outputs are channels_last when x
+    (mean, biased var) fp32 [K_0] of outs[0] as stored; with raw_stats, the
+    unmerged partials instead (count, mean, M2, each [stats_partials(outs[0]), K_0],
+    for merge_partials or batch_norm_stats' handed-on path: no merge launch here). Outputs are channels_last when x
     is, else NCHW-contiguous. No host synchronisation: capturable in a CUDA graph once
     the autotuner has seen the shape (its first call benchmarks configs).
     """
@@ -245,7 +246,7 @@ def conv_forward(
     for idx in launches:
         first = idx[0] == 0
         moments_i = _launch(x, scale, shift, [weights[i] for i in idx], [outs[i] for i in idx],
-                            (st_h, st_w), pads[idx[0]], residual if first else None, stats and first, stats_eps)
+                            (st_h, st_w), pads[idx[0]], residual if first else None, stats and first, raw_stats)
         if first:
             moments = moments_i
     return outs, moments
@@ -274,7 +275,12 @@ def weight_matrix(ws: Sequence[torch.Tensor]) -> torch.Tensor:
     return w_mat
 
 
-def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, stats_eps):
+def stats_partials(out: torch.Tensor) -> int:
+    """Rows of the statistics partials the epilogue writes for `out` [N, K, Ho, Wo]."""
+    return triton.cdiv(out.shape[0] * out.shape[2] * out.shape[3], ROWS_PER_PARTIAL)
+
+
+def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats):
     N, C, H, W = x.shape
     _, K0, HO, WO = outs[0].shape
     R, S = ws[0].shape[2:]
@@ -284,7 +290,7 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, stats_eps):
     out1 = outs[1] if len(outs) > 1 else outs[0]
     res = residual if residual is not None else outs[0]  # placeholder pointer when unused
     if stats:
-        P = triton.cdiv(M, ROWS_PER_PARTIAL)
+        P = stats_partials(outs[0])
         cnt, mean, m2 = (torch.empty((P, K0), dtype=torch.float32, device=x.device) for _ in range(3))
     else:
         cnt = mean = m2 = scale  # never touched: STATS is off
@@ -298,4 +304,6 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, stats_eps):
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
         RPP=ROWS_PER_PARTIAL, IDX64=idx64, PRECISION=dot_precision(x.dtype),
     )
-    return merge_partials(cnt, mean, m2, stats_eps) if stats else None
+    if not stats:
+        return None
+    return (cnt, mean, m2) if raw_stats else merge_partials(cnt, mean, m2)
