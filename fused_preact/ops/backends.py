@@ -46,7 +46,7 @@ class Backend(Protocol):
     def batch_norm_stats(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                          num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
-                         x_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                         x_stats: Optional[tuple[torch.Tensor, ...]] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training-mode BatchNorm of x: (mean, invstd, scale, shift), fp32 (fp64
         for fp64 x), with relu(bn(x)) = relu(x * scale + shift); updates the

@@ -41,7 +41,7 @@ def _convs(weights: list[Tensor], strides: list[int], paddings: list[int]) -> li
 def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
                         num_batches_tracked: Optional[Tensor], training: bool, momentum: float, eps: float,
-                        backend: str, x_stats: Optional[tuple[Tensor, Tensor]] = None
+                        backend: str, x_stats: Optional[tuple[Tensor, ...]] = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mean, invstd, scale, shift) that normalise x, relu(bn(x)) = relu(x * scale
     + shift): batch statistics in training (updating the running ones and
