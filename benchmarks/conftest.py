@@ -4,7 +4,8 @@ pytest-benchmark's JSON into ratios against eager measured in the same run.
 Every benchmark records in extra_info: `group` (what is compared), `provider`,
 `images` per call, and a memory figure `memory_bytes_per_image` with its
 `memory_kind` ("saved" = exact bytes autograd keeps, on the CPU; "peak" =
-torch.cuda.max_memory_allocated above the parameters and optimizer state).
+torch.cuda.max_memory_allocated above the parameters and optimizer state);
+the launch suite records op counts (`fwd_bwd_ops`, `step_ops`) instead.
 """
 import datetime
 import platform
@@ -40,9 +41,11 @@ def memory_per_image(device, model, run, batch: int) -> tuple[str, float]:
     return "peak", (torch.cuda.max_memory_allocated(device) - baseline) / batch
 
 
-def record(benchmark, group: str, provider: str, images: int, memory: tuple[str, float], **extra):
-    benchmark.extra_info.update(group=group, provider=provider, images=images, memory_kind=memory[0],
-                                memory_bytes_per_image=memory[1], **extra)
+def record(benchmark, group: str, provider: str, images: int, memory: tuple[str, float] | None, **extra):
+    """memory=None for records without a memory figure (the launch counts)."""
+    benchmark.extra_info.update(group=group, provider=provider, images=images, **extra)
+    if memory is not None:
+        benchmark.extra_info.update(memory_kind=memory[0], memory_bytes_per_image=memory[1])
 
 
 def _cpu_name() -> str:
@@ -77,7 +80,11 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                 info["bandwidth_fraction"] = info["bytes_per_s"] / peak
         if base is not None:
             info["time_ratio_to_eager"] = r["stats"]["median"] / base["stats"]["median"]
-            info["memory_ratio_to_eager"] = info["memory_bytes_per_image"] / base["extra_info"]["memory_bytes_per_image"]
+            # Memory figures, and the launch suite's op counts, against eager's.
+            for key, ratio in (("memory_bytes_per_image", "memory_ratio_to_eager"),
+                               ("fwd_bwd_ops", "fwd_bwd_ops_ratio_to_eager"), ("step_ops", "step_ops_ratio_to_eager")):
+                if key in info and base["extra_info"].get(key):
+                    info[ratio] = info[key] / base["extra_info"][key]
     try:
         import triton
         triton_version = triton.__version__

@@ -7,9 +7,24 @@ Providers build a runnable model (or one BN -> ReLU -> conv layer) on a device:
   reentrant variant keeps each unit's input through save_for_backward, so the
   CPU saved-bytes accounting sees it (the non-reentrant one keeps the same
   tensors, but out of the hooks' sight);
-- compile: torch.compile (inductor) of the plain model / the eager layer;
+- compile: torch.compile (inductor) of the plain model / the eager layer, at
+  the default `torch._functorch.config.activation_memory_budget` of 1.0;
+- compile-budget0.5, compile-budget0.1: the same with an activation memory
+  budget of 0.5 / 0.1 (inductor's partitioner then recomputes in backward what
+  it no longer saves). The budget is set while compiling and while running,
+  and each compiled provider starts from `torch._dynamo.reset()`: Dynamo's
+  guards do not look at the functorch config, so without the reset a second
+  budget would reuse the first one's graphs. The tensors a compiled graph
+  keeps go through save_for_backward too, so the CPU accounting sees them;
+- fused+compile, fused-segment+compile: torch.compile (inductor) of the fused
+  model in `bn_relu` / `segment` mode, on the device's first backend (native on
+  the CPU, triton on CUDA);
 - fused-<recompute>-<backend>: fused_preact in each recompute mode (models) and
-  each backend available on the device (triton: CUDA only).
+  each backend available on the device (triton: CUDA only);
+- eager-graphed, fused-graphed (training step only, CUDA only): the whole step
+  of the plain / the fused `bn_relu` model (forward, backward, SGD) captured
+  once in a CUDA graph by `capture_train_step` and replayed each iteration,
+  with `graph_optimizer`'s SGD (see there why fused, with a tensor lr).
 """
 import functools
 import os
@@ -24,6 +39,11 @@ from fused_preact.ops import bn_relu_conv2d
 from fused_preact.ops.backends import get_backend
 
 FUSED_MODES = ("bn_relu", "unit", "segment")
+# Compiled plain-model providers and their activation memory budget.
+COMPILE_BUDGETS = {"compile": 1.0, "compile-budget0.5": 0.5, "compile-budget0.1": 0.1}
+# Compiled fused-model providers and their recompute mode.
+FUSED_COMPILE = {"fused+compile": "bn_relu", "fused-segment+compile": "segment"}
+GRAPHED = ("eager-graphed", "fused-graphed")
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -40,7 +60,9 @@ class Sizes:
     op_batch: int
     depths: tuple[int, ...]
     memory_depths: tuple[int, ...]
-    max_compile_depth: int  # inductor compile time grows with depth
+    max_compile_depth: int  # compile and fused(-segment)+compile; inductor compile time grows with depth
+    max_budget_depth: int  # compile-budget0.5/0.1: their partitioner's solver adds to the compile time
+    compiled: tuple[str, ...]  # the compiled model providers that run at all
     op_shapes: tuple  # (in_channels, out_channels, kernel, size)
     unit_shapes: tuple  # (bottleneck width, size)
     dtypes: tuple[torch.dtype, ...]
@@ -60,21 +82,47 @@ def _paper_op_shapes(widths=(16, 32, 64), sizes=(32, 16, 8), kernels=(1, 3, 1)):
 _CPU_OP_SHAPES = tuple(s for s in _paper_op_shapes() if s[2] == 3 or s[:2] == (64, 16))
 
 
+# Every compiled model provider; the CPU subset leaves out fused-segment+compile
+# (another cold inductor compile of over a minute on two cores).
+_ALL_COMPILED = (*COMPILE_BUDGETS, *FUSED_COMPILE)
+_CPU_COMPILED = (*COMPILE_BUDGETS, "fused+compile")
+
+
 @functools.cache
 def sizes_for(device_type: str) -> Sizes:
     if device_type == "cuda":
         return Sizes(batch=128, op_batch=128, depths=(110, 164, 1001), memory_depths=(110, 164, 290, 1001),
-                     max_compile_depth=110, op_shapes=_paper_op_shapes(), unit_shapes=((16, 32), (32, 16), (64, 8)),
+                     max_compile_depth=110, max_budget_depth=110, compiled=_ALL_COMPILED,
+                     op_shapes=_paper_op_shapes(), unit_shapes=((16, 32), (32, 16), (64, 8)),
                      dtypes=(torch.float32, torch.bfloat16), rounds=5)
-    if os.environ.get("FUSED_PREACT_BENCH_DRY", "0") not in ("", "0"):  # gpu_check.sh --dry-run: tiny, fast
-        return Sizes(batch=2, op_batch=2, depths=(11,), memory_depths=(11,), max_compile_depth=0,
-                     op_shapes=((16, 16, 3, 8),), unit_shapes=((16, 8),), dtypes=(torch.float32,), rounds=1)
-    full = os.environ.get("FUSED_PREACT_BENCH_FULL", "0") not in ("", "0")
-    return Sizes(batch=8 if full else 4, op_batch=16 if full else 8, depths=(110, 164, 1001) if full else (110, 164),
-                 memory_depths=(110, 164, 290, 1001), max_compile_depth=1001 if full else 110,
+    if _flag("FUSED_PREACT_BENCH_DRY"):  # gpu_check.sh --dry-run: tiny, fast
+        return Sizes(batch=2, op_batch=2, depths=(11,), memory_depths=(11,), max_compile_depth=0, max_budget_depth=0,
+                     compiled=(), op_shapes=((16, 16, 3, 8),), unit_shapes=((16, 8),), dtypes=(torch.float32,),
+                     rounds=1)
+    full = _flag("FUSED_PREACT_BENCH_FULL")
+    # A cold inductor compile of ResNet-110 takes 1-2 minutes on two cores, of
+    # ResNet-164 about 2 (110 s at budget 1.0, 120-140 s at 0.5 / 0.1): the
+    # four compiled providers at 164 too would add some 8 minutes to a suite
+    # meant to take about 10, so the CPU subset compiles at depth 110 only.
+    compile_depth = 1001 if full else 110
+    depths = (110, 164, 1001) if full else (110, 164)
+    # For a one-off measurement, FUSED_PREACT_BENCH_BATCH and
+    # FUSED_PREACT_BENCH_DEPTHS (e.g. "164") set the training step's batch and
+    # depths; every compiled provider then runs at those depths.
+    batch = int(os.environ.get("FUSED_PREACT_BENCH_BATCH") or (8 if full else 4))
+    if os.environ.get("FUSED_PREACT_BENCH_DEPTHS"):
+        depths = tuple(int(d) for d in os.environ["FUSED_PREACT_BENCH_DEPTHS"].split(","))
+        compile_depth = max(depths)
+    return Sizes(batch=batch, op_batch=16 if full else 8, depths=depths,
+                 memory_depths=(110, 164, 290, 1001), max_compile_depth=compile_depth, max_budget_depth=compile_depth,
+                 compiled=_ALL_COMPILED if full else _CPU_COMPILED,
                  op_shapes=_paper_op_shapes() if full else _CPU_OP_SHAPES,
                  unit_shapes=((16, 32), (32, 16), (64, 8)) if full else ((16, 32),), dtypes=(torch.float32,),
                  rounds=3)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
 
 
 def unit_providers(device: torch.device) -> list[str]:
@@ -95,8 +143,27 @@ def build_unit(provider: str, width: int, device: torch.device):
 
 
 def model_providers(device: torch.device) -> list[str]:
+    """The model providers of the training-step and memory suites (not the graphed ones)."""
     fused = [f"fused-{mode}-{backend}" for backend in available_backends(device) for mode in FUSED_MODES]
-    return ["eager", "checkpoint", "compile", *fused]
+    return ["eager", "checkpoint", *COMPILE_BUDGETS, *FUSED_COMPILE, *fused]
+
+
+def graphed_providers() -> list[str]:
+    """The CUDA-graph providers: training-step suite only (a step is what they capture)."""
+    return list(GRAPHED)
+
+
+def is_compiled(provider: str) -> bool:
+    return provider in COMPILE_BUDGETS or provider in FUSED_COMPILE
+
+
+def runs_at(provider: str, depth: int, sizes: Sizes) -> bool:
+    """Whether a model provider runs at `depth`: compiled ones where the sizes
+    take them, up to their depth limit."""
+    if not is_compiled(provider):
+        return True
+    budget = COMPILE_BUDGETS.get(provider, 1.0) != 1.0
+    return provider in sizes.compiled and depth <= (sizes.max_budget_depth if budget else sizes.max_compile_depth)
 
 
 def op_providers(device: torch.device) -> list[str]:
@@ -108,21 +175,111 @@ def model_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+def best_backend(device: torch.device) -> str:
+    """The fastest fused backend built for the device (triton on CUDA, native on the CPU)."""
+    return available_backends(device)[0]
+
+
 def build_model(provider: str, depth: int, device: torch.device):
-    """(model, forward): the parameters live in `model`, `forward(x)` runs the provider."""
+    """(model, forward): the parameters live in `model`, `forward(x)` runs the provider
+    (for the graphed providers: the model uncaptured; `capture_train_step` captures it)."""
     torch.manual_seed(0)
+    fmt = model_format(device)
+    if provider in FUSED_COMPILE or provider == "fused-graphed":
+        mode = FUSED_COMPILE.get(provider, "bn_relu")
+        model = PreActResNet(depth, recompute=mode, backend=best_backend(device)).to(device, memory_format=fmt)
+        return model, (_compiled(model) if provider in FUSED_COMPILE else model)
     if provider.startswith("fused-"):
         _, mode, backend = provider.split("-")
-        model = PreActResNet(depth, recompute=mode, backend=backend).to(device, memory_format=model_format(device))
+        model = PreActResNet(depth, recompute=mode, backend=backend).to(device, memory_format=fmt)
         return model, model
-    model = PreActResNet(depth, fused=False, recompute="none").to(device, memory_format=model_format(device))
-    if provider == "eager":
+    model = PreActResNet(depth, fused=False, recompute="none").to(device, memory_format=fmt)
+    if provider in ("eager", "eager-graphed"):
         return model, model
-    if provider == "compile":
-        return model, torch.compile(model)
+    if provider in COMPILE_BUDGETS:
+        return model, _compiled(model, COMPILE_BUDGETS[provider])
     if provider == "checkpoint":
         return model, functools.partial(_checkpoint_per_unit, model)
     raise ValueError(f"unknown model provider {provider!r}")
+
+
+def _compiled(model: torch.nn.Module, budget: float = 1.0):
+    """torch.compile (inductor) of `model`, compiled and run under `budget`.
+
+    Dynamo's guards do not look at the functorch config: without the reset, a
+    model of the same structure compiled earlier under another budget would be
+    reused. The partition into saved and recomputed tensors is made when the
+    forward compiles; the budget is also set around every call so that a
+    recompilation (a new guard failure) sees it too.
+    """
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+
+    def forward(x):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return compiled(x)
+
+    return forward
+
+
+def graph_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The graphed providers' SGD: the hyper-parameters of every other provider,
+    with the learning rate a device tensor and the fused update.
+
+    SGD has no `capturable` flag in this torch. Its foreach (and single-tensor)
+    update passes a tensor lr as `alpha=-lr`, a host read (.item()) outside
+    torch.compile, which capture forbids; the fused update takes the tensor_lr
+    overload of `_fused_sgd_` and reads lr on the device. So the captured step
+    never synchronises and the lr stays a static tensor a schedule may fill_
+    between replays. The momentum buffers are created by the warm-up steps,
+    before capture.
+    """
+    device = next(model.parameters()).device
+    return torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1, device=device), momentum=0.9,
+                           weight_decay=1e-4, fused=True)
+
+
+def capture_train_step(model, optimizer, loss_fn, static_x, static_y, warmup: int = 3):
+    """Capture one whole training step (forward, loss, backward, optimizer step)
+    in a CUDA graph; return `replay(x=None, y=None)`, which copies x / y (if
+    given) into the static buffers, replays the step and returns the static loss.
+
+    The warm-up steps run on a side stream (as torch.cuda.graphs requires), so
+    that lazy initialisation, Triton autotuning, cuDNN algorithm choice and the
+    optimizer state happen outside the capture. The gradients are set to None
+    before capture, so backward allocates them in the graph's pool and every
+    replay overwrites them (no zero_grad needed). `replay.capture_peak_bytes`
+    is the peak memory of the captured step above what was allocated before it
+    (parameters, buffers and optimizer state): the pool the graph keeps.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(static_x), static_y).backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = loss_fn(model(static_x), static_y)
+        static_loss.backward()
+        optimizer.step()
+
+    def replay(x=None, y=None):
+        if x is not None:
+            static_x.copy_(x, non_blocking=True)
+        if y is not None:
+            static_y.copy_(y, non_blocking=True)
+        graph.replay()
+        return static_loss
+
+    replay.capture_peak_bytes = torch.cuda.max_memory_allocated() - baseline
+    return replay
 
 
 def _checkpoint_per_unit(model: PreActResNet, x: torch.Tensor) -> torch.Tensor:

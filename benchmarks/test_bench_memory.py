@@ -1,16 +1,18 @@
 """Memory against depth (ResNet-110, -164, -290, -1001) for every provider, and on
 a GPU an estimate of the largest batch that fits the card. The figures are the
 memory ones in extra_info; the timed single round is not a speed measurement.
-torch.compile joins on the CPU up to SIZES.max_compile_depth only: on a GPU the
-batch sweep would recompile it for each batch size."""
+The compiled providers (compile, compile-budget0.5/0.1, fused+compile,
+fused-segment+compile) join on the CPU only, where SIZES takes them (in the
+CPU subset: at depth 110, without fused-segment+compile): on a GPU the batch
+sweep would recompile them for each batch size."""
 import pytest
 import torch
 
 from conftest import DEVICE, SIZES, memory_per_image, record, synchronize
-from providers import build_model, model_providers
+from providers import build_model, is_compiled, model_providers, runs_at
 
 CASES = [(depth, provider) for depth in SIZES.memory_depths for provider in model_providers(DEVICE)
-         if provider != "compile" or (DEVICE.type == "cpu" and depth <= SIZES.max_compile_depth)]
+         if not is_compiled(provider) or (DEVICE.type == "cpu" and runs_at(provider, depth, SIZES))]
 
 
 def largest_batch_estimate(model, forward, batch: int) -> int:
