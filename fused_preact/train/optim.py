@@ -66,6 +66,26 @@ class _CapturableStep:
     def _keeps_velocity(self, group: dict) -> bool:
         return True  # Caffe's form, also without momentum: its velocity is the update
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            self._update(group, params, grads)
+        return loss
+
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        """One group's update from its gradients (weight decay added)."""
+        raise NotImplementedError
+
     def _velocities(self, params: list[Tensor]) -> list[Tensor]:
         # A zero velocity makes the first step the same computation as every
         # later one: m * 0 + d is d.
@@ -86,24 +106,11 @@ class CaffeSGD(_CapturableStep, torch.optim.Optimizer):
                 raise ValueError(f"CaffeSGD: {name} out of range, got {value!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            velocity = self._velocities(params)
-            torch._foreach_mul_(velocity, group["momentum"])
-            torch._foreach_add_(velocity, _times_lr(grads, group["lr"]))
-            torch._foreach_sub_(params, velocity)
-        return loss
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        velocity = self._velocities(params)
+        torch._foreach_mul_(velocity, group["momentum"])
+        torch._foreach_add_(velocity, _times_lr(grads, group["lr"]))
+        torch._foreach_sub_(params, velocity)
 
 
 class PyTorchSGD(_CapturableStep, torch.optim.SGD):
@@ -123,26 +130,13 @@ class PyTorchSGD(_CapturableStep, torch.optim.SGD):
     def _keeps_velocity(self, group: dict) -> bool:
         return group["momentum"] != 0  # plain SGD keeps none, as torch's
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-            if self._keeps_velocity(group):
-                velocity = self._velocities(params)
-                torch._foreach_mul_(velocity, group["momentum"])
-                torch._foreach_add_(velocity, grads)
-                grads = torch._foreach_add(grads, velocity, alpha=group["momentum"]) if group["nesterov"] else velocity
-            torch._foreach_sub_(params, _times_lr(grads, group["lr"]))
-        return loss
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        if self._keeps_velocity(group):
+            velocity = self._velocities(params)
+            torch._foreach_mul_(velocity, group["momentum"])
+            torch._foreach_add_(velocity, grads)
+            grads = torch._foreach_add(grads, velocity, alpha=group["momentum"]) if group["nesterov"] else velocity
+        torch._foreach_sub_(params, _times_lr(grads, group["lr"]))
 
 
 def make_optimizer(c: TrainConfig, params: Iterable) -> torch.optim.Optimizer:
