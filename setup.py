@@ -62,7 +62,10 @@ def extension():
     # -fopenmp: at::parallel_for is a header template that only runs in parallel
     # when the including file is compiled with OpenMP (it binds to the libgomp
     # torch already loaded).
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off", "-fopenmp"]
+    # -fno-tree-loop-distribute-patterns: the CPU reductions stage each block of
+    # terms in a small stack buffer (core/bn_relu_cpu.h); GCC would turn a block
+    # that is a plain copy into a memcpy call per 64 elements, 2.5x slower.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-ffp-contract=off", "-fno-tree-loop-distribute-patterns", "-fopenmp"]
     link_flags = ["-fopenmp"]
     include_dirs = [str(ROOT / "csrc")]
     use_cuda, why_not = want_cuda()

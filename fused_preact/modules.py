@@ -51,6 +51,8 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
             outs[0] = outs[0] + residual
         return outs, None
     for i, conv in enumerate(convs):  # what the fused op computes; the plain path takes any conv
+        if conv.bias is None and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros":
+            continue
         unsupported = {"bias": conv.bias is not None, "groups": conv.groups != 1,
                        "dilation": conv.dilation != (1, 1), "padding_mode": conv.padding_mode != "zeros"}
         if any(unsupported.values()):

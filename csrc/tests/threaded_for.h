@@ -13,7 +13,7 @@ struct ThreadedFor {
   int pieces;
 
   template <typename F>
-  void operator()(int64_t begin, int64_t end, F&& fn) const {
+  void operator()(int64_t begin, int64_t end, int64_t /*work*/, F&& fn) const {
     const int64_t total = end - begin;
     if (total <= 0) return;
     const int64_t weight_sum = int64_t(pieces) * (pieces + 1) / 2;

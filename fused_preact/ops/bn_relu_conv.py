@@ -145,6 +145,10 @@ def _setup_context(ctx, inputs, output, activation: Optional[Tensor] = None) -> 
     ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"], bool(kept))
 
 
+def _as_dtype(t: Tensor, like: Tensor) -> Tensor:
+    return t if t.dtype == like.dtype else t.to(like.dtype)  # a no-op .to() still costs a dispatch
+
+
 def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     """The gradients of the op's arguments, in ARG_NAMES order; `needs` maps
     each name to whether it wants one (a list for conv_weights)."""
@@ -159,8 +163,8 @@ def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     )
     # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
     grads = {"x": dx, "conv_weights": d_weights,
-             "bn_weight": None if bn_weight is None or sum_dz_xhat is None else sum_dz_xhat.to(bn_weight.dtype),
-             "bn_bias": None if bn_bias is None or sum_dz is None else sum_dz.to(bn_bias.dtype),
+             "bn_weight": None if bn_weight is None or sum_dz_xhat is None else _as_dtype(sum_dz_xhat, bn_weight),
+             "bn_bias": None if bn_bias is None or sum_dz is None else _as_dtype(sum_dz, bn_bias),
              "residual": grad_outputs[0] if needs["residual"] else None}
     return tuple(grads.get(name) for name in ARG_NAMES)
 
@@ -240,6 +244,8 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
             backend, stats_eps)
     if torch.compiler.is_compiling():
         outs = bn_relu_conv2d_op(*args)
+    elif not torch.is_grad_enabled():  # nothing to record (unit/segment recompute's first run)
+        outs = _op(*args)
     else:
         outs = list(_EagerFunction.apply(*_spread(args)))
     n = len(conv_weights)
