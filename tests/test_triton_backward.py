@@ -109,9 +109,13 @@ def _check_backward(p, dtype):
     for i, (dy, w) in enumerate(zip(p["grads"], p["weights"])):
         if dy is None:
             continue
-        dw = conv_wgrad(dy, x, p["scale"], p["shift"], w.shape, p["strides"][i], p["paddings"][i], w.dtype)
-        assert dw.dtype == w.dtype and dw.shape == w.shape
-        assert_close(dw, ref["dW"][i], dtype, f"dW[{i}]", scale=float(ref["dW"][i].abs().max()))
+        # dW in the weight's layout (a channels_last model's weights are), so
+        # that autograd accumulates it without a copy.
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            dw = conv_wgrad(dy, x, p["scale"], p["shift"], w.shape, p["strides"][i], p["paddings"][i], w.dtype, fmt)
+            assert dw.dtype == w.dtype and dw.shape == w.shape
+            assert dw.stride() == torch.empty(w.shape, memory_format=fmt).stride()
+            assert_close(dw, ref["dW"][i], dtype, f"dW[{i}] ({fmt})", scale=float(ref["dW"][i].abs().max()))
 
 
 # (name, x shape, (K, R, stride, padding)). (H + 2p - R) % stride != 0 in the
@@ -209,6 +213,8 @@ def test_errors():
         conv_wgrad(dy, x, p["scale"], p["shift"], (4, 2, 3, 3), 1, 1, torch.float32)
     with pytest.raises(ValueError, match=r"grad must have the conv's output shape"):
         conv_wgrad(dy, x, p["scale"], p["shift"], wt.shape, 2, 1, torch.float32)
+    with pytest.raises(ValueError, match=r"memory_format must be torch.contiguous_format or torch.channels_last"):
+        conv_wgrad(dy, x, p["scale"], p["shift"], wt.shape, 1, 1, torch.float32, torch.preserve_format)
     with pytest.raises(ValueError, match=r"weights\[0\] must be a \(K, 3, R, S\)"):
         conv_dgrad([dy], [wt[:, :2]], [(1, 1)], [(1, 1)], x, *stats)
     with pytest.raises(ValueError, match=r"grads\[0\] must have the conv's output shape"):

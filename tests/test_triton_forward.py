@@ -351,13 +351,24 @@ def test_gpu_cuda_graph_capture():
     assert all(torch.equal(a, b) for a, b in zip(captured[1], eager[1]))
 
 
-def test_repacked_weights_are_reused_until_a_weight_changes():
-    weight_matrix = cf.weight_matrix
-    w1, w2 = torch.randn(4, 3, 1, 1), torch.randn(5, 3, 1, 1)
-    first = weight_matrix([w1, w2])
-    assert torch.equal(first, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
-    assert weight_matrix([w1, w2]) is first  # same weights, same versions: no repack
-    w2.add_(1.0)  # an optimizer step: in place, the version moves on
-    again = weight_matrix([w1, w2])
-    assert again is not first and torch.equal(again, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
-    assert weight_matrix([w1]) is not again and weight_matrix([w1]).shape == (3, 4)
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last", "strided"])
+def test_weights_read_through_their_strides(w_layout):
+    # No repacked copy: the loader reads each weight as it is, so OIHW weights,
+    # a channels_last model's weights and views give the same convolution,
+    # also two weights of different layouts sharing one GEMM.
+    x = make_layout(torch.randn(2, 6, 7, 5), "channels_last")
+    scale, shift = _bn_params(6)
+
+    def weight(k, r):
+        if w_layout == "strided":  # every other input channel of a wider weight
+            return torch.randn(k, 12, r, r)[:, ::2] / (6 * r * r) ** 0.5
+        w = torch.randn(k, 6, r, r) / (6 * r * r) ** 0.5
+        return w.contiguous(memory_format=torch.channels_last) if w_layout == "channels_last" else w
+
+    w3 = weight(9, 3)
+    outs, _ = conv_forward(x, scale, shift, [w3], 1, 1)
+    assert_close(outs[0], _ref_conv(x, scale, shift, w3, 1, 1), torch.float32, "3x3")
+    w1, w2 = weight(7, 1), torch.randn(5, 6, 1, 1) / 6 ** 0.5
+    outs, _ = conv_forward(x, scale, shift, [w1, w2], 2, 0)
+    for i, w in enumerate((w1, w2)):
+        assert_close(outs[i], _ref_conv(x, scale, shift, w, 2, 0), torch.float32, f"outs[{i}]")

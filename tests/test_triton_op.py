@@ -225,3 +225,21 @@ def test_partial_reductions_match_torch(rows):
     got_mean, got_var = merge_partials(*(t.to(DEVICE) for t in parts))
     assert_close(got_mean, mean, torch.float32, "mean", scale=50)
     assert_close(got_var, var, torch.float32, "var", scale=10)
+
+
+def test_a_channels_last_step_copies_no_weights():
+    # The forward reads the weights through their strides and wgrad writes dW
+    # in the weight's layout: no repack after an optimizer step, and no copy
+    # when autograd stores a 3x3 weight's gradient. Counted against eager nn.
+    from fused_preact.dispatch_count import count_step
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (2,), device=DEVICE)
+    counts = {}
+    for name, options in (("eager", dict(fused=False)), ("triton", dict(backend="triton"))):
+        model = PreActResNet(11, **options).to(DEVICE, memory_format=torch.channels_last)
+        counts[name] = count_step(model, x, labels).ops
+    weight_copies = ("clone", "cat", "copy_", "_to_copy", "contiguous")
+    assert {op: counts["triton"][op] for op in weight_copies} == {op: counts["eager"][op] for op in weight_copies}
+    assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)

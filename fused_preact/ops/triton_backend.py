@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..triton_kernels import SUPPORTED_DTYPES, interpreting
+from ..triton_kernels import SUPPORTED_DTYPES, dense_format, interpreting
 
 
 @functools.cache
@@ -147,7 +147,7 @@ def _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift
 
 def _weight_grad(grad, x, scale, shift, weight, stride, padding):
     return _kernels().conv_wgrad.conv_wgrad(grad, x, scale, shift, weight.shape, tuple(stride), tuple(padding),
-                                            weight.dtype)
+                                            weight.dtype, dense_format(weight))
 
 
 # The same steps as torch.library ops with fake implementations, for graphs
@@ -202,7 +202,8 @@ def triton_weight_grad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
 
 @triton_weight_grad.register_fake
 def _(grad, x, scale, shift, weight, stride, padding):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+    # The weight's own layout, which AccumulateGrad keeps without a copy.
+    return torch.empty_like(weight, memory_format=dense_format(weight))
 
 
 def _geometry(conv):

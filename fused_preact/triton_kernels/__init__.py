@@ -24,3 +24,11 @@ def autotune_enabled() -> bool:
     """FUSED_PREACT_TRITON_AUTOTUNE=0 gives each kernel one fixed GPU config:
     little to compile (the GPU correctness tests), but untuned speed."""
     return os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0"
+
+
+def dense_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last tensor (that is not also contiguous,
+    as size-1 dims allow), else contiguous_format: the layout a kernel's output
+    takes after a convolution's input or weight."""
+    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format

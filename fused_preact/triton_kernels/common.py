@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, interpreting
+from . import SUPPORTED_DTYPES, dense_format, interpreting
 
 INT32_MAX = 2**31 - 1
 
@@ -86,14 +86,10 @@ def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
-def _channels_last(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 def conv_output_format(x: torch.Tensor, weights) -> torch.memory_format:
     """PyTorch's rule for a convolution's output layout (the one F.conv2d and its
     fake follow): channels_last when the input or a weight is channels_last."""
-    if _channels_last(x) or any(_channels_last(w) for w in weights):
+    if any(dense_format(t) == torch.channels_last for t in (x, *weights)):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -144,9 +140,12 @@ def reduction_groups(rows: int) -> Optional[int]:
 
 
 def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Sum a contiguous fp32 [T, P] buffer over T into a new [P] tensor of
-    `out_dtype`, in a fixed order (reduction_groups), without atomics."""
+    """Sum a contiguous fp32 [T, P] buffer over T into a [P] tensor of
+    `out_dtype`, in a fixed order (reduction_groups), without atomics (a
+    view of the buffer when T is 1 and out_dtype fp32)."""
     t, p = partials.shape
+    if t == 1 and out_dtype == torch.float32:  # one partial is its own sum: no launch
+        return partials.view(p)
     block_p = 64
     grid_p = triton.cdiv(p, block_p)
     groups = reduction_groups(t)

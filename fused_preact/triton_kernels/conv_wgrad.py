@@ -38,7 +38,7 @@ from .common import bn_relu, channel_vector, check_activation, conv_out_size, do
 def _wgrad_kernel(
     dy_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr,
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, L, chunk,
-    s_dyn, s_dyk, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw,
+    s_dyn, s_dyk, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wk, s_wc, s_wr, s_ws,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # Axis 0: output tiles, K tiles fastest so that programs reading the same
@@ -81,9 +81,10 @@ def _wgrad_kernel(
         a = bn_relu(xv, scale, shift, inside[:, None]).to(x_ptr.dtype.element_ty)
         acc = tl.dot(g.to(a.dtype), a, acc, input_precision=PRECISION)
 
-    # Partial dW of this chunk, laid out like dW itself ([K, C, R, S]).
+    # Partial dW of this chunk, laid out like dW itself (the s_w* strides of a
+    # dense [K, C, R, S]), so the summed slices are dW with no further copy.
     out = (part_ptr + split.to(tl.int64) * (K * C * R * S)
-           + offs_k[:, None] * (C * R * S) + offs_c[None, :] * (R * S) + tap)
+           + offs_k[:, None] * s_wk + offs_c[None, :] * s_wc + r * s_wr + s * s_ws)
     tl.store(out, acc, mask=k_ok[:, None] & c_ok[None, :])
 
 
@@ -145,10 +146,13 @@ def _split(L: int, out_tiles: int, device: torch.device) -> tuple[int, int]:
 
 
 def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight_shape,
-               stride, padding, out_dtype: torch.dtype) -> torch.Tensor:
-    """dW (contiguous, `weight_shape` = (K, C, R, S), `out_dtype`) of
-    conv2d(relu(x * scale + shift), W, stride, padding) given its output's
-    gradient `grad` (see the module docstring). Deterministic."""
+               stride, padding, out_dtype: torch.dtype,
+               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """dW (`weight_shape` = (K, C, R, S), `out_dtype`, in `memory_format`:
+    contiguous or channels_last, the weight's own, so that autograd
+    accumulates it into .grad without a copy) of conv2d(relu(x * scale +
+    shift), W, stride, padding) given its output's gradient `grad` (see the
+    module docstring). Deterministic."""
     check_activation(x)
     stride, padding = pair(stride, "stride", 1), pair(padding, "padding")
     if min(stride) < 1 or min(padding) < 0:
@@ -170,17 +174,21 @@ def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
         raise ValueError(f"grad must be on x's device {x.device}, got {grad.device}")
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}")
     scale, shift = channel_vector(scale, "scale", x), channel_vector(shift, "shift", x)
+    # dW's strides in that format, as empty(..., memory_format=) would give them
+    w_strides = (c * r * s, 1, s * c, c) if memory_format == torch.channels_last else (c * r * s, r * s, s, 1)
 
     L = n * ho * wo
     if L == 0 or k * c == 0:  # nothing to launch: an empty sum
-        return torch.zeros(weight_shape, dtype=out_dtype, device=x.device)
+        return torch.zeros(weight_shape, dtype=out_dtype, device=x.device, memory_format=memory_format)
     split, chunk = _split(L, triton.cdiv(k, 64) * triton.cdiv(c, 64) * r * s, x.device)
     partials = torch.empty((split, k * c * r * s), dtype=torch.float32, device=x.device)
     _wgrad[lambda meta: (triton.cdiv(k, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]) * r * s, split)](
         grad, x, scale, shift, partials,
         n, c, h, w, k, r, s, ho, wo, stride[0], stride[1], padding[0], padding[1], L, chunk,
-        *grad.stride(), *x.stride(),
+        *grad.stride(), *x.stride(), *w_strides,
         PRECISION=dot_precision(x.dtype),
     )
-    return sum_partials(partials, out_dtype).view(weight_shape)
+    return sum_partials(partials, out_dtype).as_strided(weight_shape, w_strides)
