@@ -205,17 +205,22 @@ def test_convs_with_different_strides_share_one_pre_activation():
         assert_close(a, b, torch.float32, name, scale=max(3.0, float(b.detach().abs().max())))
 
 
+def _sum_alone(partials, dtype=torch.float32):
+    from fused_preact.triton_kernels.common import Partials, sum_partials
+
+    return sum_partials([Partials(partials, dtype, lambda total: total)])[0]
+
+
 @pytest.mark.parametrize("rows", [3, 9, 37])  # one level, and groups merged in parallel first
 def test_partial_reductions_match_torch(rows):
     from fused_preact.triton_kernels.batch_stats import merge_partials
-    from fused_preact.triton_kernels.common import sum_partials
 
     g = torch.Generator().manual_seed(rows)
     partials = torch.randn(rows, 10, generator=g).to(DEVICE)
-    total = sum_partials(partials, torch.float32)
+    total = _sum_alone(partials)
     assert_close(total, partials.double().sum(0), torch.float32, "sum")
     if not INTERPRET:  # programs run one after another in the interpreter: no order to vary there
-        assert torch.equal(total, sum_partials(partials, torch.float32))
+        assert torch.equal(total, _sum_alone(partials))
     # (count, mean, M2) partials of known data merged into its mean and variance
     data = torch.randn(rows, 7, 6, generator=g, dtype=torch.float64) * 3 + 50
     count = torch.full((rows, 6), 7.0)
@@ -243,3 +248,27 @@ def test_a_channels_last_step_copies_no_weights():
     weight_copies = ("clone", "cat", "copy_", "_to_copy", "contiguous")
     assert {op: counts["triton"][op] for op in weight_copies} == {op: counts["eager"][op] for op in weight_copies}
     assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+
+
+def test_partial_sums_of_several_buffers_share_launches():
+    # A layer's weight gradients and dgrad sum their partials together: one
+    # launch per reduction level for up to three buffers of any shapes and
+    # output dtypes, each summed as it would be alone; one fp32 row is a view.
+    from fused_preact.dispatch_count import DispatchCounter
+    from fused_preact.triton_kernels.common import Partials, sum_partials
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [((1, 5), torch.float32), ((9, 70), torch.float16), ((37, 3), torch.float32), ((5, 130), torch.float32),
+              ((2, 4), torch.float32)]
+    buffers = [torch.randn(*shape, generator=g).to(DEVICE) for shape, _ in shapes]
+    jobs = [Partials(b, dtype, lambda total, i=i: (i, total)) for i, (b, (_, dtype)) in enumerate(zip(buffers, shapes))]
+    with DispatchCounter() as counter:
+        results = sum_partials(jobs)
+    # 4 buffers to launch: 3 (two of them with two levels) then 1 (one level)
+    assert sum(counter.triton.values()) == 3, counter.triton
+    assert [i for i, _ in results] == list(range(len(jobs)))  # each job's own finish, in order
+    assert results[0][1].data_ptr() == buffers[0].data_ptr()  # the single row, not copied
+    for (_, total), b, (_, dtype) in zip(results, buffers, shapes):
+        assert total.dtype == dtype
+        assert torch.equal(total, _sum_alone(b, dtype))
+        assert_close(total, b.double().sum(0), dtype, "sum")

@@ -7,8 +7,9 @@
   BN-affine + ReLU applied while loading x; the residual add and the next
   BatchNorm's statistics come from the epilogue;
 - backward: dgrad whose epilogue recomputes the ReLU mask and reduces
-  sum dz, sum dz*xhat; one elementwise pass for dx; wgrad recomputing the
-  activation in its operand loader.
+  sum dz, sum dz*xhat; wgrad recomputing the activation in its operand
+  loader; the fixed-order sums of both kernels' partials in one launch; one
+  elementwise pass for dx.
 
 Runs on CUDA, and on CPU tensors under the Triton interpreter
 (TRITON_INTERPRET=1), which is how it is tested without a GPU. "auto" picks it
@@ -29,7 +30,7 @@ from ..triton_kernels import SUPPORTED_DTYPES, dense_format, interpreting
 def _kernels():
     """The kernel modules, imported on first use: importing triton takes seconds."""
     from .. import triton_kernels
-    from ..triton_kernels import batch_stats, bn_relu_backward, conv_dgrad, conv_forward, conv_wgrad  # noqa: F401
+    from ..triton_kernels import batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward, conv_wgrad  # noqa: F401
 
     return triton_kernels
 
@@ -96,27 +97,54 @@ class TritonBackend:
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
                  needs_bn: bool, traceable: bool = False, activation=None):
         # activation is always None: relu(bn(x)) never exists outside the kernels here.
-        # traceable: called from the torch.library op's backward, which AOT
-        # autograd traces with fake tensors; then go through the ops below.
-        weight_grad, input_grad = (triton_weight_grad, triton_input_grad) if traceable else (_weight_grad, _input_grad)
-        grad_weights = [
-            weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding) if need and g is not None else None
-            for g, c, need in zip(grads, convs, needs_weight)
-        ]
         used = [(g, c) for g, c in zip(grads, convs) if g is not None]
-        if not needs_bn or not used:
-            return None, grad_weights, None, None
-        if len({c.stride for _, c in used}) > 1:
-            # dgrad sums the convs in one GEMM, which needs one stride: true of
-            # every stage entry of the CIFAR nets, not of an ImageNet unit whose
-            # projection is strided and whose conv1 is not.
-            dx, sum_dz, sum_dz_xhat = _input_grad_per_conv(used, x, mean, invstd, scale, shift, training)
+        bn_grad = needs_bn and bool(used)
+        # dgrad sums the convs in one GEMM, which needs one stride: true of every
+        # stage entry of the CIFAR nets, not of an ImageNet unit whose projection
+        # is strided and whose conv1 is not.
+        one_gemm = len({c.stride for _, c in used}) <= 1
+        wanted = [need and g is not None for g, need in zip(grads, needs_weight)]
+        if traceable:
+            # Called from the torch.library op's backward, which AOT autograd
+            # traces with fake tensors: go through the ops below, one per step.
+            grad_weights = [triton_weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding) if want else None
+                            for g, c, want in zip(grads, convs, wanted)]
         else:
-            dx, sum_dz, sum_dz_xhat = input_grad(
+            grad_weights, dz_and_sums = _summed_together(grads, convs, wanted, x, mean, invstd, scale, shift,
+                                                         bn_grad and one_gemm)
+        if not bn_grad:
+            return None, grad_weights, None, None
+        if not one_gemm:
+            dx, sum_dz, sum_dz_xhat = _input_grad_per_conv(used, x, mean, invstd, scale, shift, training)
+        elif traceable:
+            dx, sum_dz, sum_dz_xhat = triton_input_grad(
                 [g for g, _ in used], [c.weight for _, c in used], [i for _, c in used for i in c.stride],
-                [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training,
-            )
+                [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training)
+        else:
+            dz, (sum_dz, sum_dz_xhat) = dz_and_sums
+            dx = _kernels().bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat,
+                                                                training)
         return dx, grad_weights, sum_dz, sum_dz_xhat
+
+
+def _summed_together(grads, convs, wanted: list[bool], x, mean, invstd, scale, shift, dgrad: bool):
+    """([dW per conv or None], (dz, (sum_dz, sum_dz_xhat)) or None): the weight
+    gradients' and (when `dgrad`) the dgrad's launches, then their partial sums
+    in one launch per reduction level instead of one per buffer."""
+    kernels = _kernels()
+    jobs = [kernels.conv_wgrad.conv_wgrad_partials(g, x, scale, shift, c.weight.shape, c.stride, c.padding,
+                                                   c.weight.dtype, dense_format(c.weight)) if want else None
+            for g, c, want in zip(grads, convs, wanted)]
+    used = [(g, c) for g, c in zip(grads, convs) if g is not None]
+    dz = None
+    if dgrad:
+        dz, sums = kernels.conv_dgrad.conv_dgrad_partials(
+            [g for g, _ in used], [c.weight for _, c in used], [c.stride for _, c in used],
+            [c.padding for _, c in used], x, mean, invstd, scale, shift)
+        jobs.append(sums)
+    results = iter(kernels.common.sum_partials([j for j in jobs if j is not None]))
+    finished = [None if j is None else next(results) for j in jobs]
+    return finished[:len(convs)], ((dz, finished[-1]) if dgrad else None)
 
 
 def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):

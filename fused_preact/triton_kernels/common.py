@@ -2,7 +2,7 @@
 corrected two-pass moments (device functions), the argument checks, conv
 geometry and index-width rules (host), and the fixed-order reduction that
 every multi-program sum goes through."""
-from typing import Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -38,13 +38,14 @@ def two_pass(v, ok, n, axis: tl.constexpr):
 
 
 @triton.jit
-def _sum_rows_kernel(src_ptr, dst_ptr, T, P, rows_per_group, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+def _sum_rows(src_ptr, dst_ptr, T, P, rows_per_group, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     """dst[g, p] = sum of src[t, p] over group g's rows t (rows_per_group of a
-    contiguous fp32 [T, P]), in a fixed order."""
+    contiguous fp32 [T, P]), in a fixed order; this program's column block of
+    group program_id(1), if the buffer has them."""
     cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    col_ok = cols < P
     group = tl.program_id(1)
     start = group * rows_per_group
+    col_ok = (cols < P) & (start < T)  # the grid covers the largest buffer of the launch
     end = tl.minimum(start + rows_per_group, T)
     acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
     for t0 in range(start, end, BLOCK_T):
@@ -52,6 +53,21 @@ def _sum_rows_kernel(src_ptr, dst_ptr, T, P, rows_per_group, BLOCK_T: tl.constex
         acc += tl.load(src_ptr + t.to(tl.int64)[:, None] * P + cols[None, :],
                        mask=(t < end)[:, None] & col_ok[None, :], other=0.0)
     tl.store(dst_ptr + group * P + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _sum_rows_kernel(src0, dst0, T0, P0, G0, src1, dst1, T1, P1, G1, src2, dst2, T2, P2, G2,
+                     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """_sum_rows of up to three buffers in one launch, buffer program_id(2):
+    a layer's backward sums its weight gradients' and its dgrad's partials
+    together (unused slots repeat buffer 0 and are never selected)."""
+    job = tl.program_id(2)
+    if job == 0:
+        _sum_rows(src0, dst0, T0, P0, G0, BLOCK_T, BLOCK_P)
+    elif job == 1:
+        _sum_rows(src1, dst1, T1, P1, G1, BLOCK_T, BLOCK_P)
+    else:
+        _sum_rows(src2, dst2, T2, P2, G2, BLOCK_T, BLOCK_P)
 
 
 # ----------------------------------------------------------------------------- host
@@ -139,21 +155,57 @@ def reduction_groups(rows: int) -> Optional[int]:
     return triton.cdiv(rows, REDUCTION_GROUP_ROWS) if rows > 2 * REDUCTION_GROUP_ROWS else None
 
 
-def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Sum a contiguous fp32 [T, P] buffer over T into a [P] tensor of
-    `out_dtype`, in a fixed order (reduction_groups), without atomics (a
-    view of the buffer when T is 1 and out_dtype fp32)."""
-    t, p = partials.shape
-    if t == 1 and out_dtype == torch.float32:  # one partial is its own sum: no launch
-        return partials.view(p)
-    block_p = 64
-    grid_p = triton.cdiv(p, block_p)
-    groups = reduction_groups(t)
-    if groups is not None:
-        group_sums = torch.empty((groups, p), dtype=torch.float32, device=partials.device)
-        _sum_rows_kernel[(grid_p, groups)](partials, group_sums, t, p, REDUCTION_GROUP_ROWS, BLOCK_T=32,
-                                           BLOCK_P=block_p)
-        partials, t = group_sums, groups
-    out = torch.empty(p, dtype=out_dtype, device=partials.device)
-    _sum_rows_kernel[(grid_p, 1)](partials, out, t, p, t, BLOCK_T=32, BLOCK_P=block_p)
-    return out
+class Partials(NamedTuple):
+    """A kernel's fp32 partial sums, [T, P] contiguous, still to be summed over
+    T into `out_dtype`; `finish` turns that [P] sum into the kernel's result."""
+
+    buffer: torch.Tensor
+    out_dtype: torch.dtype
+    finish: Callable[[torch.Tensor], object]
+
+
+_SUMS_PER_LAUNCH = 3  # the slots of _sum_rows_kernel
+_SUM_BLOCK_T, _SUM_BLOCK_P = 32, 64
+
+
+def sum_partials(jobs: Sequence[Partials]) -> list:
+    """Each job's finished result: its buffer summed over T in a fixed order
+    (reduction_groups), without atomics. Buffers are summed together, up to
+    three per launch (one launch per level), rather than one launch each;
+    a single fp32 partial row is its own sum (a view, no launch)."""
+    sums: list = [None] * len(jobs)
+    pending = []
+    for i, job in enumerate(jobs):
+        t, p = job.buffer.shape
+        if t == 1 and job.out_dtype == torch.float32:
+            sums[i] = job.buffer.view(p)
+        else:
+            pending.append(i)
+    for start in range(0, len(pending), _SUMS_PER_LAUNCH):
+        batch = pending[start:start + _SUMS_PER_LAUNCH]
+        # Level 1, where a buffer has many rows: groups of rows in parallel.
+        sources = {i: jobs[i].buffer for i in batch}
+        grouped = [i for i in batch if reduction_groups(sources[i].shape[0]) is not None]
+        if grouped:
+            level = []
+            for i in grouped:
+                t, p = sources[i].shape
+                dst = torch.empty((reduction_groups(t), p), dtype=torch.float32, device=sources[i].device)
+                level.append((sources[i], dst, t, p, REDUCTION_GROUP_ROWS))
+                sources[i] = dst
+            _launch_sums(level)
+        # Level 2 (or the only one): every row of each buffer in one group.
+        outs = {i: torch.empty(sources[i].shape[1], dtype=jobs[i].out_dtype, device=sources[i].device)
+                for i in batch}
+        _launch_sums([(sources[i], outs[i], *sources[i].shape, sources[i].shape[0]) for i in batch])
+        for i in batch:
+            sums[i] = outs[i]
+    return [job.finish(total) for job, total in zip(jobs, sums)]
+
+
+def _launch_sums(slots: list) -> None:
+    """One _sum_rows_kernel launch over `slots` (src, dst, T, P, rows_per_group)."""
+    grid_p = max(triton.cdiv(p, _SUM_BLOCK_P) for _, _, _, p, _ in slots)
+    groups = max(triton.cdiv(t, g) for _, _, t, _, g in slots)
+    args = [a for slot in slots + [slots[0]] * (_SUMS_PER_LAUNCH - len(slots)) for a in slot]
+    _sum_rows_kernel[(grid_p, groups, len(slots))](*args, BLOCK_T=_SUM_BLOCK_T, BLOCK_P=_SUM_BLOCK_P)

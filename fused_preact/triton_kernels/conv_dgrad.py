@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import autotune_enabled, interpreting
-from .common import channel_vector, check_activation, conv_out_size, dot_precision, pair, sum_partials
+from .common import Partials, channel_vector, check_activation, conv_out_size, dot_precision, pair, sum_partials
 
 
 
@@ -187,6 +187,16 @@ def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
     grads[i] is dy of conv i (weights[i], strides[i], paddings[i]), or None when
     that output has no gradient; at most two convs, which must share the stride.
     dz has x's shape, dtype and layout (empty_like); the sums are fp32 [C]."""
+    dz, sums = conv_dgrad_partials(grads, weights, strides, paddings, x, mean, invstd, scale, shift)
+    return (dz, *sum_partials([sums])[0])
+
+
+def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
+                        strides: list[tuple[int, int]], paddings: list[tuple[int, int]], x: torch.Tensor,
+                        mean: torch.Tensor, invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """(dz, the sums' partials): conv_dgrad without its sum launch; sum_partials
+    finishes the partials into (sum_dz, sum_dz_xhat), together with other
+    buffers' sums."""
     check_activation(x)
     if not (len(grads) == len(weights) == len(strides) == len(paddings)) or not 1 <= len(grads) <= 2:
         raise ValueError(f"grads, weights, strides and paddings must be lists of one or two entries each, got "
@@ -202,9 +212,9 @@ def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
                                   ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift")))
 
     n, c, h, w = x.shape
+    finish = lambda sums: (sums[:c], sums[c:])  # noqa: E731
     if x.numel() == 0:  # nothing to launch
-        zeros = torch.zeros(c, dtype=torch.float32, device=x.device)
-        return torch.zeros_like(x), zeros, zeros.clone()
+        return torch.zeros_like(x), Partials(torch.zeros((1, 2 * c), device=x.device), torch.float32, finish)
     sh, sw = convs[0][2]
     hq, wq = triton.cdiv(h, sh), triton.cdiv(w, sw)  # rows of the largest phase
     rows = n * hq * wq
@@ -227,5 +237,4 @@ def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
         *x.stride(), *dz.stride(),
         HAS_SECOND=len(convs) == 2, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
     )
-    sums = sum_partials(partials, torch.float32)
-    return dz, sums[:c], sums[c:]
+    return dz, Partials(partials, torch.float32, finish)

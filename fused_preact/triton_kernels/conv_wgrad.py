@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from . import autotune_enabled, interpreting
-from .common import bn_relu, channel_vector, check_activation, conv_out_size, dot_precision, pair, sum_partials
+from .common import (Partials, bn_relu, channel_vector, check_activation, conv_out_size, dot_precision, pair,
+                     sum_partials)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -153,6 +154,15 @@ def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
     accumulates it into .grad without a copy) of conv2d(relu(x * scale +
     shift), W, stride, padding) given its output's gradient `grad` (see the
     module docstring). Deterministic."""
+    return sum_partials([conv_wgrad_partials(grad, x, scale, shift, weight_shape, stride, padding, out_dtype,
+                                             memory_format)])[0]
+
+
+def conv_wgrad_partials(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight_shape,
+                        stride, padding, out_dtype: torch.dtype,
+                        memory_format: torch.memory_format = torch.contiguous_format) -> Partials:
+    """conv_wgrad's launch without its sum: the chunks' partial dW, which
+    sum_partials finishes into dW, together with other buffers' sums."""
     check_activation(x)
     stride, padding = pair(stride, "stride", 1), pair(padding, "padding")
     if min(stride) < 1 or min(padding) < 0:
@@ -181,8 +191,9 @@ def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
     w_strides = (c * r * s, 1, s * c, c) if memory_format == torch.channels_last else (c * r * s, r * s, s, 1)
 
     L = n * ho * wo
+    finish = functools.partial(torch.as_strided, size=weight_shape, stride=w_strides)
     if L == 0 or k * c == 0:  # nothing to launch: an empty sum
-        return torch.zeros(weight_shape, dtype=out_dtype, device=x.device, memory_format=memory_format)
+        return Partials(torch.zeros((1, k * c * r * s), device=x.device), out_dtype, finish)
     split, chunk = _split(L, triton.cdiv(k, 64) * triton.cdiv(c, 64) * r * s, x.device)
     partials = torch.empty((split, k * c * r * s), dtype=torch.float32, device=x.device)
     _wgrad[lambda meta: (triton.cdiv(k, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]) * r * s, split)](
@@ -191,4 +202,4 @@ def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
         *grad.stride(), *x.stride(), *w_strides,
         PRECISION=dot_precision(x.dtype),
     )
-    return sum_partials(partials, out_dtype).as_strided(weight_shape, w_strides)
+    return Partials(partials, out_dtype, finish)
