@@ -352,7 +352,7 @@ def test_gpu_cuda_graph_capture():
 
 
 @pytest.mark.parametrize("w_layout", ["contiguous", "channels_last", "strided"])
-def test_weights_read_through_their_strides(w_layout):
+def test_weights_read_through_their_strides(w_layout, monkeypatch):
     # No repacked copy: the loader reads each weight as it is, so OIHW weights,
     # a channels_last model's weights and views give the same convolution,
     # also two weights of different layouts sharing one GEMM.
@@ -361,7 +361,7 @@ def test_weights_read_through_their_strides(w_layout):
 
     def weight(k, r):
         if w_layout == "strided":  # every other input channel of a wider weight
-            return torch.randn(k, 12, r, r)[:, ::2] / (6 * r * r) ** 0.5
+            return (torch.randn(k, 12, r, r) / (6 * r * r) ** 0.5)[:, ::2]
         w = torch.randn(k, 6, r, r) / (6 * r * r) ** 0.5
         return w.contiguous(memory_format=torch.channels_last) if w_layout == "channels_last" else w
 
@@ -369,6 +369,10 @@ def test_weights_read_through_their_strides(w_layout):
     outs, _ = conv_forward(x, scale, shift, [w3], 1, 1)
     assert_close(outs[0], _ref_conv(x, scale, shift, w3, 1, 1), torch.float32, "3x3")
     w1, w2 = weight(7, 1), torch.randn(5, 6, 1, 1) / 6 ** 0.5
+    launches = []
+    real = cf._launch
+    monkeypatch.setattr(cf, "_launch", lambda *a: launches.append(len(a[3])) or real(*a))
     outs, _ = conv_forward(x, scale, shift, [w1, w2], 2, 0)
+    assert launches == ([1, 1] if w_layout == "strided" else [2])  # 1x1 weights of equal C strides: one GEMM
     for i, w in enumerate((w1, w2)):
         assert_close(outs[i], _ref_conv(x, scale, shift, w, 2, 0), torch.float32, f"outs[{i}]")

@@ -30,7 +30,8 @@ from ..triton_kernels import SUPPORTED_DTYPES, dense_format, interpreting
 def _kernels():
     """The kernel modules, imported on first use: importing triton takes seconds."""
     from .. import triton_kernels
-    from ..triton_kernels import batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward, conv_wgrad  # noqa: F401
+    from ..triton_kernels import (batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward,  # noqa: F401
+                                  conv_wgrad)
 
     return triton_kernels
 
@@ -154,7 +155,8 @@ def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):
         g, x, c.weight, None, c.stride, c.padding, (1, 1), False, (0, 0), 1, (True, False, False))[0]
         for g, c in used)
     sums = reference.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
-    dx = reference.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift, *(sums if training else (None, None)))
+    dx = reference.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift,
+                                          *(sums if training else (None, None)))
     return dx, *sums
 
 

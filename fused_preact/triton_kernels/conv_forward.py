@@ -29,7 +29,9 @@ contiguous along C (coalesced, vectorised: triton specialises the unit stride). 
 x works but its loads are not coalesced along C: channels_last is the fast layout.
 The weights too are read through their strides, with no repacked copy (and so
 no copy to refresh after each optimizer step): the weights of a channels_last
-model, and every 1x1 weight, are contiguous along C, the reduction axis.
+model, and every 1x1 weight, are contiguous along C, the reduction axis. Two
+weights share a GEMM only with equal (C, R, S) strides, so that one pointer
+per column addresses both.
 Outputs take the layout PyTorch's convolution gives (channels_last when x or a weight
 is), which is what the op's fake implementation promises torch.compile.
 """
@@ -78,7 +80,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
              for m, n, k, w, s in _CONFIGS],
-    key=["M", "C", "KTOT", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "sw0c"],
+    key=["M", "C", "KTOT", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
@@ -86,7 +88,7 @@ def _conv_fwd_kernel(
     x_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
     M, C, H, W, HO, WO, K0, KTOT,
     sxn, sxc, sxh, sxw, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, srn, src, srh, srw,
-    sw0k, sw0c, sw0r, sw0s, sw1k, sw1c, sw1r, sw1s,
+    sw0k, sw1k, swc, swr, sws,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
     R: tl.constexpr, S: tl.constexpr, HAS_OUT1: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr,
     RPP: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
@@ -119,6 +121,15 @@ def _conv_fwd_kernel(
     if IDX64:  # channel offsets too (an NCHW image alone may pass 2**31 elements)
         ks = ks.to(tl.int64)
         cols = cols.to(tl.int64)
+    # The weights as they are ([K, C, R, S], any strides; no repacked copy),
+    # one base pointer per column. channels_last weights (a channels_last
+    # model's) and all 1x1 weights are contiguous along c, the reduction axis.
+    # Two weights share their (c, r, s) strides (the host groups only such),
+    # so each step loads one B tile, as from one matrix.
+    if HAS_OUT1:
+        w_cols = tl.where(in1, w1_ptr + (cols - K0) * sw1k, w0_ptr + cols * sw0k)
+    else:
+        w_cols = w0_ptr + cols * sw0k
 
     # One flat loop over (r, s, channel block): with few channels the (r, s) taps
     # still give the software pipeline several iterations to overlap.
@@ -137,17 +148,8 @@ def _conv_fwd_kernel(
         sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
         # Padding and out-of-range lanes are zeros of the activation (`ok`).
         a = bn_relu(xv, sc[None, :], sh[None, :], ok).to(x_ptr.dtype.element_ty)
-        # The weights as they are ([K, C, R, S], any strides): no repacked copy.
-        # channels_last weights (those of a channels_last model) are contiguous
-        # along c, the GEMM's reduction axis, as are all 1x1 weights.
-        r = rs // S
-        s = rs % S
-        b = tl.load(w0_ptr + (c * sw0c + r * sw0r + s * sw0s)[:, None] + cols[None, :] * sw0k,
-                    mask=c_ok[:, None] & in0[None, :], other=0.0)
-        if HAS_OUT1:
-            b1 = tl.load(w1_ptr + (c * sw1c + r * sw1r + s * sw1s)[:, None] + (cols - K0)[None, :] * sw1k,
-                         mask=c_ok[:, None] & in1[None, :], other=0.0)
-            b = tl.where(in1[None, :], b1, b)
+        b = tl.load(w_cols[None, :] + (c * swc + (rs // S) * swr + (rs % S) * sws)[:, None],
+                    mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     # Epilogue: columns [0, K0) are outs[0], [K0, KTOT) outs[1].
@@ -249,11 +251,14 @@ def conv_forward(
         if residual.device != x.device:
             raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
 
-    # Launches: weights with the same (R, S, padding) share a GEMM, two outputs per launch;
-    # weights[0] leads the first launch, which carries the residual and the statistics.
+    # Launches: weights with the same (R, S, padding) and (C, R, S) strides share a GEMM,
+    # two outputs per launch; weights[0] leads the first launch, which carries the
+    # residual and the statistics.
     groups: dict = {}
     for i, w in enumerate(weights):
-        groups.setdefault((w.shape[2], w.shape[3], pads[i]), []).append(i)
+        # (a size-1 axis's stride is never used: a 1x1 weight groups whatever its layout)
+        cs_strides = tuple(st if size > 1 else 0 for size, st in zip(w.shape[1:], w.stride()[1:]))
+        groups.setdefault((w.shape[2], w.shape[3], pads[i], cs_strides), []).append(i)
     launches = [idx[j:j + 2] for idx in groups.values() for j in range(0, len(idx), 2)]
     moments = None
     for idx in launches:
@@ -289,7 +294,8 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats):
     _conv_fwd_kernel[grid](
         x, scale, shift, ws[0], w1, outs[0], out1, res, cnt, mean, m2,
         M, C, H, W, HO, WO, K0, KTOT,
-        *x.stride(), *outs[0].stride(), *out1.stride(), *res.stride(), *ws[0].stride(), *w1.stride(),
+        *x.stride(), *outs[0].stride(), *out1.stride(), *res.stride(), ws[0].stride(0), w1.stride(0),
+        *ws[0].stride()[1:],
         stride[0], stride[1], pad[0], pad[1],
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
         RPP=ROWS_PER_PARTIAL, IDX64=idx64, PRECISION=dot_precision(x.dtype),
