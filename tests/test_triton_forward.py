@@ -352,10 +352,9 @@ def test_gpu_cuda_graph_capture():
 
 
 @pytest.mark.parametrize("w_layout", ["contiguous", "channels_last", "strided"])
-def test_weights_read_through_their_strides(w_layout, monkeypatch):
-    # No repacked copy: the loader reads each weight as it is, so OIHW weights,
-    # a channels_last model's weights and views give the same convolution,
-    # also two weights of different layouts sharing one GEMM.
+def test_weights_of_any_layout(w_layout):
+    # OIHW weights, a channels_last model's weights and views give the same
+    # convolution, also two weights of different layouts sharing one GEMM.
     x = make_layout(torch.randn(2, 6, 7, 5), "channels_last")
     scale, shift = _bn_params(6)
 
@@ -369,10 +368,18 @@ def test_weights_read_through_their_strides(w_layout, monkeypatch):
     outs, _ = conv_forward(x, scale, shift, [w3], 1, 1)
     assert_close(outs[0], _ref_conv(x, scale, shift, w3, 1, 1), torch.float32, "3x3")
     w1, w2 = weight(7, 1), torch.randn(5, 6, 1, 1) / 6 ** 0.5
-    launches = []
-    real = cf._launch
-    monkeypatch.setattr(cf, "_launch", lambda *a: launches.append(len(a[3])) or real(*a))
     outs, _ = conv_forward(x, scale, shift, [w1, w2], 2, 0)
-    assert launches == ([1, 1] if w_layout == "strided" else [2])  # 1x1 weights of equal C strides: one GEMM
     for i, w in enumerate((w1, w2)):
         assert_close(outs[i], _ref_conv(x, scale, shift, w, 2, 0), torch.float32, f"outs[{i}]")
+
+
+def test_repacked_weights_are_reused_until_a_weight_changes():
+    weight_matrix = cf.weight_matrix
+    w1, w2 = torch.randn(4, 3, 1, 1), torch.randn(5, 3, 1, 1)
+    first = weight_matrix([w1, w2])
+    assert torch.equal(first, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
+    assert weight_matrix([w1, w2]) is first  # same weights, same versions: no repack
+    w2.add_(1.0)  # an optimizer step: in place, the version moves on
+    again = weight_matrix([w1, w2])
+    assert again is not first and torch.equal(again, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
+    assert weight_matrix([w1]) is not again and weight_matrix([w1]).shape == (3, 4)

@@ -27,11 +27,6 @@ needs zeroing or restoring.
 Layout: loads and stores go through strides. For channels_last x the reduction tile is
 contiguous along C (coalesced, vectorised: triton specialises the unit stride). NCHW
 x works but its loads are not coalesced along C: channels_last is the fast layout.
-The weights too are read through their strides, with no repacked copy (and so
-no copy to refresh after each optimizer step): the weights of a channels_last
-model, and every 1x1 weight, are contiguous along C, the reduction axis. Two
-weights share a GEMM only with equal (C, R, S) strides, so that one pointer
-per column addresses both.
 Outputs take the layout PyTorch's convolution gives (channels_last when x or a weight
 is), which is what the op's fake implementation promises torch.compile.
 """
@@ -40,6 +35,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import SUPPORTED_DTYPES, autotune_enabled, interpreting
 from .batch_stats import merge_partials
@@ -80,15 +76,14 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
              for m, n, k, w, s in _CONFIGS],
-    key=["M", "C", "KTOT", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc"],
+    key=["M", "C", "KTOT", "R", "S", "STRIDE_H", "STRIDE_W", "sxc"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    x_ptr, scale_ptr, shift_ptr, w_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
     M, C, H, W, HO, WO, K0, KTOT,
     sxn, sxc, sxh, sxw, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, srn, src, srh, srw,
-    sw0k, sw1k, swc, swr, sws,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
     R: tl.constexpr, S: tl.constexpr, HAS_OUT1: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr,
     RPP: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
@@ -116,20 +111,9 @@ def _conv_fwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < KTOT
-    in0 = col_ok & (cols < K0)  # columns [0, K0) are weights[0]'s (outs[0]), [K0, KTOT) weights[1]'s
-    in1 = col_ok & (cols >= K0)
     if IDX64:  # channel offsets too (an NCHW image alone may pass 2**31 elements)
         ks = ks.to(tl.int64)
         cols = cols.to(tl.int64)
-    # The weights as they are ([K, C, R, S], any strides; no repacked copy),
-    # one base pointer per column. channels_last weights (a channels_last
-    # model's) and all 1x1 weights are contiguous along c, the reduction axis.
-    # Two weights share their (c, r, s) strides (the host groups only such),
-    # so each step loads one B tile, as from one matrix.
-    if HAS_OUT1:
-        w_cols = tl.where(in1, w1_ptr + (cols - K0) * sw1k, w0_ptr + cols * sw0k)
-    else:
-        w_cols = w0_ptr + cols * sw0k
 
     # One flat loop over (r, s, channel block): with few channels the (r, s) taps
     # still give the software pipeline several iterations to overlap.
@@ -148,11 +132,12 @@ def _conv_fwd_kernel(
         sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
         # Padding and out-of-range lanes are zeros of the activation (`ok`).
         a = bn_relu(xv, sc[None, :], sh[None, :], ok).to(x_ptr.dtype.element_ty)
-        b = tl.load(w_cols[None, :] + (c * swc + (rs // S) * swr + (rs % S) * sws)[:, None],
+        b = tl.load(w_ptr + (rs * C + c)[:, None] * KTOT + cols[None, :],
                     mask=c_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     # Epilogue: columns [0, K0) are outs[0], [K0, KTOT) outs[1].
+    in0 = col_ok & (cols < K0)
     ok0 = row_ok[:, None] & in0[None, :]
     y = acc
     if HAS_RES:
@@ -161,7 +146,7 @@ def _conv_fwd_kernel(
     y = y.to(out0_ptr.dtype.element_ty)
     tl.store(out0_ptr + (n * s0n + oh * s0h + ow * s0w)[:, None] + cols[None, :] * s0c, y, mask=ok0)
     if HAS_OUT1:
-        ok1 = row_ok[:, None] & in1[None, :]
+        ok1 = row_ok[:, None] & (col_ok & (cols >= K0))[None, :]
         tl.store(out1_ptr + (n * s1n + oh * s1h + ow * s1w)[:, None] + (cols - K0)[None, :] * s1c, y, mask=ok1)
 
     if STATS:
@@ -251,14 +236,11 @@ def conv_forward(
         if residual.device != x.device:
             raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
 
-    # Launches: weights with the same (R, S, padding) and (C, R, S) strides share a GEMM,
-    # two outputs per launch; weights[0] leads the first launch, which carries the
-    # residual and the statistics.
+    # Launches: weights with the same (R, S, padding) share a GEMM, two outputs per launch;
+    # weights[0] leads the first launch, which carries the residual and the statistics.
     groups: dict = {}
     for i, w in enumerate(weights):
-        # (a size-1 axis's stride is never used: a 1x1 weight groups whatever its layout)
-        cs_strides = tuple(st if size > 1 else 0 for size, st in zip(w.shape[1:], w.stride()[1:]))
-        groups.setdefault((w.shape[2], w.shape[3], pads[i], cs_strides), []).append(i)
+        groups.setdefault((w.shape[2], w.shape[3], pads[i]), []).append(i)
     launches = [idx[j:j + 2] for idx in groups.values() for j in range(0, len(idx), 2)]
     moments = None
     for idx in launches:
@@ -270,6 +252,32 @@ def conv_forward(
     return outs, moments
 
 
+# Repacked weights by their first tensor: (what they were made from, the
+# matrix). A weight changes only by optimizer steps (in place: its _version
+# moves on), so a network's forwards between two steps (the recompute of
+# unit/segment mode, evaluation) repack it once.
+_REPACKED = WeakIdKeyDictionary()
+
+
+def weight_matrix(ws: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The weights as one [R*S*C, sum K_i] matrix, columns = the outputs'
+    channels in order, cached until a weight changes. Not cached while a CUDA
+    graph is captured: a replay must repack what the optimizer step changed."""
+    key = tuple((id(w), w._version, w.data_ptr(), w.shape, w.stride(), w.dtype) for w in ws)
+    capturing = ws[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    cached = None if capturing or torch.compiler.is_compiling() else _REPACKED.get(ws[0])
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    R, S, C = ws[0].shape[2], ws[0].shape[3], ws[0].shape[1]
+    # [R*S*C, K] of a channels_last weight (a channels_last model's) is a view,
+    # so one copy makes the matrix: .contiguous() of one weight, cat of two.
+    views = [w.permute(2, 3, 1, 0).reshape(R * S * C, -1) for w in ws]
+    w_mat = (torch.cat(views, 1) if len(views) > 1 else views[0]).contiguous()
+    if not capturing:
+        _REPACKED[ws[0]] = (key, w_mat)
+    return w_mat
+
+
 def stats_partials(out: torch.Tensor) -> int:
     """Rows of the statistics partials the epilogue writes for `out` [N, K, Ho, Wo]."""
     return triton.cdiv(out.shape[0] * out.shape[2] * out.shape[3], ROWS_PER_PARTIAL)
@@ -279,8 +287,8 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats):
     N, C, H, W = x.shape
     _, K0, HO, WO = outs[0].shape
     R, S = ws[0].shape[2:]
-    KTOT = sum(w.shape[0] for w in ws)
-    w1 = ws[1] if len(ws) > 1 else ws[0]  # placeholder pointer when unused
+    w_mat = weight_matrix(ws)
+    KTOT = w_mat.shape[1]
     M = N * HO * WO
     out1 = outs[1] if len(outs) > 1 else outs[0]
     res = residual if residual is not None else outs[0]  # placeholder pointer when unused
@@ -289,13 +297,12 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats):
         cnt, mean, m2 = (torch.empty((P, K0), dtype=torch.float32, device=x.device) for _ in range(3))
     else:
         cnt = mean = m2 = scale  # never touched: STATS is off
-    idx64 = needs_int64(x, *outs, res, *ws)
+    idx64 = needs_int64(x, *outs, res)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KTOT, meta["BLOCK_N"]),)  # noqa: E731
     _conv_fwd_kernel[grid](
-        x, scale, shift, ws[0], w1, outs[0], out1, res, cnt, mean, m2,
+        x, scale, shift, w_mat, outs[0], out1, res, cnt, mean, m2,
         M, C, H, W, HO, WO, K0, KTOT,
-        *x.stride(), *outs[0].stride(), *out1.stride(), *res.stride(), ws[0].stride(0), w1.stride(0),
-        *ws[0].stride()[1:],
+        *x.stride(), *outs[0].stride(), *out1.stride(), *res.stride(),
         stride[0], stride[1], pad[0], pad[1],
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
         RPP=ROWS_PER_PARTIAL, IDX64=idx64, PRECISION=dot_precision(x.dtype),
