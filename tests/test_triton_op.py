@@ -252,51 +252,6 @@ def test_a_channels_last_step_copies_weights_once_per_gemm_and_gradients_never()
     assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
 
 
-def _sum_alone(partials, dtype=torch.float32):
-    from fused_preact.triton_kernels.common import Partials, sum_partials
-
-    return sum_partials([Partials(partials, dtype, lambda total: total)])[0]
-
-
-@pytest.mark.parametrize("rows", [3, 9, 37])  # one level, and groups merged in parallel first
-def test_partial_reductions_match_torch(rows):
-    from fused_preact.triton_kernels.batch_stats import merge_partials
-
-    g = torch.Generator().manual_seed(rows)
-    partials = torch.randn(rows, 10, generator=g).to(DEVICE)
-    total = _sum_alone(partials)
-    assert_close(total, partials.double().sum(0), torch.float32, "sum")
-    if not INTERPRET:  # programs run one after another in the interpreter: no order to vary there
-        assert torch.equal(total, _sum_alone(partials))
-    # (count, mean, M2) partials of known data merged into its mean and variance
-    data = torch.randn(rows, 7, 6, generator=g, dtype=torch.float64) * 3 + 50
-    count = torch.full((rows, 6), 7.0)
-    count[0] = 0.0  # an empty partial contributes nothing
-    var, mean = torch.var_mean(data[1:].reshape(-1, 6), dim=0, correction=0)
-    parts = [count, data.mean(1).float(), ((data - data.mean(1, keepdim=True)) ** 2).sum(1).float()]
-    got_mean, got_var = merge_partials(*(t.to(DEVICE) for t in parts))
-    assert_close(got_mean, mean, torch.float32, "mean", scale=50)
-    assert_close(got_var, var, torch.float32, "var", scale=10)
-
-
-def test_a_channels_last_step_copies_no_weights():
-    # The forward reads the weights through their strides and wgrad writes dW
-    # in the weight's layout: no repack after an optimizer step, and no copy
-    # when autograd stores a 3x3 weight's gradient. Counted against eager nn.
-    from fused_preact.dispatch_count import count_step
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 10, (2,), device=DEVICE)
-    counts = {}
-    for name, options in (("eager", dict(fused=False)), ("triton", dict(backend="triton"))):
-        model = PreActResNet(11, **options).to(DEVICE, memory_format=torch.channels_last)
-        counts[name] = count_step(model, x, labels).ops
-    weight_copies = ("clone", "cat", "copy_", "_to_copy", "contiguous")
-    assert {op: counts["triton"][op] for op in weight_copies} == {op: counts["eager"][op] for op in weight_copies}
-    assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
-
-
 def test_partial_sums_of_several_buffers_share_launches():
     # A layer's weight gradients and dgrad sum their partials together: one
     # launch per reduction level for up to three buffers of any shapes and
