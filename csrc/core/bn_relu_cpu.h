@@ -51,7 +51,7 @@ struct Chunks {
 // Where element (n, s, c) of an operand lives. The two dense layouts fix the
 // innermost stride to 1 at compile time (spatial for NCHW rows, channels for
 // channels_last), so the compiler vectorises the inner loops; with runtime
-// strides it cannot, and the kernels ran 3-4x slower than ATen's batch norm.
+// strides it cannot, and the kernels ran up to 3-4x slower than ATen's batch norm.
 struct StridedLayout {
   int64_t stride_n, stride_c, stride_s;
   int64_t at(int64_t n, int64_t s, int64_t c) const { return n * stride_n + s * stride_s + c * stride_c; }
@@ -124,7 +124,7 @@ struct LaneSums {
 // element. Visits the lead view's memory order, kBlock elements at a time:
 // their terms go to stack buffers first, in a plain elementwise loop the
 // compiler vectorises, and are then added to the lanes. Adding each term
-// straight from elem() into its lane defeats the vectoriser (2.5x slower).
+// straight from elem() into its lane defeats the vectoriser (about 2x slower).
 // Terms of spatial position s go to lane s % kLanes in both loop orders.
 constexpr int64_t kBlock = 64;  // a multiple of kLanes: blocks start on lane 0
 
@@ -168,9 +168,6 @@ inline void reduce_in_chunk(const ActView& lead, const Chunks& chunks, int64_t c
         bv[i] = v;
       }
       if (len == kBlock) {
-        // Fully unrolled, so the compiler packs the lanes into vectors (SLP)
-        // instead of vectorising across j with shuffles.
-#pragma GCC unroll 8
         for (int64_t j = 0; j < kBlock; j += K) {
 #pragma GCC unroll 8
           for (int64_t k = 0; k < K; ++k) {
