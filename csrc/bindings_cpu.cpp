@@ -3,6 +3,7 @@
 #include <Python.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <torch/library.h>
 
 #include "activation_args.h"
