@@ -373,13 +373,17 @@ def test_weights_of_any_layout(w_layout):
         assert_close(outs[i], _ref_conv(x, scale, shift, w, 2, 0), torch.float32, f"outs[{i}]")
 
 
-def test_repacked_weights_are_reused_until_a_weight_changes():
-    weight_matrix = cf.weight_matrix
-    w1, w2 = torch.randn(4, 3, 1, 1), torch.randn(5, 3, 1, 1)
-    first = weight_matrix([w1, w2])
-    assert torch.equal(first, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
-    assert weight_matrix([w1, w2]) is first  # same weights, same versions: no repack
-    w2.add_(1.0)  # an optimizer step: in place, the version moves on
-    again = weight_matrix([w1, w2])
-    assert again is not first and torch.equal(again, torch.cat([w1, w2]).permute(2, 3, 1, 0).reshape(3, 9))
-    assert weight_matrix([w1]) is not again and weight_matrix([w1]).shape == (3, 4)
+def test_weights_changed_where_no_version_counter_sees_it():
+    # A CUDA-graph replay of an optimizer step, or a write through .data,
+    # changes a weight without moving its _version: the forward must still
+    # convolve with the weight as it is now.
+    x = make_layout(torch.randn(2, 6, 7, 5), "channels_last")
+    scale, shift = _bn_params(6)
+    w1, w2 = torch.randn(4, 6, 1, 1), torch.randn(5, 6, 1, 1)
+    conv_forward(x, scale, shift, [w1, w2], 1, 0)
+    version = w2._version
+    w2.data.mul_(-2.0)
+    assert w2._version == version
+    outs, _ = conv_forward(x, scale, shift, [w1, w2], 1, 0)
+    for i, w in enumerate((w1, w2)):
+        assert_close(outs[i], _ref_conv(x, scale, shift, w, 1, 0), torch.float32, f"outs[{i}]")

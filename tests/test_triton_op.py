@@ -234,9 +234,8 @@ def test_partial_reductions_match_torch(rows):
 
 def test_a_channels_last_step_copies_weights_once_per_gemm_and_gradients_never():
     # wgrad writes dW in the weight's layout, so autograd stores a 3x3
-    # weight's gradient without a copy; after an in-place weight change (an
-    # optimizer step) each forward GEMM repacks its weights in one op (a clone
-    # of one weight, a cat of two). Counted against eager nn.
+    # weight's gradient without a copy; each forward GEMM repacks its weights
+    # in one op (a clone of one weight, a cat of two). Counted against eager nn.
     from fused_preact.dispatch_count import count_step
 
     torch.manual_seed(0)

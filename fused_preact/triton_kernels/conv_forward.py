@@ -35,7 +35,6 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import SUPPORTED_DTYPES, autotune_enabled, interpreting
 from .batch_stats import merge_partials
@@ -252,30 +251,17 @@ def conv_forward(
     return outs, moments
 
 
-# Repacked weights by their first tensor: (what they were made from, the
-# matrix). A weight changes only by optimizer steps (in place: its _version
-# moves on), so a network's forwards between two steps (the recompute of
-# unit/segment mode, evaluation) repack it once.
-_REPACKED = WeakIdKeyDictionary()
-
-
 def weight_matrix(ws: Sequence[torch.Tensor]) -> torch.Tensor:
     """The weights as one [R*S*C, sum K_i] matrix, columns = the outputs'
-    channels in order, cached until a weight changes. Not cached while a CUDA
-    graph is captured: a replay must repack what the optimizer step changed."""
-    key = tuple((id(w), w._version, w.data_ptr(), w.shape, w.stride(), w.dtype) for w in ws)
-    capturing = ws[0].is_cuda and torch.cuda.is_current_stream_capturing()
-    cached = None if capturing or torch.compiler.is_compiling() else _REPACKED.get(ws[0])
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    channels in order, made afresh on every call. Not cached: a weight also
+    changes where no version counter sees it (a CUDA-graph replay of an
+    optimizer step, writes through .data), and a stale matrix would be a
+    silently wrong convolution; the copy is small next to the GEMM."""
     R, S, C = ws[0].shape[2], ws[0].shape[3], ws[0].shape[1]
     # [R*S*C, K] of a channels_last weight (a channels_last model's) is a view,
     # so one copy makes the matrix: .contiguous() of one weight, cat of two.
     views = [w.permute(2, 3, 1, 0).reshape(R * S * C, -1) for w in ws]
-    w_mat = (torch.cat(views, 1) if len(views) > 1 else views[0]).contiguous()
-    if not capturing:
-        _REPACKED[ws[0]] = (key, w_mat)
-    return w_mat
+    return (torch.cat(views, 1) if len(views) > 1 else views[0]).contiguous()
 
 
 def stats_partials(out: torch.Tensor) -> int:
