@@ -14,27 +14,15 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from conftest import DEVICE, synchronize
-from providers import build_model, model_format
+from conftest import DEVICE
+from providers import build_model, graphed_providers, is_compiled, training_batch, training_step
 
 
 def step_function(provider: str, depth: int, batch: int):
     model, forward = build_model(provider, depth, DEVICE)
     model.train()
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, device=DEVICE, generator=gen).contiguous(memory_format=model_format(DEVICE))
-    y = torch.randint(0, 10, (batch,), device=DEVICE, generator=gen)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(x), y).backward()
-        opt.step()
-        synchronize(DEVICE)
-
-    return step
+    return training_step(model, forward, *training_batch(batch, DEVICE))
 
 
 def main(argv=None):
@@ -45,6 +33,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per provider (compiles, caches)")
     args = parser.parse_args(argv)
+    if any(p in graphed_providers() for p in args.providers):
+        parser.error("the graphed providers capture a step of their own: time them with test_bench_train_step.py")
+    if sum(is_compiled(p) for p in args.providers) > 1:
+        # Models of one structure compiled side by side share Dynamo's graph,
+        # so a second budget would run the first one's partition.
+        parser.error("at most one compiled provider per run")
     steps = {p: step_function(p, args.depth, args.batch) for p in args.providers}
     for step in steps.values():
         for _ in range(args.warmup):

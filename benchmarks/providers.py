@@ -108,7 +108,7 @@ def sizes_for(device_type: str) -> Sizes:
     depths = (110, 164, 1001) if full else (110, 164)
     # For a one-off measurement, FUSED_PREACT_BENCH_BATCH and
     # FUSED_PREACT_BENCH_DEPTHS (e.g. "164") set the training step's batch and
-    # depths; every compiled provider then runs at those depths.
+    # depths; the compiled providers of the CPU subset then run at those depths.
     batch = int(os.environ.get("FUSED_PREACT_BENCH_BATCH") or (8 if full else 4))
     if os.environ.get("FUSED_PREACT_BENCH_DEPTHS"):
         depths = tuple(int(d) for d in os.environ["FUSED_PREACT_BENCH_DEPTHS"].split(","))
@@ -222,11 +222,36 @@ def _compiled(model: torch.nn.Module, budget: float = 1.0):
     return forward
 
 
+def training_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels): a fixed random CIFAR-sized batch in the device's model layout."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, device=device, generator=gen).contiguous(memory_format=model_format(device))
+    return x, torch.randint(0, 10, (batch,), device=device, generator=gen)
+
+
+def training_step(model: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor):
+    """step() -> loss: one training step (forward, cross-entropy, backward, SGD
+    with momentum 0.9 and weight decay 1e-4), waited for on a GPU."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        return loss
+
+    return step
+
+
 def graph_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """The graphed providers' SGD: the hyper-parameters of every other provider,
     with the learning rate a device tensor and the fused update.
 
-    SGD has no `capturable` flag in this torch. Its foreach (and single-tensor)
+    torch.optim.SGD has no `capturable` flag in this torch (the trainer's
+    `--cuda-graphs` uses its own capturable SGD, train/optim.py). Its foreach (and single-tensor)
     update passes a tensor lr as `alpha=-lr`, a host read (.item()) outside
     torch.compile, which capture forbids; the fused update takes the tensor_lr
     overload of `_fused_sgd_` and reads lr on the device. So the captured step

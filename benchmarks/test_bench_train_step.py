@@ -12,12 +12,11 @@ fused-graphed) capture the whole step in a CUDA graph and run on CUDA only:
 on the CPU they are collected and skipped.
 """
 import pytest
-import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, SIZES, memory_per_image, record, synchronize
 from providers import (build_model, capture_train_step, graph_optimizer, graphed_providers, is_compiled,
-                       model_format, model_providers, runs_at)
+                       model_providers, runs_at, training_batch, training_step)
 
 
 def _cases():
@@ -37,17 +36,11 @@ def _cases():
 CASES = _cases()
 
 
-def _batch():
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    x = torch.randn(SIZES.batch, 3, 32, 32, device=DEVICE, generator=gen).contiguous(memory_format=model_format(DEVICE))
-    return x, torch.randint(0, 10, (SIZES.batch,), device=DEVICE, generator=gen)
-
-
 @pytest.mark.parametrize("depth, provider", CASES)
 def test_train_step(benchmark, depth, provider):
     model, forward = build_model(provider, depth, DEVICE)
     model.train()
-    x, y = _batch()
+    x, y = training_batch(SIZES.batch, DEVICE)
     if provider in graphed_providers():
         # Static buffers the graph reads; each step copies the batch into them.
         replay = capture_train_step(model, graph_optimizer(model), F.cross_entropy, x.clone(), y.clone())
@@ -59,22 +52,13 @@ def test_train_step(benchmark, depth, provider):
 
         step()  # the first replay (uploads the graph)
         benchmark.pedantic(step, rounds=SIZES.rounds, warmup_rounds=1)
-        # The peak of the captured step: the memory the graph's pool holds.
+        # The peak allocated while the step was captured, above what existed before it.
         record(benchmark, f"train|ResNet-{depth}", provider, SIZES.batch,
                ("peak", replay.capture_peak_bytes / SIZES.batch), depth=depth, captured_after_warmup_steps=3)
         return
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(forward(x), y)
-        loss.backward()
-        opt.step()
-        synchronize(DEVICE)
-        return loss
-
+    step = training_step(model, forward, x, y)
     loss = float(step().detach())  # warm-up; creates the optimizer state (and compiles)
     benchmark.pedantic(step, rounds=SIZES.rounds, warmup_rounds=1)
-    # Memory of a forward (CPU: what autograd keeps) or of a whole step (GPU peak).
+    # Memory of a forward (CPU: what autograd keeps) or of forward + backward (GPU peak).
     record(benchmark, f"train|ResNet-{depth}", provider, SIZES.batch,
            memory_per_image(DEVICE, model, lambda: forward(x), SIZES.batch), depth=depth, first_loss=loss)

@@ -153,6 +153,8 @@ def _assert_same_state(a, b):
     assert sa["model"].keys() == sb["model"].keys()
     for name, t in sa["model"].items():
         assert torch.equal(t, sb["model"][name]), name
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
     for (key, state), other in zip(sa["optimizer"]["state"].items(), sb["optimizer"]["state"].values()):
         for name, t in state.items():
             assert torch.equal(t, other[name]), f"optimizer state {key}.{name}"

@@ -82,7 +82,7 @@ at::Tensor bn_relu_apply_cuda(const at::Tensor& x_in, const at::Tensor& scale, c
   return out;
 }
 
-// Two launches, the sums then the elementwise dx (which needs every sum).
+// Two launches, the sums then the elementwise dx (which in training needs every sum).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(const at::Tensor& grad_act, const at::Tensor& x,
                                                                    const at::Tensor& mean, const at::Tensor& invstd,
                                                                    const at::Tensor& scale, const at::Tensor& shift,

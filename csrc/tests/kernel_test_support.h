@@ -23,6 +23,7 @@ constexpr double kEps = 1e-5;
 // Every combination of odd sizes (N in {1,2,3}, C in {1,3,5,17}, H and W in
 // {1,3,7,33}: 192 shapes, including m = 1), then S = 1024 (exactly one chunk)
 // and 40x40 (a full chunk plus a remainder). 33x33 also spans two chunks.
+// 70 channels take the CPU reductions past one 64-term block along C.
 inline const std::vector<Shape>& test_shapes() {
   static const std::vector<Shape> shapes = [] {
     std::vector<Shape> all;
@@ -30,7 +31,8 @@ inline const std::vector<Shape>& test_shapes() {
       for (int64_t c : {1, 3, 5, 17})
         for (int64_t h : {1, 3, 7, 33})
           for (int64_t w : {1, 3, 7, 33}) all.push_back({n, c, h, w});
-    for (const Shape& chunk_edge : {Shape{1, 5, 32, 32}, Shape{3, 3, 40, 40}, Shape{2, 1, 40, 40}})
+    for (const Shape& chunk_edge :
+         {Shape{1, 5, 32, 32}, Shape{3, 3, 40, 40}, Shape{2, 1, 40, 40}, Shape{2, 70, 5, 7}})
       all.push_back(chunk_edge);
     return all;
   }();

@@ -122,11 +122,11 @@ def _op_keeping_activation(x, conv_weights, bn_weight, bn_bias, mean, invstd, sc
                            paddings, training, backend, stats_eps) -> tuple[list[Tensor], Optional[Tensor]]:
     """_op's outputs and relu(bn(x)) (None where the backend never materialises it)."""
     impl = get_backend(backend)
-    convs = _convs(conv_weights, strides, paddings)
     if not hasattr(impl, "forward_keeping_activation"):
         return _op(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings,
                    training, backend, stats_eps), None
-    outs, stats, activation = impl.forward_keeping_activation(x, scale, shift, convs, residual, stats_eps)
+    outs, stats, activation = impl.forward_keeping_activation(x, scale, shift, _convs(conv_weights, strides, paddings),
+                                                              residual, stats_eps)
     return [*outs, *(stats or ())], activation
 
 

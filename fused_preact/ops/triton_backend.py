@@ -111,7 +111,7 @@ class TritonBackend:
             grad_weights = [triton_weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding) if want else None
                             for g, c, want in zip(grads, convs, wanted)]
         else:
-            grad_weights, dz_and_sums = _summed_together(grads, convs, wanted, x, mean, invstd, scale, shift,
+            grad_weights, dz_and_sums = _summed_together(grads, convs, wanted, used, x, mean, invstd, scale, shift,
                                                          bn_grad and one_gemm)
         if not bn_grad:
             return None, grad_weights, None, None
@@ -128,7 +128,7 @@ class TritonBackend:
         return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
-def _summed_together(grads, convs, wanted: list[bool], x, mean, invstd, scale, shift, dgrad: bool):
+def _summed_together(grads, convs, wanted: list[bool], used, x, mean, invstd, scale, shift, dgrad: bool):
     """([dW per conv or None], (dz, (sum_dz, sum_dz_xhat)) or None): the weight
     gradients' and (when `dgrad`) the dgrad's launches, then their partial sums
     in one launch per reduction level instead of one per buffer."""
@@ -136,7 +136,6 @@ def _summed_together(grads, convs, wanted: list[bool], x, mean, invstd, scale, s
     jobs = [kernels.conv_wgrad.conv_wgrad_partials(g, x, scale, shift, c.weight.shape, c.stride, c.padding,
                                                    c.weight.dtype, dense_format(c.weight)) if want else None
             for g, c, want in zip(grads, convs, wanted)]
-    used = [(g, c) for g, c in zip(grads, convs) if g is not None]
     dz = None
     if dgrad:
         dz, sums = kernels.conv_dgrad.conv_dgrad_partials(

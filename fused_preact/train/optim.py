@@ -118,8 +118,9 @@ class PyTorchSGD(_CapturableStep, torch.optim.SGD):
     so that the rate may be a 0-dim tensor on the device: torch's own step
     reads a tensor rate on the host. Its state and options are torch.optim.SGD's
     (`momentum_buffer`), so checkpoints of either load into the other. It
-    differs from torch's step only in rounding: w -= lr * v rounds lr * v
-    first, where torch fuses it (one multiply-add)."""
+    differs from torch's step in rounding (w -= lr * v rounds lr * v first,
+    where torch fuses it) and in taking no dampening, maximize or foreach
+    option: a loaded group's values for those are ignored."""
 
     VELOCITY = "momentum_buffer"
 
@@ -148,8 +149,9 @@ def make_optimizer(c: TrainConfig, params: Iterable) -> torch.optim.Optimizer:
 
 def capturable_lr(optimizer: torch.optim.Optimizer) -> None:
     """Each group's rate as a 0-dim tensor on its parameters' device and in
-    their dtype (a float rate enters the update rounded to that dtype, so the
-    tensor holds the same value), from now on changed in place by set_lr: a
+    their dtype (for fp32 parameters, which the trainer keeps, a float rate
+    enters the update rounded to fp32, so the tensor gives the same bits; for
+    fp16/bf16 ones it is rounded further), from now on changed in place by set_lr: a
     captured step reads the current rate from it, so the schedule needs no
     recapture."""
     for group in optimizer.param_groups:
