@@ -23,8 +23,10 @@ Providers build a runnable model (or one BN -> ReLU -> conv layer) on a device:
   each backend available on the device (triton: CUDA only);
 - eager-graphed, fused-graphed (training step only, CUDA only): the whole step
   of the plain / the fused `bn_relu` model (forward, backward, SGD) captured
-  once in a CUDA graph by `capture_train_step` and replayed each iteration,
-  with `graph_optimizer`'s SGD (see there why fused, with a tensor lr).
+  once in a CUDA graph by the trainer's StepGraphs and replayed each
+  iteration (`graphed_training_step`).
+
+Every training step uses `sgd`, the trainer's SGD, graphed or not.
 """
 import functools
 import os
@@ -37,6 +39,8 @@ import torch.utils.checkpoint
 from fused_preact import PreActBottleneck, PreActResNet, reference
 from fused_preact.ops import bn_relu_conv2d
 from fused_preact.ops.backends import get_backend
+from fused_preact.train.graphs import StepGraphs
+from fused_preact.train.optim import PyTorchSGD
 
 FUSED_MODES = ("bn_relu", "unit", "segment")
 # Compiled plain-model providers and their activation memory budget.
@@ -182,7 +186,7 @@ def best_backend(device: torch.device) -> str:
 
 def build_model(provider: str, depth: int, device: torch.device):
     """(model, forward): the parameters live in `model`, `forward(x)` runs the provider
-    (for the graphed providers: the model uncaptured; `capture_train_step` captures it)."""
+    (for the graphed providers: the model uncaptured; `graphed_training_step` captures it)."""
     torch.manual_seed(0)
     fmt = model_format(device)
     if provider in FUSED_COMPILE or provider == "fused-graphed":
@@ -229,16 +233,28 @@ def training_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, torc
     return x, torch.randint(0, 10, (batch,), device=device, generator=gen)
 
 
+def sgd(model: torch.nn.Module) -> PyTorchSGD:
+    """Every provider's optimizer: the trainer's SGD (PyTorchSGD, the update
+    `python -m fused_preact.train` runs, eager or with --cuda-graphs), with
+    momentum 0.9 and weight decay 1e-4."""
+    return PyTorchSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
+def _one_step(model: torch.nn.Module, forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(forward(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def training_step(model: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor):
-    """step() -> loss: one training step (forward, cross-entropy, backward, SGD
-    with momentum 0.9 and weight decay 1e-4), waited for on a GPU."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    """step() -> loss: one training step (forward, cross-entropy, backward,
+    `sgd`), waited for on a GPU."""
+    opt = sgd(model)
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(forward(x), y)
-        loss.backward()
-        opt.step()
+        loss = _one_step(model, forward, opt, x, y)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         return loss
@@ -246,65 +262,31 @@ def training_step(model: torch.nn.Module, forward, x: torch.Tensor, y: torch.Ten
     return step
 
 
-def graph_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The graphed providers' SGD: the hyper-parameters of every other provider,
-    with the learning rate a device tensor and the fused update.
-
-    torch.optim.SGD has no `capturable` flag in this torch (the trainer's
-    `--cuda-graphs` uses its own capturable SGD, train/optim.py). Its foreach (and single-tensor)
-    update passes a tensor lr as `alpha=-lr`, a host read (.item()) outside
-    torch.compile, which capture forbids; the fused update takes the tensor_lr
-    overload of `_fused_sgd_` and reads lr on the device. So the captured step
-    never synchronises and the lr stays a static tensor a schedule may fill_
-    between replays. The momentum buffers are created by the warm-up steps,
-    before capture.
-    """
-    device = next(model.parameters()).device
-    return torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1, device=device), momentum=0.9,
-                           weight_decay=1e-4, fused=True)
+def provider_step(provider: str, model: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor):
+    """The provider's step() -> loss on batch (x, y): graphed_training_step
+    for a graphed provider (CUDA only), else training_step."""
+    if provider in GRAPHED:
+        if not x.is_cuda:
+            raise ValueError(f"{provider} captures a CUDA graph: it needs a CUDA device, got {x.device}")
+        return graphed_training_step(model, x, y)
+    return training_step(model, forward, x, y)
 
 
-def capture_train_step(model, optimizer, loss_fn, static_x, static_y, warmup: int = 3):
-    """Capture one whole training step (forward, loss, backward, optimizer step)
-    in a CUDA graph; return `replay(x=None, y=None)`, which copies x / y (if
-    given) into the static buffers, replays the step and returns the static loss.
+def graphed_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """step() -> loss: training_step's step captured whole in a CUDA graph
+    by the trainer's own StepGraphs (what --cuda-graphs runs: warm-up on a
+    side stream, the rate a device tensor, velocities made before capture),
+    captured at the first call and replayed from then on; each call copies
+    the batch into the graph's static buffers, as the trainer does."""
+    opt = sgd(model)
+    graphs = StepGraphs(lambda xs, ys: (_one_step(model, model, opt, xs, ys).detach(),), model, opt, x.device)
 
-    The warm-up steps run on a side stream (as torch.cuda.graphs requires), so
-    that lazy initialisation, Triton autotuning, cuDNN algorithm choice and the
-    optimizer state happen outside the capture. The gradients are set to None
-    before capture, so backward allocates them in the graph's pool and every
-    replay overwrites them (no zero_grad needed). `replay.capture_peak_bytes`
-    is the peak memory of the captured step above what was allocated before it
-    (parameters, buffers and optimizer state): the pool the graph keeps.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(static_x), static_y).backward()
-            optimizer.step()
-    torch.cuda.current_stream().wait_stream(side)
-    optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = loss_fn(model(static_x), static_y)
-        static_loss.backward()
-        optimizer.step()
+    def step():
+        loss, = graphs.run(x, y)
+        torch.cuda.synchronize(x.device)
+        return loss
 
-    def replay(x=None, y=None):
-        if x is not None:
-            static_x.copy_(x, non_blocking=True)
-        if y is not None:
-            static_y.copy_(y, non_blocking=True)
-        graph.replay()
-        return static_loss
-
-    replay.capture_peak_bytes = torch.cuda.max_memory_allocated() - baseline
-    return replay
+    return step
 
 
 def _checkpoint_per_unit(model: PreActResNet, x: torch.Tensor) -> torch.Tensor:

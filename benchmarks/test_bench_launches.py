@@ -12,9 +12,8 @@ kernels' layout) for all its rows: the interpreter takes about a minute per
 32x32 step of it on two cores, against seconds at 8x8. The eager and native
 counts do not depend on the image size; the Triton count can grow a little
 with it (more partial-statistics merges at larger images). SGD is the
-training-step suite's (momentum 0.9, weight decay 1e-4) with the foreach
-update a GPU step runs; a foreach op is one dispatch here and a few chunked
-launches on a GPU.
+training-step suite's (providers.sgd, the trainer's foreach update); a
+foreach op is one dispatch here and a few chunked launches on a GPU.
 
 Counts are in extra_info (`fwd_bwd_ops` = `aten_ops` + `triton_launches`,
 `sgd_ops`, `step_ops`, `syncs`); the timed single round is the counting
@@ -29,7 +28,7 @@ import torch
 from conftest import record
 from fused_preact import PreActResNet
 from fused_preact.dispatch_count import DispatchCounter, count_step
-from providers import FUSED_MODES
+from providers import FUSED_MODES, sgd
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BATCH = 2
@@ -48,11 +47,11 @@ def count_training_step(model, x, labels) -> tuple[DispatchCounter, DispatchCoun
     """(forward+backward counter, SGD step counter), each counted after one
     uncounted run (warm caches, the optimizer's momentum buffers created)."""
     fwd_bwd = count_step(model, x, labels)  # leaves its counted step's gradients
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+    opt = sgd(model)
     opt.step()
-    with DispatchCounter() as sgd:
+    with DispatchCounter() as step:
         opt.step()
-    return fwd_bwd, sgd
+    return fwd_bwd, step
 
 
 @pytest.mark.parametrize("depth, provider", CASES)
@@ -74,10 +73,10 @@ def test_launches_per_step(benchmark, depth, provider):
         counted["fwd_bwd"], counted["sgd"] = count_training_step(model, x, labels)
 
     benchmark.pedantic(target, rounds=1, warmup_rounds=0)
-    fwd_bwd, sgd = counted["fwd_bwd"], counted["sgd"]
-    syncs = fwd_bwd.syncs + sgd.syncs
+    fwd_bwd, sgd_step = counted["fwd_bwd"], counted["sgd"]
+    syncs = fwd_bwd.syncs + sgd_step.syncs
     record(benchmark, f"launches|PreActResNet-{depth}, batch {BATCH}, {size}x{size}", provider, BATCH, None,
            depth=depth, aten_ops=sum(fwd_bwd.ops.values()), triton_launches=sum(fwd_bwd.triton.values()),
-           fwd_bwd_ops=fwd_bwd.total, sgd_ops=sgd.total, step_ops=fwd_bwd.total + sgd.total,
+           fwd_bwd_ops=fwd_bwd.total, sgd_ops=sgd_step.total, step_ops=fwd_bwd.total + sgd_step.total,
            syncs=bool(syncs), sync_ops=syncs, top_ops=dict(fwd_bwd.ops.most_common(4)),
            triton_kernels=dict(fwd_bwd.triton))

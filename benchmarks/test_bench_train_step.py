@@ -8,15 +8,16 @@ without fused-segment+compile: a cold inductor compile of ResNet-110 takes
 1-2 minutes on two cores, of ResNet-164 about 2 (110 s at budget 1.0,
 120-140 s at 0.5 / 0.1), which at 164 too would add some 8 minutes to a
 suite meant to take about 10. The graphed providers (eager-graphed,
-fused-graphed) capture the whole step in a CUDA graph and run on CUDA only:
-on the CPU they are collected and skipped.
+fused-graphed) capture the whole step in a CUDA graph with the trainer's
+StepGraphs and run on CUDA only: on the CPU they are collected and skipped.
+Every provider steps with the trainer's SGD (providers.sgd).
 """
 import pytest
-import torch.nn.functional as F
+import torch
 
 from conftest import DEVICE, SIZES, memory_per_image, record, synchronize
-from providers import (build_model, capture_train_step, graph_optimizer, graphed_providers, is_compiled,
-                       model_providers, runs_at, training_batch, training_step)
+from providers import (build_model, graphed_providers, is_compiled, model_providers, provider_step, runs_at,
+                       training_batch)
 
 
 def _cases():
@@ -41,24 +42,21 @@ def test_train_step(benchmark, depth, provider):
     model, forward = build_model(provider, depth, DEVICE)
     model.train()
     x, y = training_batch(SIZES.batch, DEVICE)
+    extra = {}
     if provider in graphed_providers():
-        # Static buffers the graph reads; each step copies the batch into them.
-        replay = capture_train_step(model, graph_optimizer(model), F.cross_entropy, x.clone(), y.clone())
-
-        def step():
-            loss = replay(x, y)
-            synchronize(DEVICE)
-            return loss
-
-        step()  # the first replay (uploads the graph)
-        benchmark.pedantic(step, rounds=SIZES.rounds, warmup_rounds=1)
-        # The peak allocated while the step was captured, above what existed before it.
-        record(benchmark, f"train|ResNet-{depth}", provider, SIZES.batch,
-               ("peak", replay.capture_peak_bytes / SIZES.batch), depth=depth, captured_after_warmup_steps=3)
-        return
-    step = training_step(model, forward, x, y)
-    loss = float(step().detach())  # warm-up; creates the optimizer state (and compiles)
+        # Memory the captured step's private pool holds (activations,
+        # gradients, temporaries): the reserved growth of the capture, the
+        # warm-up's cached blocks released first.
+        synchronize(DEVICE)
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved(DEVICE)
+    step = provider_step(provider, model, forward, x, y)
+    loss = float(step().detach())  # warm-up; creates the optimizer state (compiles, or captures the graph)
+    if provider in graphed_providers():
+        torch.cuda.empty_cache()
+        extra["graph_pool_bytes_per_image"] = (torch.cuda.memory_reserved(DEVICE) - reserved) / SIZES.batch
     benchmark.pedantic(step, rounds=SIZES.rounds, warmup_rounds=1)
-    # Memory of a forward (CPU: what autograd keeps) or of forward + backward (GPU peak).
+    # Memory of a forward (CPU: what autograd keeps) or of forward + backward
+    # (GPU peak), the graphed providers' uncaptured: the same model's figure.
     record(benchmark, f"train|ResNet-{depth}", provider, SIZES.batch,
-           memory_per_image(DEVICE, model, lambda: forward(x), SIZES.batch), depth=depth, first_loss=loss)
+           memory_per_image(DEVICE, model, lambda: forward(x), SIZES.batch), depth=depth, first_loss=loss, **extra)
