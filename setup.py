@@ -54,7 +54,7 @@ def cuda_library_includes():
 
 
 def extension():
-    sources = ["csrc/bindings_cpu.cpp"]
+    sources = ["csrc/bindings_cpu.cpp", "csrc/bn_relu_conv_autograd.cpp"]
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need
     # (C++17 for older torch, C++20 from torch 2.14 on).
     # -ffp-contract=off: the ReLU mask x * scale + shift is recomputed in several

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import bn_relu_convs
+from .ops.bn_relu_conv import replaying_stats
 from .recompute import running_stats_frozen
 
 # An activation's batch statistics as a backend's epilogue hands them on to the
@@ -58,7 +59,8 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
         if any(unsupported.values()):
             raise ValueError(f"bn_relu_conv_modules: convs[{i}] must be a bias-free, ungrouped, undilated, zero-padded "
                              f"nn.Conv2d; unsupported: {[k for k, bad in unsupported.items() if bad]}")
-    hand_on = next_bn is not None and next_bn.training
+    # A recompute's second run replays the first run's statistics: none to hand on.
+    hand_on = next_bn is not None and next_bn.training and not replaying_stats()
     return bn_relu_convs(
         "bn_relu_conv_modules", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
         use_batch_stats, momentum, bn.eps, backend, residual=residual, x_stats=x_stats if use_batch_stats else None,

@@ -1,11 +1,14 @@
 """bn_relu_conv2d (and its two-conv form) against BatchNorm2d -> ReLU -> Conv2d."""
+import contextlib
+
 import pytest
 import torch
 
 from conftest import BACKENDS, assert_close, make_layout
 from fused_preact import reference
 from fused_preact.ops import bn_relu_conv2d
-from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
+from fused_preact.dispatch_count import DispatchCounter
+from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op, keep_activations
 
 # (N, C, H, W, C_out, kernel, stride, padding)
 CASES = [
@@ -108,6 +111,38 @@ def test_with_shortcut_equals_two_modules(backend, kernel, padding):
     # running statistics are updated once, not once per convolution
     assert_close(rm, 0.9 * running[0] + 0.1 * x.detach().mean(dim=(0, 2, 3)), name="running_mean")
     assert_close(rv, 0.9 * running[1] + 0.1 * x.detach().var(dim=(0, 2, 3), unbiased=True), name="running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_unused_output_costs_no_conv_backward(backend, keep):
+    # Only y carries a gradient: the shortcut's conv backward is skipped (its
+    # gradient stays None rather than zeros), and the gradients are the
+    # formula's, with relu(bn(x)) recomputed or kept (keep_activations).
+    x, weight, gamma, beta, running, _ = _problem((3, 5, 7, 9, 6, 3, 1, 1), torch.float64)
+    shortcut = torch.randn(8, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    with keep_activations() if keep else contextlib.nullcontext():
+        y, _ = bn_relu_conv2d(x, weight, gamma, beta, running[0].clone(), running[1].clone(), padding=1,
+                              backend=backend, shortcut_weight=shortcut)
+    g = torch.randn_like(y)
+    with DispatchCounter() as counter:
+        got = torch.autograd.grad(y, (x, weight, gamma, beta, shortcut), g, allow_unused=True)
+    assert counter.ops["convolution_backward"] == 1
+    assert got[4] is None
+    xhat = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    truth = torch.nn.functional.conv2d(torch.relu(xhat * gamma[:, None, None] + beta[:, None, None]), weight, None, 1, 1)
+    for name, a, b in zip(("dx", "dW", "dgamma", "dbeta"), got, torch.autograd.grad(truth, (x, weight, gamma, beta), g)):
+        assert_close(a, b, name=name)
+
+
+def test_native_eager_layer_is_one_cpp_autograd_node():
+    # Eager mode runs the native backend's layer as one C++ autograd function
+    # (no Python per call); the others, and no-grad calls, do not build it.
+    x, weight, gamma, beta, running, conv = _problem(CASES[0], torch.float32)
+    y = bn_relu_conv2d(x, weight, gamma, beta, *running, backend="native", **conv)
+    assert "BnReluConv" in y.grad_fn.name()
+    y = bn_relu_conv2d(x, weight, gamma, beta, *running, backend="reference", **conv)
+    assert "BnReluConv" not in y.grad_fn.name()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,8 +13,10 @@ come the torch.library op `bn_relu_conv2d_op` (opaque to torch.compile, with a
 fake implementation and a registered autograd formula) and `_EagerFunction`,
 an autograd.Function taking the same arguments, which eager mode calls because
 torch.library's Python autograd wrapper costs about 0.2 ms a call, more than
-the kernels of a small layer, and ResNet-1001 has some 3000 such layers.
-`apply` picks between the two.
+the kernels of a small layer, and ResNet-1001 has some 3000 such layers. For
+the native backend, eager mode calls `fused_preact::bn_relu_conv` instead:
+the same steps as one C++ autograd function (csrc/bn_relu_conv_autograd.cpp),
+with no Python in the layer's forward or backward. `apply` picks among them.
 """
 import contextlib
 import inspect
@@ -50,7 +52,22 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     differentiates through them itself.
 
     x_stats: x's statistics as the backend's forward handed them on (its
-    epilogue computed them); then no statistics pass reads x."""
+    epilogue computed them); then no statistics pass reads x.
+
+    Under a StatsTape: recorded in order, or, replaying, the recorded ones
+    handed back without any pass over x (and so without any update)."""
+    tape = getattr(_state, "tape", None)
+    if tape is not None and tape.replay:
+        return tape.take(x)
+    result = _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
+                                  momentum, eps, backend, x_stats)
+    if tape is not None:
+        tape.tensors += result
+    return result
+
+
+def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                         eps, backend, x_stats):
     stats = stats_dtype(x)
     with torch.no_grad():
         if not training:
@@ -79,6 +96,59 @@ def refuse_double_backward(what: str) -> None:
 
 
 _state = threading.local()
+
+
+class StatsTape:
+    """The (mean, invstd, scale, shift) of every normalization_stats call of a
+    run, in call order: `recording()` appends them, `replaying()` hands them
+    back in the same order instead of computing them. A unit/segment
+    recompute's second run thus normalises with exactly the first run's
+    statistics and makes no statistics pass over its layers' inputs (4 fp32
+    vectors per layer kept, against a pass over each layer's input saved)."""
+
+    def __init__(self, tensors=()):
+        self.tensors: list[Tensor] = list(tensors)  # 4 per call
+        self.replay = False
+        self._next = 0
+
+    @contextlib.contextmanager
+    def recording(self):
+        with self._installed(replay=False):
+            yield self
+
+    @contextlib.contextmanager
+    def replaying(self):
+        self._next = 0
+        with self._installed(replay=True):
+            yield self
+        if self._next != len(self.tensors):
+            raise RuntimeError(f"StatsTape: the replayed run normalised {self._next // 4} layers, the recorded one "
+                               f"{len(self.tensors) // 4}: a recomputed block must run the same layers again")
+
+    @contextlib.contextmanager
+    def _installed(self, replay: bool):
+        previous = getattr(_state, "tape", None)
+        self.replay, _state.tape = replay, self
+        try:
+            yield
+        finally:
+            _state.tape = previous
+
+    def take(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        stats = tuple(self.tensors[self._next:self._next + 4])
+        if len(stats) != 4 or stats[0].shape != (x.shape[1],) or stats[0].device != x.device:
+            raise RuntimeError(f"StatsTape: layer {self._next // 4} of the replayed run has {x.shape[1]} channels on "
+                               f"{x.device}, unlike the recorded run's layer "
+                               f"({tuple(stats[0].shape) if stats else 'none'}): a recomputed block must run the "
+                               f"same layers again")
+        self._next += 4
+        return stats
+
+
+def replaying_stats() -> bool:
+    """Whether normalization_stats hands back recorded statistics now (a recompute's second run)."""
+    tape = getattr(_state, "tape", None)
+    return tape is not None and tape.replay
 
 
 def keeping_activations() -> bool:
@@ -246,6 +316,11 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
         outs = bn_relu_conv2d_op(*args)
     elif not torch.is_grad_enabled():  # nothing to record (unit/segment recompute's first run)
         outs = _op(*args)
+    elif backend == "native" and stats_eps is None:
+        # The same steps in one C++ autograd function (no Python per call in
+        # forward or backward): csrc/bn_relu_conv_autograd.cpp.
+        outs = torch.ops.fused_preact.bn_relu_conv(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift,
+                                                   residual, strides, paddings, training, keeping_activations())
     else:
         outs = list(_EagerFunction.apply(*_spread(args)))
     n = len(conv_weights)
