@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <array>
+#include <cmath>
 #include <optional>
 
 #include "core/bn_fold.h"
@@ -156,6 +158,18 @@ inline BatchNormStatsArgs batch_norm_stats_args(const char* op, const at::Tensor
     a.num_batches_tracked = t;
   }
   return a;
+}
+
+// batch_norm_stats' outputs (mean, invstd, scale, shift): one value per
+// channel of x in the statistics dtype, all NaN for an x with no values (as
+// torch.var_mean of nothing); the kernels fill them otherwise.
+inline std::array<at::Tensor, 4> stats_outputs(const at::Tensor& x) {
+  const at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(stats_dtype(x)));
+  std::array<at::Tensor, 4> out{mean, at::empty_like(mean), at::empty_like(mean), at::empty_like(mean)};
+  if (x.numel() == 0) {
+    for (at::Tensor& t : out) t.fill_(NAN);
+  }
+  return out;
 }
 
 // The kernels' view of the fold: where to read gamma/beta, write scale/shift

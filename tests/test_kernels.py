@@ -196,3 +196,11 @@ def test_nan_propagates_through_apply_like_torch_relu(kernels):
     x = torch.tensor([float("nan"), -1.0, 2.0]).view(1, 1, 1, 3)
     out = kernels.bn_relu_apply(x, torch.ones(1), torch.zeros(1))
     assert out.isnan()[0, 0, 0, 0] and out.flatten()[1:].tolist() == [0.0, 2.0]
+
+
+def test_empty_batch_gives_nan_statistics(kernels):
+    # No values per channel: every statistics output is NaN (torch.var_mean of nothing), and nothing else runs.
+    x, ones = torch.empty(0, 4, 3, 3), torch.ones(4)
+    stats = kernels.batch_norm_stats(x, ones, ones, None, None, None, 0.1, 1e-5)
+    assert all(t.shape == (4,) and t.dtype == torch.float32 and t.isnan().all() for t in stats)
+    assert kernels.bn_relu_apply(x, ones, ones).shape == x.shape

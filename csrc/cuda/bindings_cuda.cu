@@ -49,9 +49,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats_cuda
   auto a = batch_norm_stats_args(op, x_in, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                                  eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  auto mean = at::empty({a.x.size(1)}, a.x.options().dtype(stats_dtype(a.x)));
-  auto invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
-  if (a.x.numel() == 0) return {mean.fill_(NAN), invstd.fill_(NAN), scale.fill_(NAN), shift.fill_(NAN)};
+  std::array<at::Tensor, 4> out = stats_outputs(a.x);
+  at::Tensor &mean = out[0], &invstd = out[1], &scale = out[2], &shift = out[3];
+  if (a.x.numel() == 0) return {mean, invstd, scale, shift};
   FUSED_PREACT_DISPATCH(a.x, "batch_norm_stats_cuda", [&] {
     using T = typename gpu_storage<scalar_t>::type;
     const ActView vx = activation_view(a.x);
