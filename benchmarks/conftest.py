@@ -4,7 +4,8 @@ pytest-benchmark's JSON into ratios against eager measured in the same run.
 Every benchmark records in extra_info: `group` (what is compared), `provider`,
 `images` per call, and a memory figure `memory_bytes_per_image` with its
 `memory_kind` ("saved" = exact bytes autograd keeps, on the CPU; "peak" =
-torch.cuda.max_memory_allocated above the parameters and optimizer state);
+torch.cuda.max_memory_allocated above the parameters and optimizer state, or
+for a step replayed from a CUDA graph the private pool its capture made);
 the launch suite records op counts (`fwd_bwd_ops`, `step_ops`) instead.
 """
 import datetime
@@ -39,6 +40,14 @@ def memory_per_image(device, model, run, batch: int) -> tuple[str, float]:
     del out
     synchronize(device)
     return "peak", (torch.cuda.max_memory_allocated(device) - baseline) / batch
+
+
+def graph_pool_bytes(device) -> int:
+    """Bytes the caching allocator holds in CUDA-graph private memory pools
+    on `device`: its segments outside the default pool (id (0, 0))."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if seg["device"] == index and tuple(seg["segment_pool_id"]) != (0, 0))
 
 
 def record(benchmark, group: str, provider: str, images: int, memory: tuple[str, float] | None, **extra):

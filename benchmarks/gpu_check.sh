@@ -35,7 +35,7 @@ step() {
   rc=$?
   local status=ok
   [ $rc -ne 0 ] && status="failed (exit $rc)"
-  if [ $rc -eq 124 ] || [ $rc -eq 130 ]; then
+  if [ $rc -eq 124 ] || [ $rc -eq 130 ] || [ $rc -eq 137 ]; then  # 137: still running 15 s after SIGINT
     status="timed out after ${limit} s"
     [[ " $partial_ok " == *" $name "* ]] && status="stopped at limit ${limit} s"
   fi
@@ -78,7 +78,8 @@ if [ $dry -eq 1 ]; then
   step gpu_marked 120 python -m pytest tests -m gpu "${ignore[@]}" -q -p no:cacheprovider \
     --junitxml="$out/gpu_marked.xml"
   select="not compile"  # inductor compiles take minutes on the CPU and are the GPU run's to measure
-  suites="unit:60 train_step:90 memory:60 op:60"
+  suites="unit:60 train_step:90 memory:60 op:60 train_compile:30"
+  compile_depth=11  # the dry run's only depth: its train_compile step runs the eager row alone
 else
   arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || exit 1
   export TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16}
@@ -95,6 +96,7 @@ else
   # training step in a step of their own (train_compile), run last.
   select=""
   suites="unit:35 train_step:70 memory:40 op:45 train_compile:60"
+  compile_depth=110  # providers.sizes_for("cuda").max_compile_depth
   partial_ok="bench_train_compile"
 fi
 
@@ -105,7 +107,7 @@ for suite in $suites; do
   if [ "$name" = train_step ]; then
     filter="not compile${select:+ and ($select)}"
   elif [ "$name" = train_compile ]; then
-    file=train_step filter="compile or (110-eager and not graphed)"
+    file=train_step filter="(compile or ($compile_depth-eager and not graphed))${select:+ and ($select)}"
   fi
   step "bench_$name" "${suite##*:}" python -m pytest "benchmarks/test_bench_$file.py" --benchmark-only -q \
     -p no:cacheprovider ${filter:+-k "$filter"} --benchmark-json="$out/gpu_$name.json"

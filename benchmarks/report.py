@@ -15,13 +15,20 @@ README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -
 
 
 def load(paths):
-    """(metadata of the first file, rows of all files); rows without a record() are skipped."""
-    meta, rows = None, []
+    """(metadata of the first file, rows of all files); rows without a record() are skipped, and a
+    (group, provider) measured in several files keeps its first row (gpu_check.sh's compile step
+    re-measures eager beside the compiled providers, for their ratios)."""
+    meta, rows, seen = None, [], set()
     for path in paths:
         data = json.loads(Path(path).read_text())
         meta = meta or data["fused_preact"]
-        rows += [dict(r["extra_info"], name=r["name"], median_s=r["stats"]["median"], min_s=r["stats"]["min"],
-                      max_s=r["stats"]["max"]) for r in data["benchmarks"] if "group" in r["extra_info"]]
+        for r in data["benchmarks"]:
+            info = r["extra_info"]
+            if "group" not in info or (info["group"], info["provider"]) in seen:
+                continue
+            seen.add((info["group"], info["provider"]))
+            rows.append(dict(info, name=r["name"], median_s=r["stats"]["median"], min_s=r["stats"]["min"],
+                             max_s=r["stats"]["max"]))
     return meta, rows
 
 

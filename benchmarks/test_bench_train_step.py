@@ -12,17 +12,18 @@ fused-graphed) capture the whole step in a CUDA graph with the trainer's
 StepGraphs and run on CUDA only: on the CPU they are collected and skipped.
 Every provider steps with the trainer's SGD (providers.sgd).
 """
-import pytest
-import torch
+import gc
 
-from conftest import DEVICE, SIZES, memory_per_image, record, synchronize
+import pytest
+
+from conftest import DEVICE, SIZES, graph_pool_bytes, memory_per_image, record
 from providers import (build_model, graphed_providers, is_compiled, model_providers, provider_step, runs_at,
                        training_batch)
 
 
 def _cases():
-    """Every provider at every depth, the compiled ones last: where a time limit
-    stops the suite (gpu_check.sh), it costs the slow compiles first."""
+    """Every provider at every depth, the compiled ones last (gpu_check.sh
+    runs them as a step of their own, with an eager row for the ratios)."""
     cases, compiled = [], []
     for depth in SIZES.depths:
         for provider in model_providers(DEVICE):
@@ -42,21 +43,18 @@ def test_train_step(benchmark, depth, provider):
     model, forward = build_model(provider, depth, DEVICE)
     model.train()
     x, y = training_batch(SIZES.batch, DEVICE)
-    extra = {}
-    if provider in graphed_providers():
-        # Memory the captured step's private pool holds (activations,
-        # gradients, temporaries): the reserved growth of the capture, the
-        # warm-up's cached blocks released first.
-        synchronize(DEVICE)
-        torch.cuda.empty_cache()
-        reserved = torch.cuda.memory_reserved(DEVICE)
+    graphed = provider in graphed_providers()
+    if graphed:
+        gc.collect()  # an earlier provider's graphs and their pools go first
+        pools = graph_pool_bytes(DEVICE)
     step = provider_step(provider, model, forward, x, y)
     loss = float(step().detach())  # warm-up; creates the optimizer state (compiles, or captures the graph)
-    if provider in graphed_providers():
-        torch.cuda.empty_cache()
-        extra["graph_pool_bytes_per_image"] = (torch.cuda.memory_reserved(DEVICE) - reserved) / SIZES.batch
+    if graphed:
+        # The step's peak above the weights is what its graph's private pool
+        # holds: activations, gradients and temporaries of the captured step.
+        memory = ("peak", (graph_pool_bytes(DEVICE) - pools) / SIZES.batch)
     benchmark.pedantic(step, rounds=SIZES.rounds, warmup_rounds=1)
-    # Memory of a forward (CPU: what autograd keeps) or of forward + backward
-    # (GPU peak), the graphed providers' uncaptured: the same model's figure.
-    record(benchmark, f"train|ResNet-{depth}", provider, SIZES.batch,
-           memory_per_image(DEVICE, model, lambda: forward(x), SIZES.batch), depth=depth, first_loss=loss, **extra)
+    if not graphed:
+        # Memory of a forward (CPU: what autograd keeps) or of forward + backward (GPU peak).
+        memory = memory_per_image(DEVICE, model, lambda: forward(x), SIZES.batch)
+    record(benchmark, f"train|ResNet-{depth}", provider, SIZES.batch, memory, depth=depth, first_loss=loss)

@@ -15,11 +15,21 @@ class ExtensionNotBuiltError(RuntimeError):
     pass
 
 
+# The newest operator the sources define: a library built from older sources
+# lacks it (an in-place build not redone after an update) and is refused whole,
+# rather than failing later at the first layer that needs the missing op.
+_NEWEST_OP = "bn_relu_conv"
+
+
 def _import():
     try:
-        return importlib.import_module("fused_preact._C"), None
+        module = importlib.import_module("fused_preact._C")
     except ImportError as err:  # kept, reported when a kernel is actually needed
         return None, err
+    if not hasattr(torch.ops.fused_preact, _NEWEST_OP):
+        return None, ImportError(f"{module.__file__} was built from older sources (it has no "
+                                 f"fused_preact::{_NEWEST_OP}); rebuild it")
+    return module, None
 
 
 _MODULE, _IMPORT_ERROR = _import()

@@ -5,6 +5,8 @@ benchmarks; `python -m fused_preact.memory` prints the per-image table.
 the sizes of the distinct storages that autograd saved, leaving out the
 model's own parameters and buffers (they are in memory anyway and do not grow
 with the batch). Views of one storage count once, as they cost memory once.
+The table splits what is kept per image (activations) from what is kept per
+step whatever the batch (per-channel statistics).
 """
 import time
 from typing import Callable
@@ -40,17 +42,24 @@ CONFIGS = {"eager": (False, "none"), **{m: (True, m) for m in RECOMPUTE_MODES if
 
 
 def per_image_table(depths, batch: int = 2, size: int = 32, dtype=torch.float32) -> list[dict]:
-    """Saved bytes per image of every configuration, and their ratio to eager."""
+    """Saved bytes of every configuration, split into what grows with the
+    batch (per image: the activations) and what does not (per step: the
+    per-channel statistics every layer keeps), from a forward at `batch` and
+    one at twice that; and the per-image ratio to eager."""
     rows = []
     for depth in depths:
-        x = torch.randn(batch, 3, size, size, dtype=dtype)
         base = None
         for name, (fused, mode) in CONFIGS.items():
             torch.manual_seed(0)
             model = PreActResNet(depth, fused=fused, recompute=mode).to(dtype).train()
-            kept = saved_activation_bytes(lambda: model(x), model) / batch
-            base = kept if base is None else base
-            rows.append({"depth": depth, "config": name, "mib_per_image": kept / MiB, "ratio_to_eager": kept / base})
+            kept = []
+            for n in (batch, 2 * batch):
+                x = torch.randn(n, 3, size, size, dtype=dtype)
+                kept.append(saved_activation_bytes(lambda: model(x), model))
+            per_image = (kept[1] - kept[0]) / batch
+            base = per_image if base is None else base
+            rows.append({"depth": depth, "config": name, "mib_per_image": per_image / MiB,
+                         "mib_per_step": (kept[0] - batch * per_image) / MiB, "ratio_to_eager": per_image / base})
     return rows
 
 
@@ -66,11 +75,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = per_image_table(args.depths, args.batch)
-    print(f"Saved for backward, fp32, 32x32 CIFAR input (batch {args.batch}, measured on the CPU):")
-    print(f"{'depth':>6} {'config':>8} {'MiB/image':>10} {'x eager':>8} {'GiB @ batch 128':>16}")
+    print(f"Saved for backward, fp32, 32x32 CIFAR input (batches {args.batch} and {2 * args.batch}, measured on "
+          f"the CPU):")
+    print(f"{'depth':>6} {'config':>8} {'MiB/image':>10} {'x eager':>8} {'MiB/step':>9} {'GiB @ batch 128':>16}")
     for r in rows:
         print(f"{r['depth']:>6} {r['config']:>8} {r['mib_per_image']:>10.2f} {r['ratio_to_eager']:>8.3f} "
-              f"{r['mib_per_image'] * 128 / 1024:>16.2f}")
+              f"{r['mib_per_step']:>9.2f} {(r['mib_per_image'] * 128 + r['mib_per_step']) / 1024:>16.2f}")
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

@@ -1,5 +1,5 @@
-"""Unit- and segment-level recompute: keep only a block's input for backward and
-run the block again inside backward.
+"""Unit- and segment-level recompute: keep a block's input (and its layers'
+per-channel statistics) for backward and run the block again inside backward.
 
 Unlike torch.utils.checkpoint, the kept input (and the parameters) go through
 ctx.save_for_backward, so saved_tensors_hooks see exactly what is kept, and the

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from fused_preact import _extension
 
 
@@ -46,3 +48,16 @@ def test_extension_is_built_in_this_environment():
     # The rest of the suite compares the compiled kernels; it must not silently
     # fall back to the reference because the build is missing.
     assert _extension.available(), _extension._IMPORT_ERROR
+
+
+def test_a_library_built_from_older_sources_is_refused_naming_the_fix(monkeypatch):
+    # An in-place build not redone after the sources gained an op: refused at
+    # import, and load() says to rebuild, instead of a missing-op error later.
+    monkeypatch.setattr(_extension, "_NEWEST_OP", "an_op_the_library_lacks")
+    module, error = _extension._import()
+    assert module is None
+    assert "built from older sources (it has no fused_preact::an_op_the_library_lacks); rebuild it" in str(error)
+    monkeypatch.setattr(_extension, "_MODULE", module)
+    monkeypatch.setattr(_extension, "_IMPORT_ERROR", error)
+    with pytest.raises(_extension.ExtensionNotBuiltError, match="older sources.*pip install --no-build-isolation"):
+        _extension.load()

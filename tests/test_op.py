@@ -135,9 +135,23 @@ def test_an_unused_output_costs_no_conv_backward(backend, keep):
         assert_close(a, b, name=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_is_added_and_receives_the_output_gradient(backend):
+    x, weight, gamma, beta, _, conv = _problem(CASES[1], torch.float64)
+    plain = bn_relu_conv2d(x, weight, gamma, beta, None, None, backend=backend, **conv)
+    residual = torch.randn(plain.shape, dtype=torch.float64, requires_grad=True)
+    y = bn_relu_conv2d(x, weight, gamma, beta, None, None, backend=backend, residual=residual, **conv)
+    assert_close(y, plain + residual, name="y")
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (residual, x, weight), g)
+    assert torch.equal(got[0], g)
+    for name, a, b in zip(("dx", "dW"), got[1:], torch.autograd.grad(plain, (x, weight), g)):
+        assert_close(a, b, name=name)
+
+
 def test_native_eager_layer_is_one_cpp_autograd_node():
     # Eager mode runs the native backend's layer as one C++ autograd function
-    # (no Python per call); the others, and no-grad calls, do not build it.
+    # (no Python in its forward or backward); the other backends do not.
     x, weight, gamma, beta, running, conv = _problem(CASES[0], torch.float32)
     y = bn_relu_conv2d(x, weight, gamma, beta, *running, backend="native", **conv)
     assert "BnReluConv" in y.grad_fn.name()

@@ -11,6 +11,7 @@ from torch import nn
 from conftest import BACKENDS, assert_close
 from fused_preact import FusedBNReLUConv2d, PreActResNet
 from fused_preact.memory import saved_activation_bytes
+from fused_preact import ops
 from fused_preact.ops import bn_relu_conv
 from fused_preact.ops.bn_relu_conv import StatsTape, normalization_stats
 from fused_preact.recompute import frozen_running_stats, recompute, running_stats_frozen
@@ -279,16 +280,35 @@ def test_second_run_normalises_with_the_first_runs_statistics(mode, backend, mon
     plain = randomized_net(20, "bottleneck", fused=False, recompute="none")
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
     layers = sum(isinstance(m, nn.BatchNorm2d) for m in model.units.modules())  # a fused layer per unit BN
-    passes = []
-    compute = bn_relu_conv._normalization_stats
+    passes, calls = [], []
+    compute, normalize = bn_relu_conv._normalization_stats, bn_relu_conv.normalization_stats
     monkeypatch.setattr(bn_relu_conv, "_normalization_stats", lambda *a: passes.append(1) or compute(*a))
+    monkeypatch.setattr(ops, "normalization_stats", lambda *a: calls.append(1) or normalize(*a))
     out = model(x)
-    assert len(passes) == layers
+    assert len(passes) == len(calls) == layers
     got = torch.autograd.grad(out.sum(), [x, *model.parameters()])
-    assert len(passes) == layers
+    assert (len(passes), len(calls)) == (layers, 2 * layers)  # the layers ran twice, their statistics pass once
     want = torch.autograd.grad(plain(x).sum(), [x, *plain.parameters()])
     for (name, _), a, b in zip([("input", None), *model.named_parameters()], got, want):
         assert_close(a, b, torch.float64, name, scale=max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("mode", ["unit", "segment"])
+def test_recompute_of_a_net_that_recomputes_its_units(mode):
+    # The outer block's second run (in backward) runs the inner recomputes'
+    # first runs: they take their statistics from the outer replay, so both
+    # stay in step; gradients and running statistics are the plain net's.
+    model = randomized_net(20, "bottleneck", recompute=mode)
+    plain = randomized_net(20, "bottleneck", fused=False, recompute="none")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    out = recompute(model, x, list(model.parameters()))
+    got = torch.autograd.grad(out.sum(), [x, *model.parameters()])
+    want = torch.autograd.grad(plain(x).sum(), [x, *plain.parameters()])
+    for (name, _), a, b in zip([("input", None), *model.named_parameters()], got, want):
+        assert_close(a, b, torch.float64, name, scale=max(1.0, b.abs().max().item()))
+    # (the units' layers obey frozen_running_stats; the head's plain nn.BatchNorm2d is updated by each run)
+    for (name, a), b in zip(model.units.named_buffers(), plain.units.buffers()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0), name
 
 
 def test_stats_tape_refuses_a_replay_of_other_layers():

@@ -16,7 +16,8 @@ torch.library's Python autograd wrapper costs about 0.2 ms a call, more than
 the kernels of a small layer, and ResNet-1001 has some 3000 such layers. For
 the native backend, eager mode calls `fused_preact::bn_relu_conv` instead:
 the same steps as one C++ autograd function (csrc/bn_relu_conv_autograd.cpp),
-with no Python in the layer's forward or backward. `apply` picks among them.
+so the layer's autograd node and its backward run no Python (the argument
+checks and the statistics call before it still do). `apply` picks among them.
 """
 import contextlib
 import inspect
@@ -56,14 +57,10 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
 
     Under a StatsTape: recorded in order, or, replaying, the recorded ones
     handed back without any pass over x (and so without any update)."""
+    args = (x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, backend,
+            x_stats)
     tape = getattr(_state, "tape", None)
-    if tape is not None and tape.replay:
-        return tape.take(x)
-    result = _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
-                                  momentum, eps, backend, x_stats)
-    if tape is not None:
-        tape.tensors += result
-    return result
+    return _normalization_stats(*args) if tape is None else tape.stats(x, lambda: _normalization_stats(*args))
 
 
 def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
@@ -103,13 +100,18 @@ class StatsTape:
     run, in call order: `recording()` appends them, `replaying()` hands them
     back in the same order instead of computing them. A unit/segment
     recompute's second run thus normalises with exactly the first run's
-    statistics and makes no statistics pass over its layers' inputs (4 fp32
-    vectors per layer kept, against a pass over each layer's input saved)."""
+    statistics and makes no statistics pass over its layers' inputs (4
+    per-channel vectors per layer kept, against a pass over each layer's input).
+
+    A tape recording inside another (a recompute nested in a recomputed
+    block: the inner one records during the outer one's replay) takes each
+    call's statistics from the enclosing tape, so both stay in step."""
 
     def __init__(self, tensors=()):
         self.tensors: list[Tensor] = list(tensors)  # 4 per call
         self.replay = False
         self._next = 0
+        self._enclosing: Optional["StatsTape"] = None
 
     @contextlib.contextmanager
     def recording(self):
@@ -128,13 +130,22 @@ class StatsTape:
     @contextlib.contextmanager
     def _installed(self, replay: bool):
         previous = getattr(_state, "tape", None)
-        self.replay, _state.tape = replay, self
+        self.replay, self._enclosing, _state.tape = replay, previous, self
         try:
             yield
         finally:
             _state.tape = previous
 
-    def take(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def stats(self, x: Tensor, compute) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x's statistics for this call: replaying, the next recorded ones;
+        recording, the enclosing tape's (if any) or compute()'s, recorded."""
+        if self.replay:
+            return self._take(x)
+        result = compute() if self._enclosing is None else self._enclosing.stats(x, compute)
+        self.tensors += result
+        return result
+
+    def _take(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         stats = tuple(self.tensors[self._next:self._next + 4])
         if len(stats) != 4 or stats[0].shape != (x.shape[1],) or stats[0].device != x.device:
             raise RuntimeError(f"StatsTape: layer {self._next // 4} of the replayed run has {x.shape[1]} channels on "
@@ -317,7 +328,7 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
     elif not torch.is_grad_enabled():  # nothing to record (unit/segment recompute's first run)
         outs = _op(*args)
     elif backend == "native" and stats_eps is None:
-        # The same steps in one C++ autograd function (no Python per call in
+        # The same steps in one C++ autograd function (no Python in its
         # forward or backward): csrc/bn_relu_conv_autograd.cpp.
         outs = torch.ops.fused_preact.bn_relu_conv(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift,
                                                    residual, strides, paddings, training, keeping_activations())

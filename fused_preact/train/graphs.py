@@ -157,8 +157,10 @@ class StepGraphs:
         with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self._side_stream()):
             outputs = self.step(x, y)
 
+        device = self.device  # not self: a closure over self would make StepGraphs a reference cycle
+
         def replay() -> None:
-            with torch.cuda.device(self.device):  # the current stream of the graph's device
+            with torch.cuda.device(device):  # the current stream of the graph's device
                 graph.replay()
 
         return replay, outputs
