@@ -240,7 +240,7 @@ def sgd(model: torch.nn.Module) -> PyTorchSGD:
     return PyTorchSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
 
-def _one_step(model: torch.nn.Module, forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+def _one_step(forward, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(forward(x), y)
     loss.backward()
@@ -254,7 +254,7 @@ def training_step(model: torch.nn.Module, forward, x: torch.Tensor, y: torch.Ten
     opt = sgd(model)
 
     def step():
-        loss = _one_step(model, forward, opt, x, y)
+        loss = _one_step(forward, opt, x, y)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         return loss
@@ -279,7 +279,7 @@ def graphed_training_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     captured at the first call and replayed from then on; each call copies
     the batch into the graph's static buffers, as the trainer does."""
     opt = sgd(model)
-    graphs = StepGraphs(lambda xs, ys: (_one_step(model, model, opt, xs, ys).detach(),), model, opt, x.device)
+    graphs = StepGraphs(lambda xs, ys: (_one_step(model, opt, xs, ys).detach(),), model, opt, x.device)
 
     def step():
         loss, = graphs.run(x, y)
