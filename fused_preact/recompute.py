@@ -47,14 +47,14 @@ class _Recompute(torch.autograd.Function):
             out = run(x)
         # The layers' statistics, saved beside the input, are the second run's.
         ctx.save_for_backward(x, *params, *tape.tensors)
-        ctx.num_params = len(params)
+        ctx.num_params, ctx.layers = len(params), tape.layers
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         refuse_double_backward("recompute='unit'/'segment'")
         x, *saved = ctx.saved_tensors
-        params, tape = saved[:ctx.num_params], StatsTape(saved[ctx.num_params:])
+        params, tape = saved[:ctx.num_params], StatsTape(saved[ctx.num_params:], ctx.layers)
         x = x.detach().requires_grad_(ctx.needs_input_grad[1])
         device, autocast_on, autocast_dtype = ctx.autocast
         # The second run keeps relu(bn(x)) per layer rather than recomputing it

@@ -60,7 +60,10 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     args = (x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, backend,
             x_stats)
     tape = getattr(_state, "tape", None)
-    return _normalization_stats(*args) if tape is None else tape.stats(x, lambda: _normalization_stats(*args))
+    if tape is None:
+        return _normalization_stats(*args)
+    # The layer is its input's shape and its BatchNorm's weight (None: affine-free).
+    return tape.stats((tuple(x.shape), id(bn_weight)), lambda: _normalization_stats(*args))
 
 
 def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
@@ -107,8 +110,9 @@ class StatsTape:
     block: the inner one records during the outer one's replay) takes each
     call's statistics from the enclosing tape, so both stay in step."""
 
-    def __init__(self, tensors=()):
+    def __init__(self, tensors=(), layers=()):
         self.tensors: list[Tensor] = list(tensors)  # 4 per call
+        self.layers: list[tuple] = list(layers)  # per call: which layer made it (normalization_stats' key)
         self.replay = False
         self._next = 0
         self._enclosing: Optional["StatsTape"] = None
@@ -123,9 +127,9 @@ class StatsTape:
         self._next = 0
         with self._installed(replay=True):
             yield self
-        if self._next != len(self.tensors):
-            raise RuntimeError(f"StatsTape: the replayed run normalised {self._next // 4} layers, the recorded one "
-                               f"{len(self.tensors) // 4}: a recomputed block must run the same layers again")
+        if self._next != len(self.layers):
+            raise RuntimeError(f"StatsTape: the replayed run normalised {self._next} layers, the recorded one "
+                               f"{len(self.layers)}: a recomputed block must run the same layers again")
 
     @contextlib.contextmanager
     def _installed(self, replay: bool):
@@ -136,24 +140,27 @@ class StatsTape:
         finally:
             _state.tape = previous
 
-    def stats(self, x: Tensor, compute) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x's statistics for this call: replaying, the next recorded ones;
-        recording, the enclosing tape's (if any) or compute()'s, recorded."""
+    def stats(self, layer: tuple, compute) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The statistics of this call of `layer`: replaying, the next recorded
+        ones (which `layer` must have made); recording, the enclosing tape's
+        (if any) or compute()'s, recorded."""
         if self.replay:
-            return self._take(x)
-        result = compute() if self._enclosing is None else self._enclosing.stats(x, compute)
+            return self._take(layer)
+        result = compute() if self._enclosing is None else self._enclosing.stats(layer, compute)
         self.tensors += result
+        self.layers.append(layer)
         return result
 
-    def _take(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        stats = tuple(self.tensors[self._next:self._next + 4])
-        if len(stats) != 4 or stats[0].shape != (x.shape[1],) or stats[0].device != x.device:
-            raise RuntimeError(f"StatsTape: layer {self._next // 4} of the replayed run has {x.shape[1]} channels on "
-                               f"{x.device}, unlike the recorded run's layer "
-                               f"({tuple(stats[0].shape) if stats else 'none'}): a recomputed block must run the "
-                               f"same layers again")
-        self._next += 4
-        return stats
+    def _take(self, layer: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        i = self._next
+        recorded = self.layers[i] if i < len(self.layers) else None
+        if recorded != layer:
+            raise RuntimeError(f"StatsTape: layer {i} of the replayed run (input shape {layer[0]}) is not the "
+                               f"recorded run's layer {i} "
+                               f"({'input shape ' + str(recorded[0]) if recorded else 'none'}, or another "
+                               f"BatchNorm): a recomputed block must run the same layers again")
+        self._next += 1
+        return tuple(self.tensors[4 * i:4 * i + 4])
 
 
 def replaying_stats() -> bool:
