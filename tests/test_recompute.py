@@ -283,7 +283,7 @@ def test_second_run_normalises_with_the_first_runs_statistics(mode, backend, mon
     passes, calls = [], []
     compute, normalize = bn_relu_conv._normalization_stats, bn_relu_conv.normalization_stats
     monkeypatch.setattr(bn_relu_conv, "_normalization_stats", lambda *a: passes.append(1) or compute(*a))
-    monkeypatch.setattr(ops, "normalization_stats", lambda *a: calls.append(1) or normalize(*a))
+    monkeypatch.setattr(ops, "normalization_stats", lambda *a, **kw: calls.append(1) or normalize(*a, **kw))
     out = model(x)
     assert len(passes) == len(calls) == layers
     got = torch.autograd.grad(out.sum(), [x, *model.parameters()])

@@ -351,10 +351,14 @@ def test_gpu_cuda_graph_capture():
     assert all(torch.equal(a, b) for a, b in zip(captured[1], eager[1]))
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["read-in-place", "copied-matrix"])
 @pytest.mark.parametrize("w_layout", ["contiguous", "channels_last", "strided"])
-def test_weights_of_any_layout(w_layout):
+def test_weights_of_any_layout(w_layout, in_place, monkeypatch):
     # OIHW weights, a channels_last model's weights and views give the same
-    # convolution, also two weights of different layouts sharing one GEMM.
+    # convolution, also two weights of different layouts sharing one GEMM;
+    # read in place (small GEMMs) or through the copied matrix (large ones).
+    if not in_place:
+        monkeypatch.setattr(cf, "IN_PLACE_WEIGHT_MAX_ROWS", 0)
     x = make_layout(torch.randn(2, 6, 7, 5), "channels_last")
     scale, shift = _bn_params(6)
 
@@ -387,3 +391,80 @@ def test_weights_changed_where_no_version_counter_sees_it():
     outs, _ = conv_forward(x, scale, shift, [w1, w2], 1, 0)
     for i, w in enumerate((w1, w2)):
         assert_close(outs[i], _ref_conv(x, scale, shift, w, 1, 0), torch.float32, f"outs[{i}]")
+
+
+# ----------------------------------------------------------------------------- statistics merged by the conv
+
+
+def _bn_formula(x, gamma, beta, running, eps=1e-5, momentum=0.1):
+    """Training BatchNorm written out, float64: (mean, invstd, scale, shift) and the
+    running (mean, var) after one update with the unbiased variance."""
+    xd = x.double()
+    mean = xd.mean(dim=(0, 2, 3))
+    var = ((xd - mean.view(1, -1, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+    invstd = 1.0 / torch.sqrt(var + eps)
+    scale = invstd * (gamma.double() if gamma is not None else 1.0)
+    shift = (beta.double() if beta is not None else 0.0) - mean * scale
+    m = x.numel() // x.shape[1]
+    new_running = None if running is None else ((1 - momentum) * running[0].double() + momentum * mean,
+                                                (1 - momentum) * running[1].double() + momentum * var * m / (m - 1))
+    return (mean, invstd, scale, shift), new_running
+
+
+@pytest.mark.parametrize("affine, tracked", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("channels, handed_on, shortcut", [(6, False, True), (40, True, False), (24, True, True)])
+def test_statistics_left_to_the_conv_that_reads_x(affine, tracked, channels, handed_on, shortcut):
+    # batch_norm_stats(defer=True) on few partials launches no merge: the conv
+    # given its LoaderFold merges them in its loader and writes the formula's
+    # statistics, fold and running update (once), and convolves with them.
+    # 40 channels: several channel blocks of the loader; a shortcut: two outputs.
+    from fused_preact.dispatch_count import DispatchCounter
+    from fused_preact.triton_kernels.batch_stats import batch_norm_stats
+
+    torch.manual_seed(0)
+    if handed_on:  # x made by a conv whose epilogue wrote x's partials
+        src = make_layout(torch.randn(2, 5, 6, 7), "channels_last")
+        (x,), partials = conv_forward(src, torch.ones(5), torch.zeros(5), [torch.randn(channels, 5, 3, 3)], 1, 1,
+                                      stats=True, raw_stats=True)
+        x += 3.0  # a mean far from 0, kept consistent with the partials below
+        partials = (partials[0], partials[1] + 3.0, partials[2])
+    else:
+        x, partials = make_layout(torch.randn(2, channels, 6, 7) * 2 + 3, "channels_last"), None
+    gamma, beta = (torch.rand(channels) + 0.5, torch.randn(channels)) if affine else (None, None)
+    running = [torch.randn(channels), torch.rand(channels) + 0.5] if tracked else None
+    counter = torch.zeros((), dtype=torch.int64) if tracked else None
+    want, want_running = _bn_formula(x, gamma, beta, running)
+    live = [t.clone() for t in running] if tracked else [None, None]
+    with DispatchCounter() as launches:
+        stats, fold = batch_norm_stats(x, gamma, beta, *live, counter, 0.1, 1e-5, partials, defer=True)
+    assert fold is not None
+    assert launches.triton.get("_merge_partials_kernel", 0) == 0
+    weights = [torch.randn(8, channels, 3, 3) / 10] + ([torch.randn(4, channels, 3, 3) / 10] if shortcut else [])
+    with DispatchCounter() as launches:
+        outs, _ = conv_forward(x, stats[2], stats[3], weights, 1, 1, fold=fold)
+    assert sum(launches.triton.values()) == 1
+    for name, got, ref in zip(("mean", "invstd", "scale", "shift"), stats, want):
+        assert_close(got, ref, torch.float32, name, scale=10)
+    if tracked:
+        assert_close(live[0], want_running[0], torch.float32, "running_mean", scale=10)
+        assert_close(live[1], want_running[1], torch.float32, "running_var", scale=10)
+        assert int(counter) == 1
+    for out, w in zip(outs, weights):
+        assert_close(out, _ref_conv(x, want[2].float(), want[3].float(), w, 1, 1), torch.float32, "out", scale=3)
+    # The same statistics, bit for bit, as the merge launch makes of the same partials.
+    merged = batch_norm_stats(x, gamma, beta, None, None, None, 0.1, 1e-5, fold.partials)
+    assert all(torch.equal(a, b) for a, b in zip(stats, merged))
+
+
+def test_statistics_of_many_partials_are_merged_at_once(monkeypatch):
+    # Past LOADER_MERGE_MAX_PARTIALS every program would merge too much: the
+    # merge launches there and then, and there is nothing to leave to the conv.
+    from fused_preact.triton_kernels import batch_stats
+
+    x = make_layout(torch.randn(2, 6, 5, 5), "channels_last")
+    gamma, beta = torch.rand(6) + 0.5, torch.randn(6)
+    monkeypatch.setattr(batch_stats, "LOADER_MERGE_MAX_PARTIALS", 0)
+    stats, fold = batch_stats.batch_norm_stats(x, gamma, beta, None, None, None, 0.1, 1e-5, defer=True)
+    assert fold is None
+    for name, got, ref in zip(("mean", "invstd", "scale", "shift"), stats, _bn_formula(x, gamma, beta, None)[0]):
+        assert_close(got, ref, torch.float32, name, scale=10)

@@ -127,9 +127,16 @@ def _small_net(backend, depth, block, shortcut):
     return randomize(PreActResNet(depth, block=block, shortcut=shortcut, backend=backend)).to(DEVICE)
 
 
+@pytest.mark.parametrize("loader_merge", [True, False], ids=["merged-by-conv", "merge-launch"])
 @pytest.mark.parametrize("depth, block, shortcut", [(11, "bottleneck", "B"), (8, "basic", "A"),
                                                     (8, "basic", "B")])
-def test_two_sgd_steps_match_reference_backend(depth, block, shortcut):
+def test_two_sgd_steps_match_reference_backend(depth, block, shortcut, loader_merge, monkeypatch):
+    # Each layer's statistics merged by its conv's loader (few partials, as
+    # here) or by a launch of their own (LOADER_MERGE_MAX_PARTIALS = 0).
+    from fused_preact.triton_kernels import batch_stats
+
+    if not loader_merge:
+        monkeypatch.setattr(batch_stats, "LOADER_MERGE_MAX_PARTIALS", 0)
     x, labels = torch.randn(4, 3, 8, 8, device=DEVICE), torch.randint(0, 10, (4,), device=DEVICE)
     results = {}
     for backend in ("reference", "triton"):
@@ -232,10 +239,10 @@ def test_partial_reductions_match_torch(rows):
     assert_close(got_var, var, torch.float32, "var", scale=10)
 
 
-def test_a_channels_last_step_copies_weights_once_per_gemm_and_gradients_never():
-    # wgrad writes dW in the weight's layout, so autograd stores a 3x3
-    # weight's gradient without a copy; each forward GEMM repacks its weights
-    # in one op (a clone of one weight, a cat of two). Counted against eager nn.
+def test_a_channels_last_step_copies_no_weight_and_no_gradient():
+    # The forward kernel reads a channels_last weight in place, and wgrad
+    # writes dW in the weight's layout, so autograd stores it without a copy:
+    # a channels_last model's step copies nothing that eager nn does not.
     from fused_preact.dispatch_count import count_step
 
     torch.manual_seed(0)
@@ -246,9 +253,70 @@ def test_a_channels_last_step_copies_weights_once_per_gemm_and_gradients_never()
         model = PreActResNet(11, **options).to(DEVICE, memory_format=torch.channels_last)
         counts[name] = count_step(model, x, labels)
     triton, eager = counts["triton"], counts["eager"]
-    assert triton.ops["copy_"] == eager.ops["copy_"] and triton.ops["_to_copy"] == eager.ops["_to_copy"]
-    assert triton.ops["clone"] + triton.ops["cat"] == triton.triton["_conv_fwd_kernel"]
+    for op in ("copy_", "_to_copy", "clone", "cat"):
+        assert triton.ops[op] == eager.ops[op], op
     assert all(p.grad.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("large", [False, True])
+def test_forward_copies_weights_only_for_large_gemms_or_unreadable_layouts(kernel, large, monkeypatch):
+    # A small GEMM reads weights contiguous along the input channels in place
+    # (a 1x1 weight is, in either layout; an NCHW 3x3 one is not); a large one
+    # copies them into one matrix (IN_PLACE_WEIGHT_MAX_ROWS = 0 makes this one
+    # large): one op for both weights, and still one launch.
+    from fused_preact.dispatch_count import DispatchCounter
+    from fused_preact.triton_kernels import conv_forward as cf
+
+    if large:
+        monkeypatch.setattr(cf, "IN_PLACE_WEIGHT_MAX_ROWS", 0)
+    x = torch.randn(2, 8, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    ones, zeros = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    weights = [torch.randn(12, 8, kernel, kernel, device=DEVICE), torch.randn(4, 8, kernel, kernel, device=DEVICE)]
+    with DispatchCounter() as counter:
+        outs, _ = cf.conv_forward(x, ones, zeros, weights, 1, kernel // 2)
+    copies = sum(counter.ops[op] for op in ("clone", "copy_", "cat", "_to_copy"))
+    assert copies == (1 if large or kernel == 3 else 0)
+    assert sum(counter.triton.values()) == 1
+    for out, w in zip(outs, weights):
+        assert_close(out, F.conv2d(x.relu(), w, None, 1, kernel // 2), torch.float32, "out")
+
+
+def test_a_small_net_step_merges_statistics_in_the_convs():
+    # PreActResNet-11 at 8x8: every layer's input has few statistics partials,
+    # so its conv merges them (no merge launch), and the step dispatches at
+    # most 0.75x eager nn's ATen ops + Triton launches.
+    from fused_preact.dispatch_count import count_step
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (2,), device=DEVICE)
+    counts = {name: count_step(PreActResNet(11, **options).to(DEVICE, memory_format=torch.channels_last), x, labels)
+              for name, options in (("eager", dict(fused=False)), ("triton", dict(backend="triton")))}
+    assert "_merge_partials_kernel" not in counts["triton"].triton
+    assert counts["triton"].total <= 0.75 * counts["eager"].total
+
+
+def test_statistics_deferred_for_a_forward_that_never_came_are_merged():
+    # batch_norm_stats(defer=True) leaves the statistics to the next forward;
+    # if that forward is of other statistics, the left ones get their merge
+    # launch then, and are the formula's.
+    from fused_preact.ops.backends import Conv, get_backend
+
+    backend = get_backend("triton")
+    x1, x2 = (torch.randn(2, 6, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last) * 2 + 1
+              for _ in range(2))
+    gamma, beta = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    left = backend.batch_norm_stats(x1, gamma, beta, None, None, None, 0.1, 1e-5, None, defer=True)
+    taken = backend.batch_norm_stats(x2, gamma, beta, None, None, None, 0.1, 1e-5, None, defer=True)
+    w = torch.randn(4, 6, 1, 1, device=DEVICE)
+    backend.forward(x1, left[2], left[3], [Conv(w, (1, 1), (0, 0))])
+    for stats, x in ((left, x1), (taken, x2)):
+        var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+        invstd = 1 / torch.sqrt(var + 1e-5)
+        for name, got, want in zip(("mean", "invstd", "scale", "shift"), stats,
+                                   (mean, invstd, gamma * invstd, beta - mean * gamma * invstd)):
+            assert_close(got, want, torch.float32, name, scale=10)
 
 
 def test_partial_sums_of_several_buffers_share_launches():

@@ -101,8 +101,9 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         raise ValueError(f"{fn}: num_batches_tracked is counted only with running statistics in training mode")
     if not get_backend(backend).epilogue_stats:
         stats_eps = None
+    # apply() runs the backend's forward of x with these statistics next: they may be deferred to it.
     stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
-                                momentum, eps, backend, x_stats)
+                                momentum, eps, backend, x_stats, defer=True)
     return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, *stats, residual, strides, paddings, training, backend,
                               stats_eps)
 

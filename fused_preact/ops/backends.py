@@ -46,7 +46,7 @@ class Backend(Protocol):
     def batch_norm_stats(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                          num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
-                         x_stats: Optional[tuple[torch.Tensor, ...]] = None
+                         x_stats: Optional[tuple[torch.Tensor, ...]] = None, defer: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training-mode BatchNorm of x: (mean, invstd, scale, shift), fp32 (fp64
         for fp64 x), with relu(bn(x)) = relu(x * scale + shift); updates the
@@ -109,7 +109,7 @@ class KernelBackend:
         return ""
 
     def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                         x_stats=None):
+                         x_stats=None, defer=False):
         if x_stats is not None:  # (mean, invstd) from forward(stats_eps=eps), which the models never ask for
             return *x_stats, *reference.bn_fold_from_invstd(*x_stats, eps, x.numel() // x.shape[1], weight, bias,
                                                             running_mean, running_var, num_batches_tracked, momentum)

@@ -44,7 +44,7 @@ def _convs(weights: list[Tensor], strides: list[int], paddings: list[int]) -> li
 def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
                         num_batches_tracked: Optional[Tensor], training: bool, momentum: float, eps: float,
-                        backend: str, x_stats: Optional[tuple[Tensor, ...]] = None
+                        backend: str, x_stats: Optional[tuple[Tensor, ...]] = None, defer: bool = False
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mean, invstd, scale, shift) that normalise x, relu(bn(x)) = relu(x * scale
     + shift): batch statistics in training (updating the running ones and
@@ -55,10 +55,15 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     x_stats: x's statistics as the backend's forward handed them on (its
     epilogue computed them); then no statistics pass reads x.
 
+    defer: the caller's next step is the backend's forward of x with these
+    statistics (bn_relu_conv.apply), and nothing reads them before; the
+    backend may then leave their computation to that forward
+    (Backend.batch_norm_stats).
+
     Under a StatsTape: recorded in order, or, replaying, the recorded ones
     handed back without any pass over x (and so without any update)."""
     args = (x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, backend,
-            x_stats)
+            x_stats, defer)
     tape = getattr(_state, "tape", None)
     if tape is None:
         return _normalization_stats(*args)
@@ -67,7 +72,7 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
 
 
 def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
-                         eps, backend, x_stats):
+                         eps, backend, x_stats, defer):
     stats = stats_dtype(x)
     with torch.no_grad():
         if not training:
@@ -76,7 +81,7 @@ def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_b
         params = (bn_weight, bn_bias, running_mean, running_var)
         if all(p is None or p.dtype == stats for p in params):
             return get_backend(backend).batch_norm_stats(x.detach(), *params, num_batches_tracked, momentum, eps,
-                                                         x_stats)
+                                                         x_stats, defer)
         # Parameters of another dtype (a .half() network): the kernels take
         # statistics-dtype vectors, so the fold runs in tensor ops.
         mean, invstd = get_backend(backend).batch_norm_stats(x.detach(), None, None, None, None, None, momentum, eps,

@@ -17,6 +17,7 @@ on CUDA for channels_last input.
 """
 import functools
 import importlib.util
+import threading
 from itertools import groupby
 from typing import Optional
 
@@ -67,16 +68,26 @@ class TritonBackend:
     epilogue_stats = True
 
     def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                         x_stats=None):
-        stats_op = triton_batch_norm_stats if torch.compiler.is_compiling() else _batch_norm_stats
-        return stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                        *(x_stats or (None, None, None)))
+                         x_stats=None, defer=False):
+        args = (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+        if torch.compiler.is_compiling():
+            return triton_batch_norm_stats(*args, *(x_stats or (None, None, None)))
+        if not defer:
+            return _batch_norm_stats(*args, *(x_stats or (None, None, None)))
+        # Few partials: left to forward's conv, whose loader merges them (one
+        # launch less per layer); the statistics are filled in by that launch.
+        stats, fold = _kernels().batch_stats.batch_norm_stats(*args, x_stats, defer=True)
+        _finish_pending()
+        _pending.fold = fold
+        return stats
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
         # The hand-on statistics are the epilogue's raw partials: the next
         # layer's batch_norm_stats merges them with its own fold and update
-        # in one launch (stats_eps, the next BatchNorm's eps, is applied there).
+        # in one launch, or its conv does (stats_eps, the next BatchNorm's
+        # eps, is applied there).
         conv_forward = _kernels().conv_forward.conv_forward
+        fold = _deferred_fold(scale)
         outs, stats = [], None
         # convs[0] leads the first group, so the residual and the statistics
         # belong to that launch's first output.
@@ -85,6 +96,7 @@ class TritonBackend:
             results, group_stats = conv_forward(
                 x, scale, shift, [c.weight for c in group], group[0].stride, group[0].padding,
                 residual=residual if index == 0 else None, stats=stats_eps is not None and index == 0, raw_stats=True,
+                fold=fold if index == 0 else None,
             )
             outs += results
             stats = stats or group_stats
@@ -126,6 +138,29 @@ class TritonBackend:
             dx = _kernels().bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat,
                                                                 training)
         return dx, grad_weights, sum_dz, sum_dz_xhat
+
+
+# The statistics pass that batch_norm_stats(defer=True) left to the next forward.
+_pending = threading.local()
+
+
+def _deferred_fold(scale):
+    """The pending LoaderFold whose outputs `scale` is, taken off the slot (or None)."""
+    fold = getattr(_pending, "fold", None)
+    if fold is None or fold.fold.scale is not scale:
+        _finish_pending()
+        return None
+    _pending.fold = None
+    return fold
+
+
+def _finish_pending():
+    """A pending fold no forward took (deferred for a forward that never
+    came): merged by a launch of its own, so that its statistics are right."""
+    fold = getattr(_pending, "fold", None)
+    _pending.fold = None
+    if fold is not None:
+        fold.finish()
 
 
 def _summed_together(grads, convs, wanted: list[bool], used, x, mean, invstd, scale, shift, dgrad: bool):

@@ -55,18 +55,24 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum,
-          unbias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
-          HAS_COUNTER: tl.constexpr):
-    """The end of a training-mode BatchNorm statistics pass, per channel: the
-    affine fold scale = gamma * invstd, shift = beta - mean * scale, and the
-    running update (unbiased variance: var * unbias); program 0 counts the batch."""
+def _affine(cols, col_ok, mean, invstd, w_ptr, b_ptr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The BatchNorm's affine folded: (scale, shift) = (gamma * invstd, beta - mean * scale)."""
     scale = invstd
     if HAS_WEIGHT:
         scale = tl.load(w_ptr + cols, mask=col_ok, other=0.0) * invstd
     shift = -mean * scale
     if HAS_BIAS:
         shift = tl.load(b_ptr + cols, mask=col_ok, other=0.0) - mean * scale
+    return scale, shift
+
+
+@triton.jit
+def store_fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, momentum,
+                unbias, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr):
+    """The end of a training-mode BatchNorm statistics pass, per channel: the
+    affine fold stored, and the running update (unbiased variance: var *
+    unbias). The caller counts the batch (num_batches_tracked), once."""
+    scale, shift = _affine(cols, col_ok, mean, invstd, w_ptr, b_ptr, HAS_WEIGHT, HAS_BIAS)
     tl.store(scale_ptr + cols, scale, mask=col_ok)
     tl.store(shift_ptr + cols, shift, mask=col_ok)
     if HAS_RUNNING:
@@ -74,9 +80,50 @@ def _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, r
         rv = tl.load(rv_ptr + cols, mask=col_ok, other=0.0)
         tl.store(rm_ptr + cols, rm + momentum * (mean - rm), mask=col_ok)
         tl.store(rv_ptr + cols, rv + momentum * (var * unbias - rv), mask=col_ok)
-    if HAS_COUNTER:
-        if tl.program_id(0) == 0:
-            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
+def _combine(n_i, mean_i, m2_i):
+    """Exact (count, mean, M2) per column of a chunk of partials [rows, C]:
+    weighted mean (corrected as in two_pass), then the within-partial M2 plus
+    the spread of the means about it. A partial of count 0 contributes nothing
+    whatever its mean/M2 slots hold."""
+    has = n_i > 0.0
+    mean_i = tl.where(has, mean_i, 0.0)
+    m2_i = tl.where(has, m2_i, 0.0)
+    n_b = tl.sum(n_i, axis=0)
+    inv_n = 1.0 / tl.maximum(n_b, 1.0)
+    mean_b = tl.sum(n_i * mean_i, axis=0) * inv_n
+    d = tl.where(has, mean_i - mean_b[None, :], 0.0)
+    sum_d = tl.sum(n_i * d, axis=0)
+    mean_b += sum_d * inv_n
+    m2_b = tl.sum(m2_i + n_i * d * d, axis=0) - sum_d * sum_d * inv_n
+    return n_b, mean_b, m2_b
+
+
+@triton.jit
+def _variance(n, m2, col_ok):
+    # n == 0 (a channel with no data) gives nan, as torch.var_mean of nothing does;
+    # lanes past C divide by 1 only to keep the interpreter free of 0/0 warnings.
+    return m2 / tl.where(col_ok, n, 1.0)
+
+
+@triton.jit
+def loader_fold(cnt_ptr, mean_ptr, m2_ptr, P, C, cols, col_ok, eps, w_ptr, b_ptr, HAS_WEIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(mean, var, invstd, scale, shift) of channels `cols` from P <= BLOCK_P
+    (count, mean, M2) partials [P, C], merged as one chunk: what
+    _merge_partials_kernel's final pass makes of them, for a kernel that
+    merges the few partials of its own input while loading it."""
+    rows = tl.arange(0, BLOCK_P)
+    ok = (rows < P)[:, None] & col_ok[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    n, mean, m2 = _combine(tl.load(cnt_ptr + offs, mask=ok, other=0.0), tl.load(mean_ptr + offs, mask=ok, other=0.0),
+                           tl.load(m2_ptr + offs, mask=ok, other=0.0))
+    var = _variance(n, m2, col_ok)
+    invstd = 1.0 / tl.sqrt_rn(var + eps)
+    scale, shift = _affine(cols, col_ok, mean, invstd, w_ptr, b_ptr, HAS_WEIGHT, HAS_BIAS)
+    return mean, var, invstd, scale, shift
 
 
 @triton.jit
@@ -134,7 +181,7 @@ def _merge_partials_kernel(
     # One program per (block of channels, group of rows_per_group partials)
     # walks its partials in order: deterministic. FINAL: one group, write the
     # (mean, var or invstd), and with FOLD the BatchNorm's fold and running
-    # update (_fold); else write each group's (count, mean, M2) to row g.
+    # update (store_fold); else write each group's (count, mean, M2) to row g.
     pid = tl.program_id(0)
     group = tl.program_id(1)
     start = group * rows_per_group
@@ -148,32 +195,22 @@ def _merge_partials_kernel(
         rows = p0 + tl.arange(0, BLOCK_P)
         ok = (rows < end)[:, None] & col_ok[None, :]
         offs = rows[:, None] * C + cols[None, :]
-        n_i = tl.load(cnt_ptr + offs, mask=ok, other=0.0)
-        # An empty partial contributes nothing whatever its mean/M2 slots hold.
-        has = n_i > 0.0
-        mean_i = tl.where(has, tl.load(mean_ptr + offs, mask=ok, other=0.0), 0.0)
-        m2_i = tl.where(has, tl.load(m2_ptr + offs, mask=ok, other=0.0), 0.0)
-        # Exact combination of the chunk: weighted mean (corrected as in two_pass),
-        # then the within-partial M2 plus the spread of the means about it.
-        n_b = tl.sum(n_i, axis=0)
-        inv_n = 1.0 / tl.maximum(n_b, 1.0)
-        mean_b = tl.sum(n_i * mean_i, axis=0) * inv_n
-        d = tl.where(has, mean_i - mean_b[None, :], 0.0)
-        sum_d = tl.sum(n_i * d, axis=0)
-        mean_b += sum_d * inv_n
-        m2_b = tl.sum(m2_i + n_i * d * d, axis=0) - sum_d * sum_d * inv_n
+        n_b, mean_b, m2_b = _combine(tl.load(cnt_ptr + offs, mask=ok, other=0.0),
+                                     tl.load(mean_ptr + offs, mask=ok, other=0.0),
+                                     tl.load(m2_ptr + offs, mask=ok, other=0.0))
         n, mean, m2 = _chan_merge(n, mean, m2, n_b, mean_b, m2_b)
     if FINAL:
-        # n == 0 (a channel with no data) gives nan, as torch.var_mean of nothing does;
-        # lanes past C divide by 1 only to keep the interpreter free of 0/0 warnings.
-        var = m2 / tl.where(col_ok, n, 1.0)
+        var = _variance(n, m2, col_ok)
         tl.store(out_mean_ptr + cols, mean, mask=col_ok)
         if INVSTD:
             invstd = 1.0 / tl.sqrt_rn(var + eps)
             tl.store(out_second_ptr + cols, invstd, mask=col_ok)
             if FOLD:
-                _fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,
-                      momentum, unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING, HAS_COUNTER)
+                store_fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr,
+                            momentum, unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING)
+                if HAS_COUNTER:
+                    if pid == 0:
+                        tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
         else:
             tl.store(out_second_ptr + cols, var, mask=col_ok)
     else:
@@ -231,7 +268,7 @@ def _stats_partials(x: torch.Tensor):
     return cnt, mean, m2
 
 
-def _merge(count, mean, m2, eps, invstd, fold=None):
+def _check_partials(count, mean, m2):
     for name, t in (("count", count), ("mean", mean), ("m2", m2)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
             raise TypeError(f"{name} must be a float32 tensor [num_partials, C], got "
@@ -244,6 +281,11 @@ def _merge(count, mean, m2, eps, invstd, fold=None):
     P, C = count.shape
     if P == 0 or C == 0:
         raise ValueError(f"count must hold at least one partial and one channel, got shape {(P, C)}")
+
+
+def _merge(count, mean, m2, eps, invstd, fold=None, out=None):
+    _check_partials(count, mean, m2)
+    P, C = count.shape
     count, mean, m2 = count.contiguous(), mean.contiguous(), m2.contiguous()
     block_c = min(triton.next_power_of_2(C), 32)
     grid_c = triton.cdiv(C, block_c)
@@ -256,8 +298,7 @@ def _merge(count, mean, m2, eps, invstd, fold=None):
             BLOCK_P=_merge_block_p(REDUCTION_GROUP_ROWS, block_c), BLOCK_C=block_c, num_warps=4,
         )
         (count, mean, m2), P = merged, groups
-    out_mean = torch.empty(C, dtype=torch.float32, device=count.device)
-    out_second = torch.empty_like(out_mean)
+    out_mean, out_second = out or (torch.empty(C, dtype=torch.float32, device=count.device) for _ in range(2))
     fold = fold or _NO_FOLD
     _merge_partials_kernel[(grid_c, 1)](
         count, mean, m2, out_mean, out_second, out_mean, out_mean, P, C, P, float(eps), *fold.args(out_mean),
@@ -320,21 +361,68 @@ def _fold_of(c, device, weight, bias, running_mean, running_var, num_batches_tra
                  momentum, count)
 
 
+# Most statistics partials a conv merges in its own loader (LoaderFold):
+# every program of it merges its channels' partials again, a cost that grows
+# with their number, against the launch it saves (host-bound small layers).
+LOADER_MERGE_MAX_PARTIALS = 32
+
+
+class LoaderFold(NamedTuple):
+    """A training-mode BatchNorm statistics pass left to the conv that reads x
+    next (conv_forward's `fold`): that conv's loader merges x's few partials
+    for the channels it loads, and its program 0 writes `mean`, `invstd`, the
+    fold (`fold.scale`, `fold.shift`) and the running update, so no launch of
+    its own is spent on them."""
+
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    fold: _Fold
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    eps: float
+
+    def kernel_args(self) -> tuple:
+        """The conv kernel's (partials, P, gamma, beta, mean, invstd, running mean/var, count, eps, momentum,
+        unbias) arguments."""
+        w, b, _, _, rm, rv, nbt, momentum, unbias = self.fold.args(self.mean)
+        return (*self.partials, self.partials[0].shape[0], w, b, self.mean, self.invstd, rm, rv, nbt, float(self.eps),
+                momentum, unbias)
+
+    def kernel_flags(self) -> dict:
+        return dict(**self.fold.flags(), BLOCK_P=max(2, triton.next_power_of_2(self.partials[0].shape[0])))
+
+    def finish(self) -> None:
+        """Fill the outputs with a merge launch instead (for a conv that cannot take the fold)."""
+        _merge(*self.partials, self.eps, invstd=True, fold=self.fold, out=(self.mean, self.invstd))
+
+
 def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, momentum: float,
-                     eps: float, partials: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+                     eps: float, partials: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                     defer: bool = False):
     """Training-mode BatchNorm of x [N, C, H, W]: (mean, invstd, scale, shift), fp32
     [C], with relu(bn(x)) = relu(x * scale + shift); running_mean/var (unbiased
     variance) and num_batches_tracked updated in place where given (fp32 / int64
     tensors or None). The merge kernel does the fold and the update too.
     partials: x's (count, mean, M2) partials [P, C], as the conv forward
     epilogue that produced x wrote them; then no pass reads x, and the merge
-    (one launch, two for thousands of partials) is all that runs."""
+    (one launch, two for thousands of partials) is all that runs.
+
+    defer: returns ((mean, invstd, scale, shift), LoaderFold or None). With a
+    LoaderFold (x has at most LOADER_MERGE_MAX_PARTIALS partials), nothing
+    is merged yet: the four tensors are empty until the conv reading x next
+    runs with it (conv_forward's `fold`), and nothing may read them before."""
     check_activation(x)
     _check_eps(eps)
     fold = _fold_of(x.shape[1], x.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                     x.numel() // max(x.shape[1], 1))
-    mean, invstd = _merge(*(partials if partials is not None else _stats_partials(x)), eps, invstd=True, fold=fold)
-    return mean, invstd, fold.scale, fold.shift
+    partials = partials if partials is not None else _stats_partials(x)
+    if defer and partials[0].shape[0] <= LOADER_MERGE_MAX_PARTIALS:
+        _check_partials(*partials)
+        partials = tuple(t.contiguous() for t in partials)
+        mean, invstd = torch.empty_like(fold.scale), torch.empty_like(fold.scale)
+        return (mean, invstd, fold.scale, fold.shift), LoaderFold(partials, fold, mean, invstd, eps)
+    mean, invstd = _merge(*partials, eps, invstd=True, fold=fold)
+    stats = (mean, invstd, fold.scale, fold.shift)
+    return (stats, None) if defer else stats
 
 
 def _check_eps(eps):

@@ -7,8 +7,8 @@ position is 0, not relu(shift)); for each weight W_i [K_i, C, R, S]:
 As a GEMM: rows m = (n, oh, ow) (M = N*Ho*Wo), columns = output channels, reduction
 over (r, s, c). Weights that read the same activation with the same kernel size and
 padding (conv1 and the projection shortcut of a bottleneck stage's first unit, both
-1x1; not a basic unit's 3x3 conv1) are one GEMM over their concatenated output
-channels; the epilogue routes column j to its output.
+1x1; not a basic unit's 3x3 conv1) are one launch: its column tiles cover the first
+output's channels, then the second's, each tile reading its own weight.
 
 Operands: a is rounded to x's dtype before tl.dot, as eager PyTorch stores
 relu(bn(x)) in x's dtype; accumulation is fp32; fp32 operands use dot_precision (TF32
@@ -27,6 +27,9 @@ needs zeroing or restoring.
 Layout: loads and stores go through strides. For channels_last x the reduction tile is
 contiguous along C (coalesced, vectorised: triton specialises the unit stride). NCHW
 x works but its loads are not coalesced along C: channels_last is the fast layout.
+A small GEMM reads its weights in place (K-major, no copy) where they are
+contiguous along C; a large one copies them into a matrix contiguous along the
+outputs (_weight_operands).
 Outputs take the layout PyTorch's convolution gives (channels_last when x or a weight
 is), which is what the op's fake implementation promises torch.compile.
 """
@@ -37,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import SUPPORTED_DTYPES, autotune_enabled, interpreting
-from .batch_stats import merge_partials
+from .batch_stats import LoaderFold, store_fold, loader_fold, merge_partials
 from .common import (bn_relu, channel_vector, check_activation, conv_output_format, dot_precision, needs_int64, pair,
                      two_pass)
 
@@ -61,11 +64,11 @@ assert all(c[0] % ROWS_PER_PARTIAL == 0 and c[0] > ROWS_PER_PARTIAL for c in _CO
 
 def _prune(configs, named_args, **kwargs):
     """Keep tiles that fit the channel counts: BLOCK_K in {16} for C <= 16, {16, 32}
-    for C <= 32, else {32, 64}; BLOCK_N no wider than the output channels and, past
+    for C <= 32, else {32, 64}; BLOCK_N no wider than an output's channels and, past
     16 of them, at least 32 wide (narrow tiles re-read x once per column tile)."""
     c = triton.next_power_of_2(named_args["C"])
     k_ok = {16} if c <= 16 else {16, 32} if c <= 32 else {32, 64}
-    n = triton.next_power_of_2(named_args["KTOT"])
+    n = triton.next_power_of_2(max(named_args["K0"], named_args["K1"]))
     n_lo, n_hi = min(max(n, 16), 32), max(n, 16)
     kept = [cfg for cfg in configs
             if cfg.kwargs["BLOCK_K"] in k_ok and n_lo <= cfg.kwargs["BLOCK_N"] <= n_hi]
@@ -75,25 +78,41 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
              for m, n, k, w, s in _CONFIGS],
-    key=["M", "C", "KTOT", "R", "S", "STRIDE_H", "STRIDE_W", "sxc"],
+    key=["M", "C", "K0", "K1", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc", "MERGE"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, scale_ptr, shift_ptr, w_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
-    M, C, H, W, HO, WO, K0, KTOT,
-    sxn, sxc, sxh, sxw, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, srn, src, srh, srw,
+    x_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    M, C, H, W, HO, WO, K0, K1,
+    sxn, sxc, sxh, sxw, swk, swc, swr, sws, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, srn, src, srh, srw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    xcnt_ptr, xmean_ptr, xm2_ptr, P_X, bn_w_ptr, bn_b_ptr, bn_mean_ptr, bn_invstd_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    eps, momentum, unbias,
     R: tl.constexpr, S: tl.constexpr, HAS_OUT1: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr,
     RPP: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    MERGE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    HAS_COUNTER: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Column tiles of one row tile are neighbours in launch order: they read the same
-    # x rows, which then come from L2.
+    # x rows, which then come from L2. The first cdiv(K0, BLOCK_N) column tiles are
+    # outs[0]'s channels, the rest outs[1]'s: a tile reads one weight, writes one output.
     pid = tl.program_id(0)
-    num_n = tl.cdiv(KTOT, BLOCK_N)
+    num_n0 = tl.cdiv(K0, BLOCK_N)
+    num_n = num_n0 + tl.cdiv(K1, BLOCK_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
+    if HAS_OUT1:
+        first = pid_n < num_n0
+        w_ptr = tl.where(first, w0_ptr, w1_ptr)
+        k_out = tl.where(first, K0, K1)
+        tile_n = tl.where(first, pid_n, pid_n - num_n0)
+    else:
+        first = True
+        w_ptr = w0_ptr
+        k_out = K0
+        tile_n = pid_n
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -108,60 +127,91 @@ def _conv_fwd_kernel(
     iw0 = ow * STRIDE_W - PAD_W
     x_row = n * sxn
     ks = tl.arange(0, BLOCK_K)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < KTOT
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < k_out
     if IDX64:  # channel offsets too (an NCHW image alone may pass 2**31 elements)
         ks = ks.to(tl.int64)
         cols = cols.to(tl.int64)
+    w_cols = w_ptr + cols[None, :] * swk
+
+    cblocks = tl.cdiv(C, BLOCK_K)
+    if MERGE:
+        # x's BatchNorm statistics from its P_X partials (loader_fold), merged by
+        # every program for the channels it loads instead of by a launch of their
+        # own; program 0 also writes them, the fold and the running update.
+        if pid == 0:
+            for cb in range(0, cblocks):
+                cc = cb * BLOCK_K + ks
+                cc_ok = cc < C
+                mu, var, invstd, _, _ = loader_fold(xcnt_ptr, xmean_ptr, xm2_ptr, P_X, C, cc, cc_ok, eps, bn_w_ptr,
+                                                    bn_b_ptr, HAS_WEIGHT, HAS_BIAS, BLOCK_P)
+                tl.store(bn_mean_ptr + cc, mu, mask=cc_ok)
+                tl.store(bn_invstd_ptr + cc, invstd, mask=cc_ok)
+                store_fold(cc, cc_ok, mu, var, invstd, bn_w_ptr, bn_b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr,
+                            momentum, unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING)
+            if HAS_COUNTER:
+                tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+        # One channel block (C <= BLOCK_K): the fold is the same every tap.
+        _, _, _, sc_first, sh_first = loader_fold(xcnt_ptr, xmean_ptr, xm2_ptr, P_X, C, ks, ks < C, eps, bn_w_ptr,
+                                                  bn_b_ptr, HAS_WEIGHT, HAS_BIAS, BLOCK_P)
 
     # One flat loop over (r, s, channel block): with few channels the (r, s) taps
     # still give the software pipeline several iterations to overlap.
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    cblocks = tl.cdiv(C, BLOCK_K)
     for t in range(0, R * S * cblocks):
         rs = t // cblocks
+        r = rs // S
+        s = rs % S
         c = (t % cblocks) * BLOCK_K + ks
-        ih = ih0 + rs // S
-        iw = iw0 + rs % S
+        ih = ih0 + r
+        iw = iw0 + s
         pos_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         c_ok = c < C
         ok = pos_ok[:, None] & c_ok[None, :]
         xv = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc, mask=ok, other=0.0)
-        sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
-        sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+        if MERGE:
+            if cblocks == 1:
+                sc, sh = sc_first, sh_first
+            else:
+                _, _, _, sc, sh = loader_fold(xcnt_ptr, xmean_ptr, xm2_ptr, P_X, C, c, c_ok, eps, bn_w_ptr,
+                                              bn_b_ptr, HAS_WEIGHT, HAS_BIAS, BLOCK_P)
+        else:
+            sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+            sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
         # Padding and out-of-range lanes are zeros of the activation (`ok`).
         a = bn_relu(xv, sc[None, :], sh[None, :], ok).to(x_ptr.dtype.element_ty)
-        b = tl.load(w_ptr + (rs * C + c)[:, None] * KTOT + cols[None, :],
-                    mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        # The weight tile [BLOCK_K channels, BLOCK_N outputs] of tap (r, s), through
+        # strides: a weight in place, or the copied matrix (_weight_operands).
+        b = tl.load(w_cols + (r * swr + s * sws + c * swc)[:, None], mask=c_ok[:, None] & col_ok[None, :],
+                    other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
-    # Epilogue: columns [0, K0) are outs[0], [K0, KTOT) outs[1].
-    in0 = col_ok & (cols < K0)
-    ok0 = row_ok[:, None] & in0[None, :]
     y = acc
-    if HAS_RES:
-        res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + cols[None, :] * src, mask=ok0, other=0.0)
-        y += res.to(tl.float32)
-    y = y.to(out0_ptr.dtype.element_ty)
-    tl.store(out0_ptr + (n * s0n + oh * s0h + ow * s0w)[:, None] + cols[None, :] * s0c, y, mask=ok0)
-    if HAS_OUT1:
-        ok1 = row_ok[:, None] & (col_ok & (cols >= K0))[None, :]
-        tl.store(out1_ptr + (n * s1n + oh * s1h + ow * s1w)[:, None] + (cols - K0)[None, :] * s1c, y, mask=ok1)
-
-    if STATS:
-        if pid_n * BLOCK_N < K0:  # the tile holds channels of outs[0]
+    ok_out = row_ok[:, None] & col_ok[None, :]
+    if first:
+        # Epilogue of outs[0]: the residual, and the next BatchNorm's statistics.
+        if HAS_RES:
+            res = tl.load(res_ptr + (n * srn + oh * srh + ow * srw)[:, None] + cols[None, :] * src, mask=ok_out,
+                          other=0.0)
+            y += res.to(tl.float32)
+        y0 = y.to(out0_ptr.dtype.element_ty)
+        tl.store(out0_ptr + (n * s0n + oh * s0h + ow * s0w)[:, None] + cols[None, :] * s0c, y0, mask=ok_out)
+        if STATS:
             # Rows in groups of RPP: group g of this tile is partial pid_m * BLOCK_M // RPP + g.
-            yq = tl.reshape(y.to(tl.float32), (BLOCK_M // RPP, RPP, BLOCK_N))
+            yq = tl.reshape(y0.to(tl.float32), (BLOCK_M // RPP, RPP, BLOCK_N))
             rf = tl.reshape(row_ok.to(tl.float32), (BLOCK_M // RPP, RPP))
             cnt = tl.sum(rf, axis=1)  # [G]; a group past M has 0 and is not stored
             ok3 = tl.expand_dims(rf, 2) > 0.0
             g_mean, g_m2 = two_pass(yq, ok3, tl.expand_dims(tl.maximum(cnt, 1.0), 1), axis=1)
             prow = pid_m * (BLOCK_M // RPP) + tl.arange(0, BLOCK_M // RPP)
-            pok = (cnt > 0.0)[:, None] & in0[None, :]
+            pok = (cnt > 0.0)[:, None] & col_ok[None, :]
             poffs = prow[:, None] * K0 + cols[None, :]
             tl.store(cnt_ptr + poffs, tl.broadcast_to(cnt[:, None], (BLOCK_M // RPP, BLOCK_N)), mask=pok)
             tl.store(mean_ptr + poffs, g_mean, mask=pok)
             tl.store(m2_ptr + poffs, g_m2, mask=pok)
+    elif HAS_OUT1:
+        y1 = y.to(out1_ptr.dtype.element_ty)
+        tl.store(out1_ptr + (n * s1n + oh * s1h + ow * s1w)[:, None] + cols[None, :] * s1c, y1, mask=ok_out)
 
 
 # ----------------------------------------------------------------------------- host
@@ -184,6 +234,7 @@ def conv_forward(
     residual: Optional[torch.Tensor] = None,
     stats: bool = False,
     raw_stats: bool = False,
+    fold: Optional[LoaderFold] = None,
 ) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]:
     """outs[i] = conv2d(relu(x * scale + shift), weights[i], stride, padding), fused.
 
@@ -196,6 +247,10 @@ def conv_forward(
     for merge_partials or batch_norm_stats' handed-on path: no merge launch here). Outputs are channels_last when x
     is, else NCHW-contiguous. No host synchronisation: capturable in a CUDA graph once
     the autotuner has seen the shape (its first call benchmarks configs).
+    fold: x's BatchNorm statistics pass left to this call (batch_norm_stats with
+    defer=True): scale and shift are then its empty outputs, which the first
+    launch computes from x's partials in its loader and writes, with mean,
+    invstd and the running update, before any later launch reads them.
     """
     check_activation(x)
     N, C, H, W = x.shape
@@ -241,27 +296,44 @@ def conv_forward(
     for i, w in enumerate(weights):
         groups.setdefault((w.shape[2], w.shape[3], pads[i]), []).append(i)
     launches = [idx[j:j + 2] for idx in groups.values() for j in range(0, len(idx), 2)]
+    if fold is not None and (fold.fold.scale is not scale or fold.fold.shift is not shift
+                             or fold.partials[0].shape[1] != C):
+        raise ValueError("fold must be the LoaderFold whose outputs are scale and shift, of x's channels")
     moments = None
-    for idx in launches:
+    for n_launch, idx in enumerate(launches):
         first = idx[0] == 0
         moments_i = _launch(x, scale, shift, [weights[i] for i in idx], [outs[i] for i in idx],
-                            (st_h, st_w), pads[idx[0]], residual if first else None, stats and first, raw_stats)
+                            (st_h, st_w), pads[idx[0]], residual if first else None, stats and first, raw_stats,
+                            fold if n_launch == 0 else None)
         if first:
             moments = moments_i
     return outs, moments
 
 
-def weight_matrix(ws: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The weights as one [R*S*C, sum K_i] matrix, columns = the outputs'
-    channels in order, made afresh on every call. Not cached: a weight also
-    changes where no version counter sees it (a CUDA-graph replay of an
-    optimizer step, writes through .data), and a stale matrix would be a
-    silently wrong convolution; the copy is small next to the GEMM."""
+# GEMMs of at most this many rows read their weights in place: their few
+# row tiles (about one wave of programs at most) leave the GPU's occupancy,
+# which the in-place read's extra registers would cost, beside the point,
+# and the copy would be a launch of its own on a launch-bound layer.
+IN_PLACE_WEIGHT_MAX_ROWS = 4096
+
+
+def _weight_operands(ws: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(first weight, second weight (or the first again), their (k, c, r, s)
+    element strides) as the kernel reads them. A small GEMM reads a weight
+    contiguous along its input channels (channels_last, or any 1x1) in place,
+    K-major. Otherwise the weights are copied into one [R*S*C, sum K_i]
+    matrix, contiguous along the outputs, which the compiler feeds to the
+    tensor cores with about half the registers (sm_90). Never cached: a
+    weight also changes where no version counter sees it (a CUDA-graph replay
+    of an optimizer step), and a stale copy would be a silently wrong conv."""
+    if rows <= IN_PLACE_WEIGHT_MAX_ROWS and all(w.stride(1) == 1 for w in ws) and ws[0].stride() == ws[-1].stride():
+        return ws[0], ws[-1], ws[0].stride()
     R, S, C = ws[0].shape[2], ws[0].shape[3], ws[0].shape[1]
-    # [R*S*C, K] of a channels_last weight (a channels_last model's) is a view,
-    # so one copy makes the matrix: .contiguous() of one weight, cat of two.
-    views = [w.permute(2, 3, 1, 0).reshape(R * S * C, -1) for w in ws]
-    return (torch.cat(views, 1) if len(views) > 1 else views[0]).contiguous()
+    k_total = sum(w.shape[0] for w in ws)
+    # One op whatever the weights' layouts: cat of their [R, S, C, K_i] views.
+    matrix = torch.empty((R, S, C, k_total), dtype=ws[0].dtype, device=ws[0].device)
+    torch.cat([w.permute(2, 3, 1, 0) for w in ws], 3, out=matrix)
+    return matrix, matrix[..., ws[0].shape[0]:], (1, k_total, S * C * k_total, C * k_total)
 
 
 def stats_partials(out: torch.Tensor) -> int:
@@ -269,29 +341,34 @@ def stats_partials(out: torch.Tensor) -> int:
     return triton.cdiv(out.shape[0] * out.shape[2] * out.shape[3], ROWS_PER_PARTIAL)
 
 
-def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats):
+def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, fold):
     N, C, H, W = x.shape
     _, K0, HO, WO = outs[0].shape
     R, S = ws[0].shape[2:]
-    w_mat = weight_matrix(ws)
-    KTOT = w_mat.shape[1]
+    K1 = ws[1].shape[0] if len(ws) > 1 else 0
     M = N * HO * WO
-    out1 = outs[1] if len(outs) > 1 else outs[0]
-    res = residual if residual is not None else outs[0]  # placeholder pointer when unused
+    w0, w1, w_strides = _weight_operands(ws, M)
+    out1 = outs[1] if len(outs) > 1 else outs[0]  # placeholder pointers when unused
+    res = residual if residual is not None else outs[0]
     if stats:
         P = stats_partials(outs[0])
         cnt, mean, m2 = (torch.empty((P, K0), dtype=torch.float32, device=x.device) for _ in range(3))
     else:
         cnt = mean = m2 = scale  # never touched: STATS is off
     idx64 = needs_int64(x, *outs, res)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(KTOT, meta["BLOCK_N"]),)  # noqa: E731
+    # Without a fold the kernel's MERGE arguments are placeholders it never reads.
+    merge_args = fold.kernel_args() if fold is not None else (scale,) * 3 + (1,) + (scale,) * 7 + (0.0,) * 3
+    merge_flags = fold.kernel_flags() if fold is not None else dict(
+        HAS_WEIGHT=False, HAS_BIAS=False, HAS_RUNNING=False, HAS_COUNTER=False, BLOCK_P=2)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"])  # noqa: E731
+                         * (triton.cdiv(K0, meta["BLOCK_N"]) + triton.cdiv(K1, meta["BLOCK_N"])),)
     _conv_fwd_kernel[grid](
-        x, scale, shift, w_mat, outs[0], out1, res, cnt, mean, m2,
-        M, C, H, W, HO, WO, K0, KTOT,
-        *x.stride(), *outs[0].stride(), *out1.stride(), *res.stride(),
-        stride[0], stride[1], pad[0], pad[1],
+        x, scale, shift, w0, w1, outs[0], out1, res, cnt, mean, m2,
+        M, C, H, W, HO, WO, K0, K1,
+        *x.stride(), *w_strides, *outs[0].stride(), *out1.stride(), *res.stride(),
+        stride[0], stride[1], pad[0], pad[1], *merge_args,
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
-        RPP=ROWS_PER_PARTIAL, IDX64=idx64, PRECISION=dot_precision(x.dtype),
+        RPP=ROWS_PER_PARTIAL, IDX64=idx64, PRECISION=dot_precision(x.dtype), MERGE=fold is not None, **merge_flags,
     )
     if not stats:
         return None
