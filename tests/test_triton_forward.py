@@ -412,12 +412,14 @@ def _bn_formula(x, gamma, beta, running, eps=1e-5, momentum=0.1):
 
 
 @pytest.mark.parametrize("affine, tracked", [(True, True), (False, True), (True, False)])
-@pytest.mark.parametrize("channels, handed_on, shortcut", [(6, False, True), (40, True, False), (24, True, True)])
-def test_statistics_left_to_the_conv_that_reads_x(affine, tracked, channels, handed_on, shortcut):
+@pytest.mark.parametrize("channels, handed_on, shortcut, batch", [(6, False, True, 2), (40, True, False, 2),
+                                                                  (24, True, True, 2), (6, False, False, 1)])
+def test_statistics_left_to_the_conv_that_reads_x(affine, tracked, channels, handed_on, shortcut, batch):
     # batch_norm_stats(defer=True) on few partials launches no merge: the conv
     # given its LoaderFold merges them in its loader and writes the formula's
     # statistics, fold and running update (once), and convolves with them.
-    # 40 channels: several channel blocks of the loader; a shortcut: two outputs.
+    # 40 channels: several channel blocks of the loader; a shortcut: two
+    # outputs; batch 1 of 5x5 images: a conv of one program.
     from fused_preact.dispatch_count import DispatchCounter
     from fused_preact.triton_kernels.batch_stats import batch_norm_stats
 
@@ -429,7 +431,8 @@ def test_statistics_left_to_the_conv_that_reads_x(affine, tracked, channels, han
         x += 3.0  # a mean far from 0, kept consistent with the partials below
         partials = (partials[0], partials[1] + 3.0, partials[2])
     else:
-        x, partials = make_layout(torch.randn(2, channels, 6, 7) * 2 + 3, "channels_last"), None
+        size = (6, 7) if batch > 1 else (5, 5)
+        x, partials = make_layout(torch.randn(batch, channels, *size) * 2 + 3, "channels_last"), None
     gamma, beta = (torch.rand(channels) + 0.5, torch.randn(channels)) if affine else (None, None)
     running = [torch.randn(channels), torch.rand(channels) + 0.5] if tracked else None
     counter = torch.zeros((), dtype=torch.int64) if tracked else None
@@ -468,3 +471,22 @@ def test_statistics_of_many_partials_are_merged_at_once(monkeypatch):
     assert fold is None
     for name, got, ref in zip(("mean", "invstd", "scale", "shift"), stats, _bn_formula(x, gamma, beta, None)[0]):
         assert_close(got, ref, torch.float32, name, scale=10)
+
+
+@gpu
+def test_gpu_autotuning_updates_running_statistics_once():
+    # A shape's first call benchmarks every config the pruner keeps, running
+    # the kernel many times: the loader's running update and batch count must
+    # still take effect once (the autotuner restores them between runs).
+    from fused_preact.triton_kernels.batch_stats import batch_norm_stats
+
+    x = (torch.randn(1, 48, 7, 5, device="cuda") * 2 + 3).contiguous(memory_format=torch.channels_last)
+    before = [torch.randn(48, device="cuda"), torch.rand(48, device="cuda") + 0.5]
+    running, counter = [t.clone() for t in before], torch.zeros((), dtype=torch.int64, device="cuda")
+    stats, fold = batch_norm_stats(x, None, None, *running, counter, 0.1, 1e-5, defer=True)
+    assert fold is not None
+    conv_forward(x, stats[2], stats[3], [torch.randn(24, 48, 3, 3, device="cuda")], 1, 1, fold=fold)
+    _, want = _bn_formula(x, None, None, before)
+    assert int(counter) == 1
+    assert_close(running[0], want[0], torch.float32, "running_mean", scale=10)
+    assert_close(running[1], want[1], torch.float32, "running_var", scale=10)
