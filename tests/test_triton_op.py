@@ -272,14 +272,16 @@ def test_forward_copies_weights_only_for_large_gemms_or_unreadable_layouts(kerne
         monkeypatch.setattr(cf, "IN_PLACE_WEIGHT_MAX_ROWS", 0)
     x = torch.randn(2, 8, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     ones, zeros = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
-    weights = [torch.randn(12, 8, kernel, kernel, device=DEVICE), torch.randn(4, 8, kernel, kernel, device=DEVICE)]
+    # Weights that require grad, as a model's do: the copy stays outside autograd.
+    weights = [torch.randn(12, 8, kernel, kernel, device=DEVICE, requires_grad=True),
+               torch.randn(4, 8, kernel, kernel, device=DEVICE, requires_grad=True)]
     with DispatchCounter() as counter:
         outs, _ = cf.conv_forward(x, ones, zeros, weights, 1, kernel // 2)
     copies = sum(counter.ops[op] for op in ("clone", "copy_", "cat", "_to_copy"))
     assert copies == (1 if large or kernel == 3 else 0)
     assert sum(counter.triton.values()) == 1
     for out, w in zip(outs, weights):
-        assert_close(out, F.conv2d(x.relu(), w, None, 1, kernel // 2), torch.float32, "out")
+        assert_close(out, F.conv2d(x.relu(), w.detach(), None, 1, kernel // 2), torch.float32, "out")
 
 
 def test_a_small_net_step_merges_statistics_in_the_convs():
@@ -298,7 +300,7 @@ def test_a_small_net_step_merges_statistics_in_the_convs():
 
 
 def test_statistics_deferred_for_a_forward_that_never_came_are_merged():
-    # batch_norm_stats(defer=True) leaves the statistics to the next forward;
+    # deferred_batch_norm_stats leaves the statistics to the next forward;
     # if that forward is of other statistics, the left ones get their merge
     # launch then, and are the formula's.
     from fused_preact.ops.backends import Conv, get_backend
@@ -307,8 +309,8 @@ def test_statistics_deferred_for_a_forward_that_never_came_are_merged():
     x1, x2 = (torch.randn(2, 6, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last) * 2 + 1
               for _ in range(2))
     gamma, beta = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
-    left = backend.batch_norm_stats(x1, gamma, beta, None, None, None, 0.1, 1e-5, None, defer=True)
-    taken = backend.batch_norm_stats(x2, gamma, beta, None, None, None, 0.1, 1e-5, None, defer=True)
+    left = backend.deferred_batch_norm_stats(x1, gamma, beta, None, None, None, 0.1, 1e-5)
+    taken = backend.deferred_batch_norm_stats(x2, gamma, beta, None, None, None, 0.1, 1e-5)
     w = torch.randn(4, 6, 1, 1, device=DEVICE)
     backend.forward(x1, left[2], left[3], [Conv(w, (1, 1), (0, 0))])
     for stats, x in ((left, x1), (taken, x2)):

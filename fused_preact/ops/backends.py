@@ -46,7 +46,7 @@ class Backend(Protocol):
     def batch_norm_stats(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                          num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
-                         x_stats: Optional[tuple[torch.Tensor, ...]] = None, defer: bool = False
+                         x_stats: Optional[tuple[torch.Tensor, ...]] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training-mode BatchNorm of x: (mean, invstd, scale, shift), fp32 (fp64
         for fp64 x), with relu(bn(x)) = relu(x * scale + shift); updates the
@@ -82,7 +82,14 @@ class Backend(Protocol):
 
     A backend that materialises relu(z) in forward may also offer
     `forward_keeping_activation(x, scale, shift, convs, residual, stats_eps)
-    -> (outs, stats, relu(z))`, which the op uses inside keep_activations()."""
+    -> (outs, stats, relu(z))`, which the op uses inside keep_activations().
+
+    A backend may also offer `deferred_batch_norm_stats(...)`, with
+    batch_norm_stats' arguments and results, whose four tensors may stay
+    unfilled until this backend's next forward(x, scale, shift, ...) with them
+    fills them (Triton, for a small x: that conv merges x's partials while
+    loading x, one launch less). The op calls it only where that forward is
+    its next step and nothing reads the statistics before it."""
 
 
 class KernelBackend:
@@ -109,7 +116,7 @@ class KernelBackend:
         return ""
 
     def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                         x_stats=None, defer=False):
+                         x_stats=None):
         if x_stats is not None:  # (mean, invstd) from forward(stats_eps=eps), which the models never ask for
             return *x_stats, *reference.bn_fold_from_invstd(*x_stats, eps, x.numel() // x.shape[1], weight, bias,
                                                             running_mean, running_var, num_batches_tracked, momentum)

@@ -57,8 +57,8 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
 
     defer: the caller's next step is the backend's forward of x with these
     statistics (bn_relu_conv.apply), and nothing reads them before; the
-    backend may then leave their computation to that forward
-    (Backend.batch_norm_stats).
+    backend may then leave their computation to that forward (its
+    deferred_batch_norm_stats, where it has one).
 
     Under a StatsTape: recorded in order, or, replaying, the recorded ones
     handed back without any pass over x (and so without any update)."""
@@ -80,8 +80,10 @@ def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_b
             return mean, invstd, *reference.bn_fold(mean, None, invstd, 0, bn_weight, bn_bias, None, None, None, 0.0)
         params = (bn_weight, bn_bias, running_mean, running_var)
         if all(p is None or p.dtype == stats for p in params):
-            return get_backend(backend).batch_norm_stats(x.detach(), *params, num_batches_tracked, momentum, eps,
-                                                         x_stats, defer)
+            impl = get_backend(backend)
+            stats_of = impl.deferred_batch_norm_stats if defer and hasattr(impl, "deferred_batch_norm_stats") \
+                else impl.batch_norm_stats
+            return stats_of(x.detach(), *params, num_batches_tracked, momentum, eps, x_stats)
         # Parameters of another dtype (a .half() network): the kernels take
         # statistics-dtype vectors, so the fold runs in tensor ops.
         mean, invstd = get_backend(backend).batch_norm_stats(x.detach(), None, None, None, None, None, momentum, eps,

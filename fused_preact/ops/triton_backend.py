@@ -68,15 +68,20 @@ class TritonBackend:
     epilogue_stats = True
 
     def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                         x_stats=None, defer=False):
-        args = (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-        if torch.compiler.is_compiling():
-            return triton_batch_norm_stats(*args, *(x_stats or (None, None, None)))
-        if not defer:
-            return _batch_norm_stats(*args, *(x_stats or (None, None, None)))
-        # Few partials: left to forward's conv, whose loader merges them (one
-        # launch less per layer); the statistics are filled in by that launch.
-        stats, fold = _kernels().batch_stats.batch_norm_stats(*args, x_stats, defer=True)
+                         x_stats=None):
+        stats_op = triton_batch_norm_stats if torch.compiler.is_compiling() else _batch_norm_stats
+        return stats_op(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                        *(x_stats or (None, None, None)))
+
+    def deferred_batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                  eps, x_stats=None):
+        # A small x: left to forward's conv, whose loader merges the partials
+        # (one launch less per layer) and fills these tensors in.
+        if torch.compiler.is_compiling():  # traced: the op above, never deferred
+            return self.batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+                                         eps, x_stats)
+        stats, fold = _kernels().batch_stats.batch_norm_stats(x, weight, bias, running_mean, running_var,
+                                                              num_batches_tracked, momentum, eps, x_stats, defer=True)
         _finish_pending()
         _pending.fold = fold
         return stats
@@ -140,7 +145,7 @@ class TritonBackend:
         return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
-# The statistics pass that batch_norm_stats(defer=True) left to the next forward.
+# The statistics pass that deferred_batch_norm_stats left to the next forward.
 _pending = threading.local()
 
 

@@ -7,7 +7,8 @@ It drives the Triton backend's own forward, backward and statistics launchers
 through the layers of the paper's CIFAR bottleneck nets (ResNet-164 and -1001
 share their shapes) at batch 128, in fp32 (TF32 and IEEE), fp16 and bf16, with
 and without the residual and statistics epilogues (and once more at batch 1,
-where the conv merges its input's statistics itself), on CPU tensors that are
+where the conv merges its input's statistics itself and reads its weights in
+place), on CPU tensors that are
 never read: every launch compiles for the target instead of running, and every
 autotune config that the kernel's pruner keeps for that shape is compiled.
 What the interpreter cannot show comes out here: compile errors, shared memory
@@ -146,12 +147,17 @@ def _drive_step(dtype: torch.dtype, layers) -> None:
             for stats_eps in (None, 1e-5):
                 backend.forward(x, vec, vec, specs, residual, stats_eps)
         backend.backward(grads, x, vec, vec, vec, vec, specs, True, [True] * len(specs), True)
-        # A small batch's layer: few partials, which the conv merges in its loader (LoaderFold).
-        small = torch.empty(1, c_in, 4, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        # The same layer small enough (batch 1, 32x32: the most partials and rows
+        # it is done for) that the conv merges its input's statistics in its
+        # loader (LoaderFold) and reads its weights in place; and in place alone.
+        small = torch.empty(1, c_in, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
         stats, fold = batch_stats.batch_norm_stats(small, vec, vec, *running, counter, 0.1, 1e-5,
-                                                   backend.stats_like(small), defer=True)
-        conv_forward.conv_forward(small, stats[2], stats[3], weights, convs[0][2],
-                                  [(p, p) for _, _, _, p in convs], stats=True, raw_stats=True, fold=fold)
+                                                   tuple(backend.stats_like(small)), defer=True)
+        assert fold is not None, "the small layer is past the loader merge's bounds"
+        pads = [(p, p) for _, _, _, p in convs]
+        conv_forward.conv_forward(small, stats[2], stats[3], weights, convs[0][2], pads, stats=True, raw_stats=True,
+                                  fold=fold)
+        conv_forward.conv_forward(small, vec, vec, weights, convs[0][2], pads, stats=True, raw_stats=True)
 
 
 def _tool(name: str):

@@ -361,10 +361,15 @@ def _fold_of(c, device, weight, bias, running_mean, running_var, num_batches_tra
                  momentum, count)
 
 
-# Most statistics partials a conv merges in its own loader (LoaderFold):
-# every program of it merges its channels' partials again, a cost that grows
-# with their number, against the launch it saves (host-bound small layers).
+# Largest layer whose conv merges its input's statistics in its own loader
+# (LoaderFold): every program of it merges its channels' partials again, a
+# cost that grows with the partials (per program) and the rows (programs),
+# against the launch it saves, which only counts where the layer is small
+# (host-bound). A conv epilogue writes a partial per 32 rows: 1024 rows give
+# 32 partials; a statistics pass over an NCHW x can give few partials of
+# many rows, hence both bounds.
 LOADER_MERGE_MAX_PARTIALS = 32
+LOADER_MERGE_MAX_ROWS = 1024
 
 
 class LoaderFold(NamedTuple):
@@ -382,10 +387,10 @@ class LoaderFold(NamedTuple):
 
     def kernel_args(self) -> tuple:
         """The conv kernel's (partials, P, gamma, beta, mean, invstd, running mean/var, count, eps, momentum,
-        unbias) arguments."""
-        w, b, _, _, rm, rv, nbt, momentum, unbias = self.fold.args(self.mean)
-        return (*self.partials, self.partials[0].shape[0], w, b, self.mean, self.invstd, rm, rv, nbt, float(self.eps),
-                momentum, unbias)
+        unbias) arguments; None for what is absent (its HAS_ flag is off)."""
+        f = self.fold
+        return (*self.partials, self.partials[0].shape[0], f.weight, f.bias, self.mean, self.invstd, f.running_mean,
+                f.running_var, f.num_batches_tracked, float(self.eps), *f.args(self.mean)[-2:])
 
     def kernel_flags(self) -> dict:
         return dict(**self.fold.flags(), BLOCK_P=max(2, triton.next_power_of_2(self.partials[0].shape[0])))
@@ -407,15 +412,16 @@ def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, n
     (one launch, two for thousands of partials) is all that runs.
 
     defer: returns ((mean, invstd, scale, shift), LoaderFold or None). With a
-    LoaderFold (x has at most LOADER_MERGE_MAX_PARTIALS partials), nothing
-    is merged yet: the four tensors are empty until the conv reading x next
+    LoaderFold (x is small: at most LOADER_MERGE_MAX_PARTIALS partials and
+    LOADER_MERGE_MAX_ROWS rows), nothing is merged yet: the four tensors are empty until the conv reading x next
     runs with it (conv_forward's `fold`), and nothing may read them before."""
     check_activation(x)
     _check_eps(eps)
     fold = _fold_of(x.shape[1], x.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                     x.numel() // max(x.shape[1], 1))
     partials = partials if partials is not None else _stats_partials(x)
-    if defer and partials[0].shape[0] <= LOADER_MERGE_MAX_PARTIALS:
+    if (defer and partials[0].shape[0] <= LOADER_MERGE_MAX_PARTIALS
+            and x.numel() // x.shape[1] <= LOADER_MERGE_MAX_ROWS):
         _check_partials(*partials)
         partials = tuple(t.contiguous() for t in partials)
         mean, invstd = torch.empty_like(fold.scale), torch.empty_like(fold.scale)

@@ -333,9 +333,11 @@ def _weight_operands(ws: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tenso
         return ws[0], ws[-1], ws[0].stride()
     R, S, C = ws[0].shape[2], ws[0].shape[3], ws[0].shape[1]
     k_total = sum(w.shape[0] for w in ws)
-    # One op whatever the weights' layouts: cat of their [R, S, C, K_i] views.
+    # One op whatever the weights' layouts: cat of their [R, S, C, K_i] views
+    # (outside autograd: the kernel's output is no function of it to autograd).
     matrix = torch.empty((R, S, C, k_total), dtype=ws[0].dtype, device=ws[0].device)
-    torch.cat([w.permute(2, 3, 1, 0) for w in ws], 3, out=matrix)
+    with torch.no_grad():
+        torch.cat([w.permute(2, 3, 1, 0) for w in ws], 3, out=matrix)
     return matrix, matrix[..., ws[0].shape[0]:], (1, k_total, S * C * k_total, C * k_total)
 
 
@@ -359,8 +361,9 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
     else:
         cnt = mean = m2 = scale  # never touched: STATS is off
     idx64 = needs_int64(x, *outs, res)
-    # Without a fold the kernel's MERGE arguments are placeholders it never reads.
-    merge_args = fold.kernel_args() if fold is not None else (scale,) * 3 + (1,) + (scale,) * 7 + (0.0,) * 3
+    # Without a fold the kernel's MERGE arguments are absent (None: nothing for
+    # the autotuner to restore either).
+    merge_args = fold.kernel_args() if fold is not None else (None,) * 3 + (1,) + (None,) * 7 + (0.0,) * 3
     merge_flags = fold.kernel_flags() if fold is not None else dict(
         HAS_WEIGHT=False, HAS_BIAS=False, HAS_RUNNING=False, HAS_COUNTER=False, BLOCK_P=2)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"])  # noqa: E731
