@@ -413,8 +413,9 @@ def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, n
 
     defer: returns ((mean, invstd, scale, shift), LoaderFold or None). With a
     LoaderFold (x is small: at most LOADER_MERGE_MAX_PARTIALS partials and
-    LOADER_MERGE_MAX_ROWS rows), nothing is merged yet: the four tensors are empty until the conv reading x next
-    runs with it (conv_forward's `fold`), and nothing may read them before."""
+    LOADER_MERGE_MAX_ROWS rows), nothing is merged yet: the four tensors are
+    empty until the conv reading x next runs with it (conv_forward's `fold`),
+    and nothing may read them before."""
     check_activation(x)
     _check_eps(eps)
     fold = _fold_of(x.shape[1], x.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
