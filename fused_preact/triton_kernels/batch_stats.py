@@ -334,7 +334,11 @@ class _Fold(NamedTuple):
     def args(self, dummy: torch.Tensor) -> tuple:
         # An absent tensor's pointer is never dereferenced (its HAS_ flag is off).
         ptrs = tuple(dummy if t is None else t for t in self[:7])
-        return (*ptrs, float(self.momentum), self.count / (self.count - 1) if self.count > 1 else 0.0)
+        return (*ptrs, *self.scalars())
+
+    def scalars(self) -> tuple[float, float]:
+        """(momentum, unbias): the running update's factor and var's to the unbiased variance."""
+        return float(self.momentum), self.count / (self.count - 1) if self.count > 1 else 0.0
 
     def flags(self) -> dict:
         return dict(HAS_WEIGHT=self.weight is not None, HAS_BIAS=self.bias is not None,
@@ -385,19 +389,22 @@ class LoaderFold(NamedTuple):
     invstd: torch.Tensor
     eps: float
 
-    def kernel_args(self) -> tuple:
-        """The conv kernel's (partials, P, gamma, beta, mean, invstd, running mean/var, count, eps, momentum,
-        unbias) arguments; None for what is absent (its HAS_ flag is off)."""
-        f = self.fold
-        return (*self.partials, self.partials[0].shape[0], f.weight, f.bias, self.mean, self.invstd, f.running_mean,
-                f.running_var, f.num_batches_tracked, float(self.eps), *f.args(self.mean)[-2:])
-
-    def kernel_flags(self) -> dict:
-        return dict(**self.fold.flags(), BLOCK_P=max(2, triton.next_power_of_2(self.partials[0].shape[0])))
-
     def finish(self) -> None:
         """Fill the outputs with a merge launch instead (for a conv that cannot take the fold)."""
         _merge(*self.partials, self.eps, invstd=True, fold=self.fold, out=(self.mean, self.invstd))
+
+
+def loader_fold_args(fold: Optional[LoaderFold]) -> tuple[tuple, dict]:
+    """The conv kernel's loader-merge arguments (partials, P, gamma, beta,
+    mean, invstd, running mean/var, count, eps, momentum, unbias) and flags
+    for `fold`; for None, absent ones (None: nothing for the autotuner to
+    restore either) with MERGE's flags off."""
+    if fold is None:
+        return (None,) * 3 + (1,) + (None,) * 7 + (0.0,) * 3, dict(_NO_FOLD.flags(), BLOCK_P=2)
+    f = fold.fold
+    args = (*fold.partials, fold.partials[0].shape[0], f.weight, f.bias, fold.mean, fold.invstd, f.running_mean,
+            f.running_var, f.num_batches_tracked, float(fold.eps), *f.scalars())
+    return args, dict(f.flags(), BLOCK_P=max(2, triton.next_power_of_2(fold.partials[0].shape[0])))
 
 
 def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, momentum: float,

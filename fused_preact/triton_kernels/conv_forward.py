@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from . import SUPPORTED_DTYPES, autotune_enabled, interpreting
-from .batch_stats import LoaderFold, store_fold, loader_fold, merge_partials
+from .batch_stats import LoaderFold, loader_fold, loader_fold_args, merge_partials, store_fold
 from .common import (bn_relu, channel_vector, check_activation, conv_output_format, dot_precision, needs_int64, pair,
                      two_pass)
 
@@ -361,11 +361,7 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
     else:
         cnt = mean = m2 = scale  # never touched: STATS is off
     idx64 = needs_int64(x, *outs, res)
-    # Without a fold the kernel's MERGE arguments are absent (None: nothing for
-    # the autotuner to restore either).
-    merge_args = fold.kernel_args() if fold is not None else (None,) * 3 + (1,) + (None,) * 7 + (0.0,) * 3
-    merge_flags = fold.kernel_flags() if fold is not None else dict(
-        HAS_WEIGHT=False, HAS_BIAS=False, HAS_RUNNING=False, HAS_COUNTER=False, BLOCK_P=2)
+    merge_args, merge_flags = loader_fold_args(fold)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"])  # noqa: E731
                          * (triton.cdiv(K0, meta["BLOCK_N"]) + triton.cdiv(K1, meta["BLOCK_N"])),)
     _conv_fwd_kernel[grid](
