@@ -92,3 +92,38 @@ def on_triton_device():
     interpreter (TRITON_INTERPRET=1), else CUDA."""
     with torch.device("cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "cuda"):
         yield
+
+
+@pytest.fixture
+def bf16_as_on_gpu(monkeypatch):
+    """bf16 in the Triton interpreter computed as a GPU computes it. The
+    interpreter stores bf16 as its raw uint16 bits and its tl.dot multiplies
+    those bits as integers (results ~1e9 off), and it converts fp32 to bf16 by
+    truncation. Here a bf16 operand of tl.dot is decoded to fp32 first
+    (exact: the products a tensor core forms, summed in fp32) and fp32 -> bf16
+    rounds to nearest even (the GPU's cvt.rn). A no-op off the interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    dot, cast = InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl
+
+    def as_fp32(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        return TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return dot(self, as_fp32(a), as_fp32(b), d, *args)
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(InterpreterBuilder, "cast_impl", cast_impl)
+

@@ -2,7 +2,8 @@
 against float64 PyTorch autograd of BatchNorm -> ReLU -> conv2d.
 
 Runs on the CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow;
-bf16 is GPU-only there, the interpreter's bf16 dot is wrong) and on a CUDA device
+the interpreter's own bf16 dot is wrong: bf16 runs in test_triton_gpu_configs.py,
+its dot decoded as a GPU's) and on a CUDA device
 otherwise; the `gpu` tests use the paper's shapes and need CUDA.
 """
 import os

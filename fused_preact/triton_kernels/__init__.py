@@ -1,6 +1,6 @@
 """Triton kernels of the fused BN -> ReLU -> conv op (one module per kernel
 family: batch statistics, forward, dgrad, input gradient, wgrad; what they
-share is in common.py). Each module holds its kernels, then their host
+share is in common.py, how they are sized and autotuned in tuning.py). Each module holds its kernels, then their host
 launchers. Importing the modules needs triton; this package's own names
 (settings read from the environment) do not, so fused_preact.ops can ask
 them without importing triton.
@@ -21,8 +21,8 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    """FUSED_PREACT_TRITON_AUTOTUNE=0 gives each kernel one fixed GPU config:
-    little to compile (the GPU correctness tests), but untuned speed."""
+    """FUSED_PREACT_TRITON_AUTOTUNE=0 pins each kernel's config to the first its
+    pruner keeps for a shape (tuning.pinned): no timing, little to compile."""
     return os.environ.get("FUSED_PREACT_TRITON_AUTOTUNE", "1") != "0"
 
 

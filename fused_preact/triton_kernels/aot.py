@@ -17,9 +17,11 @@ local memory (spills), and whether tensor-core instructions were emitted.
 """
 import argparse
 import contextlib
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +46,8 @@ BATCH = 128
 
 def paper_layers():
     """(name, input channels, input size, [(K, kernel, stride, padding)], residual) of every distinct
-    BN-ReLU-conv of a CIFAR bottleneck net; a stage's first unit runs conv1 and its projection as one launch."""
+    BN-ReLU-conv of a CIFAR bottleneck net (ResNet-164, -1001); a stage's first unit runs conv1 and its
+    projection as one launch."""
     layers = []
     in_ch, size = 16, 32
     for stage, width in enumerate((16, 32, 64)):
@@ -57,6 +60,22 @@ def paper_layers():
         layers.append((f"s{stage + 1}.inner.conv1", 4 * width, size, [(width, 1, 1, 0)], False))
         in_ch = 4 * width
     return layers
+
+
+def basic_layers():
+    """The same for a CIFAR basic net (ResNet-110, shortcut A): two 3x3 convs
+    per unit (the second with the residual), the first of a stage strided."""
+    layers, in_ch, size = [], 16, 32
+    for stage, width in enumerate((16, 32, 64)):
+        if stage:
+            layers.append((f"b{stage + 1}.first.conv1", in_ch, size, [(width, 3, 2, 1)], False))
+            size //= 2
+        layers.append((f"b{stage + 1}.conv", width, size, [(width, 3, 1, 1)], True))
+        in_ch = width
+    return layers
+
+
+NETS = {"bottleneck": paper_layers, "basic": basic_layers}
 
 
 class _CompileOnlyDriver:
@@ -88,15 +107,16 @@ def _check_without_device(x, name="x"):
 @contextlib.contextmanager
 def compiling_for(arch: int, record):
     """Inside, a Triton launch compiles for sm_<arch> and calls record(kernel
-    name, config, compiled kernel) instead of running; an autotuned launch
-    compiles every config its pruner keeps."""
+    name, config, compiled kernel, seconds it took) instead of running; an
+    autotuned launch compiles every config its pruner keeps."""
     saved_driver = driver._active  # not .active: creating the real driver needs a GPU
     saved_run, saved_tune = JITFunction.run, Autotuner.run
     patched = [(m, m.check_activation) for m in (batch_stats, conv_forward, conv_dgrad, conv_wgrad, bn_relu_backward)]
 
     def run(self, *args, grid=None, warmup=False, **kwargs):
+        start = time.perf_counter()
         kernel = saved_run(self, *args, grid=grid, warmup=True, **kwargs)
-        record(self.fn.__name__, _config_of(kwargs), kernel)
+        record(self.fn.__name__, _config_of(kwargs), kernel, time.perf_counter() - start)
         return kernel
 
     def tune(self, *args, **kwargs):
@@ -125,12 +145,14 @@ def _config_of(kwargs) -> str:
     return " ".join(f"{k}={kwargs[k]}" for k in keys if not isinstance(kwargs[k], torch.Tensor))
 
 
-def _drive_step(dtype: torch.dtype, layers) -> None:
-    """The Triton backend's statistics, forward and backward launches for every layer."""
+def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
+    """The Triton backend's statistics, forward and backward launches for
+    every layer; on_layer(name) before each layer's launches."""
     from ..ops.backends import Conv, get_backend
 
     backend = get_backend("triton")
-    for _, c_in, size, convs, has_residual in layers:
+    for name, c_in, size, convs, has_residual in layers:
+        on_layer(name)
         x = torch.empty(BATCH, c_in, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
         vec = torch.ones(c_in)
         weights = [torch.empty(k_out, c_in, k, k, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -184,24 +206,30 @@ def tensor_cores(ptx: str) -> str:
     return "-"
 
 
-def compile_all(arch: int) -> tuple[list[dict], list[str]]:
+def compile_all(arch: int, items) -> tuple[list[dict], list[str]]:
+    """Compile the launches of `items`, (mode name, layer) pairs, for sm_<arch>:
+    (a row per compiled kernel, the errors)."""
     rows, errors, seen = [], [], set()
-    layers = paper_layers()
+    layer = [""]
     for mode, dtype, tf32 in MODES:
+        layers = [spec for name, spec in items if name == mode]
+        if not layers:
+            continue
         torch.backends.cudnn.allow_tf32 = tf32  # dot_precision follows PyTorch's convolution setting
 
-        def record(name, config, kernel, mode=mode):
-            if kernel is None or id(kernel) in seen:
+        def record(name, config, kernel, seconds, mode=mode):
+            if kernel is None or kernel.hash in seen:
                 return
-            seen.add(id(kernel))
+            seen.add(kernel.hash)
             usage = resource_usage(kernel.asm["cubin"])
-            rows.append({"kernel": name, "mode": mode, "config": config, "shared": kernel.metadata.shared,
-                         "regs": usage["REG"], "local": usage["LOCAL"], "stack": usage["STACK"],
-                         "tensor_cores": tensor_cores(kernel.asm["ptx"])})
+            rows.append({"kernel": name, "mode": mode, "layer": layer[0], "config": config,
+                         "shared": kernel.metadata.shared, "regs": usage["REG"], "local": usage["LOCAL"],
+                         "stack": usage["STACK"], "tensor_cores": tensor_cores(kernel.asm["ptx"]),
+                         "seconds": seconds, "hash": kernel.hash})
 
         try:
             with compiling_for(arch, record):
-                _drive_step(dtype, layers)
+                _drive_step(dtype, layers, on_layer=lambda name: layer.__setitem__(0, name))
         except Exception as err:  # a compile error: report every one, fail at the end
             errors.append(f"{mode}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}")
     over = [r for r in rows if r["shared"] > SHARED_LIMIT[arch]]
@@ -210,22 +238,62 @@ def compile_all(arch: int) -> tuple[list[dict], list[str]]:
     return rows, errors
 
 
-def table(rows: list[dict], arch: int, seconds: float) -> str:
+def _compile_item(job) -> tuple[list[dict], list[str]]:
+    """compile_all of one (arch, cache directory, item) in a worker process."""
+    arch, cache, item = job
+    os.environ["TRITON_CACHE_DIR"] = cache
+    return compile_all(arch, [item])
+
+
+def _ignore_interrupts():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
+
+
+def compile_in_parallel(arch: int, items, jobs: int, cache: str, rows: list, errors: list) -> None:
+    """compile_all spread over `jobs` processes, an item at a time, adding to
+    rows and errors as items finish (a kernel two items share is listed
+    once). On SIGINT the workers are stopped and KeyboardInterrupt raised,
+    rows holding what they finished."""
+    seen = {row["hash"] for row in rows}
+    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_interrupts)
+    try:
+        for part_rows, part_errors in pool.imap_unordered(_compile_item, [(arch, cache, item) for item in items]):
+            errors += part_errors
+            rows += [row for row in part_rows if row["hash"] not in seen]
+            seen.update(row["hash"] for row in part_rows)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def table(rows: list[dict], arch: int, seconds: float, nets=("bottleneck",), jobs: int = 1) -> str:
+    command = " ".join([f"python -m fused_preact.triton_kernels.aot --arch {arch}",
+                        *([f"--nets {' '.join(nets)}"] if list(nets) != ["bottleneck"] else []),
+                        *([f"--jobs {jobs}"] if jobs > 1 else [])])
     lines = [f"# Triton kernels compiled ahead of time for sm_{arch}",
              "",
-             f"Generated by `python -m fused_preact.triton_kernels.aot --arch {arch}` (triton {triton.__version__}, "
-             f"torch {torch.__version__}) in {seconds:.0f} s: every kernel a training step of the paper's CIFAR "
-             f"bottleneck nets launches at batch {BATCH}, every autotune config its pruner keeps there. Shared "
-             f"memory limit {SHARED_LIMIT[arch]} bytes; LOCAL > 0 means register spills.",
+             f"Generated by `{command}` (triton {triton.__version__}, torch {torch.__version__}) in {seconds:.0f} "
+             f"s: every kernel a training step of the paper's CIFAR {' and '.join(nets)} nets launches at batch "
+             f"{BATCH}, every autotune config its pruner keeps there. Shared memory limit {SHARED_LIMIT[arch]} "
+             f"bytes; LOCAL > 0 means register spills. Compile seconds: one kernel's cold compile on this machine "
+             f"({jobs} at a time), what a GPU's first autotuning of a shape pays per config.",
              "",
-             "| kernel | mode | config | shared bytes | registers | local bytes | tensor cores |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["kernel"], r["mode"], r["config"])):
-        lines.append(f"| {r['kernel']} | {r['mode']} | {r['config']} | {r['shared']} | {r['regs']} | {r['local']} | "
-                     f"{r['tensor_cores']} |")
+             "| kernel | mode | layer | config | shared bytes | registers | local bytes | tensor cores | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["kernel"], r["mode"], r["config"], r["layer"])):
+        lines.append(f"| {r['kernel']} | {r['mode']} | {r['layer']} | {r['config']} | {r['shared']} | {r['regs']} | "
+                     f"{r['local']} | {r['tensor_cores']} | {r['seconds']:.2f} |")
+    lines += ["", "Cold compile seconds per layer (kernels compiled first for it, every config kept) and mode:", "",
+              "| layer | " + " | ".join(m for m, _, _ in MODES) + " |", "|---|" + "---|" * len(MODES)]
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        cost = [sum(r["seconds"] for r in rows if r["layer"] == layer and r["mode"] == m) for m, _, _ in MODES]
+        count = [sum(1 for r in rows if r["layer"] == layer and r["mode"] == m) for m, _, _ in MODES]
+        lines.append(f"| {layer} | " + " | ".join(f"{c:.0f} ({n})" for c, n in zip(cost, count)) + " |")
     spills = sum(1 for r in rows if r["local"])
     at_max = sum(1 for r in rows if r["regs"] is not None and r["regs"] >= 255)
-    lines += ["", f"{len(rows)} compiled kernels; {spills} with local memory (spills); {at_max} at 255 registers."]
+    total = sum(r["seconds"] for r in rows)
+    lines += ["", f"{len(rows)} compiled kernels; {spills} with local memory (spills); {at_max} at 255 registers; "
+              f"compile {total:.0f} s in all, {total / max(len(rows), 1):.2f} s per kernel."]
     return "\n".join(lines) + "\n"
 
 
@@ -234,20 +302,46 @@ def main(argv=None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMIT), required=True, help="90 (H100) or 80 (A100)")
     parser.add_argument("--out", help="write the markdown table here")
+    parser.add_argument("--nets", nargs="+", choices=sorted(NETS), default=["bottleneck"],
+                        help="whose layers to compile (default: bottleneck)")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
+    parser.add_argument("--cache", help="compile into this Triton cache directory, kept for the kernels' later "
+                                        "runs on this machine (default: a fresh one, removed after)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; unset it")
     if _tool("cuobjdump") is None:
         parser.error("cuobjdump not found (it ships with triton's NVIDIA backend)")
+    items = [(mode, layer) for mode, _, _ in MODES for net in args.nets for layer in NETS[net]()]
     start = time.perf_counter()
-    rows, errors = compile_all(args.arch)
-    text = table(rows, args.arch, time.perf_counter() - start)
+    # By default an empty cache of its own: every compile is cold (its time is
+    # the table's compile cost), and nothing of another architecture's run is
+    # reused. A GPU machine compiles into the cache its runs read (--cache):
+    # they then find the kernels of the paper's layers compiled.
+    with contextlib.ExitStack() as stack:
+        cache = args.cache or stack.enter_context(tempfile.TemporaryDirectory())
+        os.makedirs(cache, exist_ok=True)
+        os.environ["TRITON_CACHE_DIR"] = cache
+        rows, errors, interrupted = [], [], False
+        try:
+            if args.jobs == 1:
+                rows, errors = compile_all(args.arch, items)
+            else:
+                compile_in_parallel(args.arch, items, args.jobs, cache, rows, errors)
+        except KeyboardInterrupt:  # a time limit: the table of what was compiled, exit 130
+            interrupted = True
+    text = table(rows, args.arch, time.perf_counter() - start, args.nets, args.jobs)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
     print(text.splitlines()[-1])
     for err in errors:
         print(f"error: {err}", file=sys.stderr)
+    if interrupted:
+        print("interrupted: the table lists the kernels compiled before", file=sys.stderr)
+        return 130
     return 1 if errors or not rows else 0
 
 

@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
-from .common import REDUCTION_GROUP_ROWS, check_activation, needs_int64, reduction_groups, two_pass
+from . import tuning
+from .common import check_activation, device_of, launcher, needs_int64, reduction_groups, two_pass
 
 
 @triton.jit
@@ -252,7 +252,7 @@ def _stats_partials(x: torch.Tensor):
     block_r = max(16, min(triton.next_power_of_2(L), 2048 // block_c))
     cblocks = triton.cdiv(C, block_c)
     # Enough programs to fill a GPU (~1K), each walking several tiles of one run.
-    target = 4 if interpreting() else 1024
+    target = tuning.sizing.stats_programs
     tiles = triton.cdiv(L, block_r)
     segs_wanted = max(1, triton.cdiv(target, outer * cblocks))
     seg = triton.cdiv(tiles, min(segs_wanted, tiles)) * block_r
@@ -291,18 +291,20 @@ def _merge(count, mean, m2, eps, invstd, fold=None, out=None):
     grid_c = triton.cdiv(C, block_c)
     groups = reduction_groups(P)
     if groups is not None:
+        group_rows = tuning.sizing.reduction_group_rows
         merged = [torch.empty((groups, C), dtype=torch.float32, device=count.device) for _ in range(3)]
         _merge_partials_kernel[(grid_c, groups)](
-            count, mean, m2, merged[1], merged[1], merged[0], merged[2], P, C, REDUCTION_GROUP_ROWS, 0.0,
+            count, mean, m2, merged[1], merged[1], merged[0], merged[2], P, C, group_rows, 0.0,
             *_NO_FOLD.args(merged[1]), FINAL=False, INVSTD=False, FOLD=False, **_NO_FOLD.flags(),
-            BLOCK_P=_merge_block_p(REDUCTION_GROUP_ROWS, block_c), BLOCK_C=block_c, num_warps=4,
+            BLOCK_P=_merge_block_p(group_rows, block_c), BLOCK_C=block_c, num_warps=4,
         )
         (count, mean, m2), P = merged, groups
     out_mean, out_second = out or (torch.empty(C, dtype=torch.float32, device=count.device) for _ in range(2))
     fold = fold or _NO_FOLD
     _merge_partials_kernel[(grid_c, 1)](
         count, mean, m2, out_mean, out_second, out_mean, out_mean, P, C, P, float(eps), *fold.args(out_mean),
-        FINAL=True, INVSTD=invstd, FOLD=fold.scale is not None, **fold.flags(), BLOCK_P=_merge_block_p(P, block_c), BLOCK_C=block_c, num_warps=4,
+        FINAL=True, INVSTD=invstd, FOLD=fold.scale is not None, **fold.flags(), BLOCK_P=_merge_block_p(P, block_c),
+        BLOCK_C=block_c, num_warps=4,
     )
     return out_mean, out_second
 
@@ -311,6 +313,7 @@ def _merge_block_p(rows: int, block_c: int) -> int:
     return min(triton.next_power_of_2(rows), 128 if block_c <= 16 else 64)
 
 
+@launcher(lambda count, *args, **kwargs: device_of(count))
 def merge_partials(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
     """(mean, biased var) per channel, fp32 [C], from partial statistics: three
     [num_partials, C] fp32 buffers holding each partial's count, mean and M2 (sum of
@@ -389,6 +392,7 @@ class LoaderFold(NamedTuple):
     invstd: torch.Tensor
     eps: float
 
+    @launcher(lambda self: device_of(self.partials[0]))
     def finish(self) -> None:
         """Fill the outputs with a merge launch instead (for a conv that cannot take the fold)."""
         _merge(*self.partials, self.eps, invstd=True, fold=self.fold, out=(self.mean, self.invstd))
@@ -407,6 +411,7 @@ def loader_fold_args(fold: Optional[LoaderFold]) -> tuple[tuple, dict]:
     return args, dict(f.flags(), BLOCK_P=max(2, triton.next_power_of_2(fold.partials[0].shape[0])))
 
 
+@launcher(lambda x, *args, **kwargs: device_of(x))
 def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, momentum: float,
                      eps: float, partials: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
                      defer: bool = False):
@@ -444,6 +449,7 @@ def _check_eps(eps):
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
+@launcher(lambda x, *args, **kwargs: device_of(x))
 def batch_stats(x: torch.Tensor, eps: float):
     """(mean, invstd) of x [N, C, H, W] per channel, fp32 [C]: invstd = 1/sqrt(var + eps)
     with the biased variance, as BatchNorm2d's training forward uses them."""

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import channel_vector, check_activation
+from .common import channel_vector, check_activation, device_of, launcher
 
 
 @triton.jit
@@ -63,6 +63,7 @@ def _input_grad_kernel(
     tl.store(dx_ptr + i, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
+@launcher(lambda dz, x, *args, **kwargs: device_of(x))
 def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                        scale: torch.Tensor, sum_dz, sum_dz_xhat, training: bool) -> torch.Tensor:
     """dx of BN -> ReLU given dz (see the module docstring), in x's dtype and layout.

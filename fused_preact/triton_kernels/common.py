@@ -1,16 +1,34 @@
 """What the Triton kernel modules share: the BN-ReLU operand transform and the
 corrected two-pass moments (device functions), the argument checks, conv
-geometry and index-width rules (host), and the fixed-order reduction that
-every multi-program sum goes through."""
+geometry and index-width rules, the device guard of every launcher (host),
+and the fixed-order reduction that every multi-program sum goes through."""
+import functools
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, dense_format, interpreting
+from . import SUPPORTED_DTYPES, dense_format, interpreting, tuning
 
 INT32_MAX = 2**31 - 1
+
+
+def _release(version: str) -> tuple[int, int]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+# triton 3.6's interpreter turns a loop bound (a 1-element array) into an int
+# with int(array), which numpy 2.4 refuses (triton-lang/triton#9171, fixed in
+# later releases): every kernel would fail inside the interpreter with a numpy
+# TypeError. Say so at import instead.
+if interpreting():
+    import numpy
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        raise ImportError(f"TRITON_INTERPRET=1 with triton {triton.__version__} needs numpy < 2.4 (its interpreter "
+                          f"converts loop bounds with int(array), which numpy {numpy.__version__} refuses): "
+                          "pip install 'numpy<2.4', or triton >= 3.7")
 
 
 # ----------------------------------------------------------------------------- device functions
@@ -71,6 +89,28 @@ def _sum_rows_kernel(src0, dst0, T0, P0, G0, src1, dst1, T1, P1, G1, src2, dst2,
 
 
 # ----------------------------------------------------------------------------- host
+
+def launcher(device_from: Callable[..., Optional[torch.device]]):
+    """Decorates a host function that launches Triton kernels: it runs with
+    its tensors' CUDA device current, device_from(*args, **kwargs) (None when
+    the argument is no tensor: the function's own checks then say what is
+    wrong). A Triton launch goes to the current device, whatever its
+    tensors' device; the C++ ops have a device guard for the same reason."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            device = device_from(*args, **kwargs)
+            if device is None or device.type != "cuda":  # the interpreter's CPU tensors: nothing to switch
+                return fn(*args, **kwargs)
+            with torch.cuda.device(device):
+                return fn(*args, **kwargs)
+        return guarded
+    return wrap
+
+
+def device_of(t) -> Optional[torch.device]:
+    return t.device if isinstance(t, torch.Tensor) else None
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision for operands of `dtype`: fp32 follows PyTorch's
@@ -141,18 +181,16 @@ def channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> tor
     return v.contiguous()
 
 
-# Rows per group of a fixed-order reduction's first level; small in the
-# interpreter, so that the tests' small problems take the two-level path too.
-REDUCTION_GROUP_ROWS = 4 if interpreting() else 256
-
-
 def reduction_groups(rows: int) -> Optional[int]:
     """How a fixed-order reduction over `rows` partial rows runs: None, one
     program per column block walks them all; else this many groups of
-    REDUCTION_GROUP_ROWS rows are reduced in parallel first (thousands of row
-    tiles over few channels at the paper's shapes), then the groups. The
-    order depends on the shape alone: the results are bit-identical run to run."""
-    return triton.cdiv(rows, REDUCTION_GROUP_ROWS) if rows > 2 * REDUCTION_GROUP_ROWS else None
+    tuning.sizing.reduction_group_rows rows are reduced in parallel first
+    (thousands of row tiles over few channels at the paper's shapes), then the
+    groups. The order depends on the shape alone: the results are
+    bit-identical run to run. (The interpreter's groups are small, so that
+    the tests' small problems take the two-level path too.)"""
+    group = tuning.sizing.reduction_group_rows
+    return triton.cdiv(rows, group) if rows > 2 * group else None
 
 
 class Partials(NamedTuple):
@@ -168,6 +206,7 @@ _SUMS_PER_LAUNCH = 3  # the slots of _sum_rows_kernel
 _SUM_BLOCK_T, _SUM_BLOCK_P = 32, 64
 
 
+@launcher(lambda jobs: device_of(jobs[0].buffer) if jobs else None)
 def sum_partials(jobs: Sequence[Partials]) -> list:
     """Each job's finished result: its buffer summed over T in a fixed order
     (reduction_groups), without atomics. Buffers are summed together, up to
@@ -191,7 +230,7 @@ def sum_partials(jobs: Sequence[Partials]) -> list:
             for i in grouped:
                 t, p = sources[i].shape
                 dst = torch.empty((reduction_groups(t), p), dtype=torch.float32, device=sources[i].device)
-                level.append((sources[i], dst, t, p, REDUCTION_GROUP_ROWS))
+                level.append((sources[i], dst, t, p, tuning.sizing.reduction_group_rows))
                 sources[i] = dst
             _launch_sums(level)
         # Level 2 (or the only one): every row of each buffer in one group.

@@ -25,15 +25,15 @@ phase the valid taps are r = r0, r0 + stride_h, ... with r0 = (phase_h + p_h) % 
 and ho = i + (phase_h + p_h - r) / stride_h for the i-th row of the phase. Each
 program works on one phase, so it visits only valid taps and does dense GEMM steps.
 """
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, interpreting
-from .common import Partials, channel_vector, check_activation, conv_out_size, dot_precision, pair, sum_partials
+from . import tuning
+from .common import (Partials, channel_vector, check_activation, conv_out_size, device_of, dot_precision, launcher,
+                     pair, sum_partials)
 
 
 
@@ -152,33 +152,38 @@ def _check_conv(i: int, grad, weight, stride, padding, x):
     return grad, weight, stride, padding
 
 
-@functools.lru_cache(maxsize=None)
-def _dgrad_configs():
-    if interpreting():  # one small config: the interpreter is slow and has nothing to tune
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    if not autotune_enabled():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
-    # Channel tiles x reduction steps for channel counts 16-256 (pruned to the
-    # problem below); BLOCK_M (64 or 128 rows) is set by the host.
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4 if bn <= 64 else 8, num_stages=3)
-            for bn in (16, 32, 64, 128) for bk in (16, 32, 64)]
+def _configs(pairs, warps_and_stages):
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk in pairs for w, s in [warps_and_stages(bn)]]
+
+
+# BLOCK_N (channel tile) x BLOCK_K (reduction step) per profile. GPU: channel
+# counts 16-256, pruned to the problem below; the interpreter runs one small
+# config. BLOCK_M (64 or 128 rows) is not tuned: it fixes the number of
+# partial-sum rows, which the host must know to size that buffer and to launch
+# the sum (no device -> host sync).
+CONFIGS = {
+    "gpu": _configs([(bn, bk) for bn in (16, 32, 64, 128) for bk in (16, 32, 64)],
+                    lambda bn: (4 if bn <= 64 else 8, 3)),
+    "interpreter": _configs([(32, 32)], lambda bn: (4, 1)),
+}
 
 
 def _prune_dgrad(configs, named_args, **kwargs):
-    # Tiles much wider than the channel counts only compute zeros; channel
-    # tiles under 32 are never the fastest when there are more channels.
+    """Tiles much wider than the channel counts only compute zeros; channel
+    tiles under 32 are never the fastest when there are more channels. The
+    first kept is the pinned config."""
     c_cap = max(16, triton.next_power_of_2(named_args["C"]))
     k_cap = max(16, triton.next_power_of_2(max(named_args["K1"], named_args["K2"])))
     kept = [cf for cf in configs if min(c_cap, 32) <= cf.kwargs["BLOCK_N"] <= c_cap and cf.kwargs["BLOCK_K"] <= k_cap]
     return kept or configs[:1]
 
 
-# BLOCK_M is not tuned: it fixes the number of partial-sum rows, which the host
-# must know to size that buffer and to launch the sum (no device -> host sync).
-_dgrad = triton.autotune(configs=_dgrad_configs(), key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2"],
-                         prune_configs_by={"early_config_prune": _prune_dgrad})(_dgrad_kernel)
+_dgrad = tuning.Tuned(_dgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2"],
+                      prune=_prune_dgrad)
 
 
+@launcher(lambda grads, weights, strides, paddings, x, *args, **kwargs: device_of(x))
 def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor], strides: list[tuple[int, int]],
                paddings: list[tuple[int, int]], x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                scale: torch.Tensor, shift: torch.Tensor):
@@ -191,6 +196,7 @@ def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
     return (dz, *sum_partials([sums])[0])
 
 
+@launcher(lambda grads, weights, strides, paddings, x, *args, **kwargs: device_of(x))
 def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
                         strides: list[tuple[int, int]], paddings: list[tuple[int, int]], x: torch.Tensor,
                         mean: torch.Tensor, invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
@@ -218,7 +224,8 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
     sh, sw = convs[0][2]
     hq, wq = triton.cdiv(h, sh), triton.cdiv(w, sw)  # rows of the largest phase
     rows = n * hq * wq
-    block_m = 64 if interpreting() else (128 if rows >= 4096 else 64)
+    wide_rows = tuning.sizing.dgrad_wide_rows
+    block_m = 128 if wide_rows is not None and rows >= wide_rows else 64
     num_m_tiles = triton.cdiv(rows, block_m)
     tiles = sh * sw * num_m_tiles
     dz = torch.empty_like(x)

@@ -16,10 +16,10 @@ exactly when cuDNN would).
 
 Epilogue of outs[0]: optional residual add (y = conv + residual, rounded once) and
 optional statistics of y as stored (rounded to the output dtype) for the next
-BatchNorm: every tile splits its rows into groups of ROWS_PER_PARTIAL and writes each
-group's (count, mean, M2) per channel to row m // ROWS_PER_PARTIAL of three
-[cdiv(M, ROWS_PER_PARTIAL), K_0] buffers; batch_stats.merge_partials combines them with
-Chan's formula in a fixed order. ROWS_PER_PARTIAL divides every BLOCK_M the autotuner
+BatchNorm: every tile splits its rows into groups of RPP (tuning.sizing.rows_per_partial)
+and writes each group's (count, mean, M2) per channel to row m // RPP of three
+[cdiv(M, RPP), K_0] buffers; batch_stats.merge_partials combines them with
+Chan's formula in a fixed order. RPP divides every BLOCK_M the autotuner
 may pick, so the buffer layout, and which kernel writes which row, is the same for
 every config: no row is left stale by a benchmark run of another config, and nothing
 needs zeroing or restoring.
@@ -39,33 +39,43 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, autotune_enabled, interpreting
+from . import SUPPORTED_DTYPES, tuning
 from .batch_stats import LoaderFold, loader_fold, loader_fold_args, merge_partials, store_fold
-from .common import (bn_relu, channel_vector, check_activation, conv_output_format, dot_precision, needs_int64, pair,
-                     two_pass)
+from .common import (bn_relu, channel_vector, check_activation, conv_output_format, device_of, dot_precision, launcher,
+                     needs_int64, pair, two_pass)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): channels 16..256, M = N*Ho*Wo large.
-# _prune keeps the few that fit a problem's channel counts, so tuning compiles little.
-_GPU_CONFIGS = [
-    (64, 16, 16, 2, 4), (128, 16, 16, 4, 4), (128, 32, 16, 4, 4), (64, 64, 16, 4, 4),
-    (128, 64, 16, 4, 4), (128, 128, 16, 8, 3),
-    (64, 16, 32, 4, 4), (128, 16, 32, 4, 4), (64, 32, 32, 4, 4), (128, 32, 32, 4, 4), (128, 64, 32, 4, 3),
-    (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-    (128, 16, 64, 4, 3), (128, 32, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
-]
-# The interpreter runs one small config, and groups rows by 16 so that a tile holds
-# several stats groups (the path every GPU config takes).
-_INTERP_CONFIGS = [(32, 16, 16, 4, 1)]
-_UNTUNED_CONFIGS = [(128, 32, 32, 4, 4)]  # FUSED_PREACT_TRITON_AUTOTUNE=0: one of the above
-_CONFIGS = _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS if autotune_enabled() else _UNTUNED_CONFIGS
-ROWS_PER_PARTIAL = 16 if interpreting() else 32
-assert all(c[0] % ROWS_PER_PARTIAL == 0 and c[0] > ROWS_PER_PARTIAL for c in _CONFIGS)
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per profile. GPU: channels
+# 16..256, M = N*Ho*Wo large; _prune keeps the few that fit a problem's channel
+# counts, so tuning compiles little. The interpreter runs one small config.
+CONFIGS = {
+    "gpu": _configs([
+        (64, 16, 16, 2, 4), (128, 16, 16, 4, 4), (128, 32, 16, 4, 4), (64, 64, 16, 4, 4),
+        (128, 64, 16, 4, 4), (128, 128, 16, 8, 3),
+        (64, 16, 32, 4, 4), (128, 16, 32, 4, 4), (64, 32, 32, 4, 4), (128, 32, 32, 4, 4), (128, 64, 32, 4, 3),
+        (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+        (128, 16, 64, 4, 3), (128, 32, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+    ]),
+    "interpreter": _configs([(64, 32, 32, 4, 1)]),
+}
+# Every row tile holds several whole statistics groups of its profile: the
+# partials' layout, and which program writes which row, is the same whatever
+# config runs.
+for _profile in (tuning.GPU, tuning.INTERPRETER):
+    assert all(c.kwargs["BLOCK_M"] % _profile.rows_per_partial == 0 and c.kwargs["BLOCK_M"] > _profile.rows_per_partial
+               for c in CONFIGS[_profile.name])
 
 
 def _prune(configs, named_args, **kwargs):
     """Keep tiles that fit the channel counts: BLOCK_K in {16} for C <= 16, {16, 32}
     for C <= 32, else {32, 64}; BLOCK_N no wider than an output's channels and, past
-    16 of them, at least 32 wide (narrow tiles re-read x once per column tile)."""
+    16 of them, at least 32 wide (narrow tiles re-read x once per column tile).
+    The first kept is the pinned config."""
     c = triton.next_power_of_2(named_args["C"])
     k_ok = {16} if c <= 16 else {16, 32} if c <= 32 else {32, 64}
     n = triton.next_power_of_2(max(named_args["K0"], named_args["K1"]))
@@ -75,15 +85,6 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-@triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-             for m, n, k, w, s in _CONFIGS],
-    key=["M", "C", "K0", "K1", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc", "MERGE"],
-    prune_configs_by={"early_config_prune": _prune},
-    # Benchmarking runs each config many times: the running-statistics update
-    # and the batch count (MERGE) must take effect once, in the real run.
-    restore_value=["rm_ptr", "rv_ptr", "nbt_ptr"],
-)
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
@@ -217,6 +218,13 @@ def _conv_fwd_kernel(
         tl.store(out1_ptr + (n * s1n + oh * s1h + ow * s1w)[:, None] + cols[None, :] * s1c, y1, mask=ok_out)
 
 
+# Benchmarking runs each config many times: the running-statistics update and
+# the batch count (MERGE) must take effect once, in the real run.
+_conv_fwd = tuning.Tuned(_conv_fwd_kernel, CONFIGS,
+                         key=["M", "C", "K0", "K1", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc", "MERGE"],
+                         prune=_prune, restore=["rm_ptr", "rv_ptr", "nbt_ptr"])
+
+
 # ----------------------------------------------------------------------------- host
 
 
@@ -227,6 +235,7 @@ def _per_weight(v, count: int, name: str, minimum: int) -> list[tuple[int, int]]
     return [pair(v, name, minimum)] * count
 
 
+@launcher(lambda x, *args, **kwargs: device_of(x))
 def conv_forward(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -343,7 +352,7 @@ def _weight_operands(ws: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tenso
 
 def stats_partials(out: torch.Tensor) -> int:
     """Rows of the statistics partials the epilogue writes for `out` [N, K, Ho, Wo]."""
-    return triton.cdiv(out.shape[0] * out.shape[2] * out.shape[3], ROWS_PER_PARTIAL)
+    return triton.cdiv(out.shape[0] * out.shape[2] * out.shape[3], tuning.sizing.rows_per_partial)
 
 
 def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, fold):
@@ -364,13 +373,14 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
     merge_args, merge_flags = loader_fold_args(fold)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"])  # noqa: E731
                          * (triton.cdiv(K0, meta["BLOCK_N"]) + triton.cdiv(K1, meta["BLOCK_N"])),)
-    _conv_fwd_kernel[grid](
+    _conv_fwd[grid](
         x, scale, shift, w0, w1, outs[0], out1, res, cnt, mean, m2,
         M, C, H, W, HO, WO, K0, K1,
         *x.stride(), *w_strides, *outs[0].stride(), *out1.stride(), *res.stride(),
         stride[0], stride[1], pad[0], pad[1], *merge_args,
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
-        RPP=ROWS_PER_PARTIAL, IDX64=idx64, PRECISION=dot_precision(x.dtype), MERGE=fold is not None, **merge_flags,
+        RPP=tuning.sizing.rows_per_partial, IDX64=idx64, PRECISION=dot_precision(x.dtype), MERGE=fold is not None,
+        **merge_flags,
     )
     if not stats:
         return None

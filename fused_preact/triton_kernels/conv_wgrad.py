@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_enabled, interpreting
-from .common import (Partials, bn_relu, channel_vector, check_activation, conv_out_size, dot_precision, pair,
-                     sum_partials)
+from . import tuning
+from .common import (Partials, bn_relu, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
+                     launcher, pair, sum_partials)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -91,32 +91,34 @@ def _wgrad_kernel(
 
 # ------------------------------------------------------------------------------ host
 
-# Every chunk is a multiple of the largest BLOCK_L of any config, so that chunks
-# hold whole blocks whatever the autotuner picks.
-_CHUNK_ALIGN = 32 if interpreting() else 128
-
-
-@functools.lru_cache(maxsize=None)
-def _wgrad_configs():
-    if interpreting():  # one small config: the interpreter is slow and has nothing to tune
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_L": 32}, num_warps=4, num_stages=1)]
-    if not autotune_enabled():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_L": 64}, num_warps=4, num_stages=3)]
-    # Output tiles over K x C for channel counts 16-256 (pruned to the problem
-    # below); small tiles take longer reduction steps to keep the dot busy.
+def _configs(tiles):
+    """Configs of (BLOCK_M, BLOCK_N) output tiles: small tiles take longer
+    reduction steps (BLOCK_L) to keep the dot busy."""
     configs = []
-    for bm in (16, 32, 64, 128):
-        for bn in (16, 32, 64, 128):
-            area = bm * bn
-            bl = 128 if area <= 512 else 64 if area <= 4096 else 32
-            configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_L": bl},
-                                         num_warps=4 if area <= 4096 else 8, num_stages=3))
+    for bm, bn in tiles:
+        area = bm * bn
+        bl = 128 if area <= 512 else 64 if area <= 4096 else 32
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_L": bl},
+                                     num_warps=4 if area <= 4096 else 8, num_stages=3))
     return configs
 
 
+# Output tiles over K x C per profile. GPU: channel counts 16-256, pruned to
+# the problem below; the interpreter runs one small config. Each profile's
+# wgrad_chunk_align is a multiple of every BLOCK_L it may run, so chunks hold
+# whole blocks whatever the autotuner picks.
+CONFIGS = {
+    "gpu": _configs([(bm, bn) for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128)]),
+    "interpreter": [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_L": 64}, num_warps=4, num_stages=1)],
+}
+for _profile in (tuning.GPU, tuning.INTERPRETER):
+    assert all(_profile.wgrad_chunk_align % c.kwargs["BLOCK_L"] == 0 for c in CONFIGS[_profile.name])
+
+
 def _prune_wgrad(configs, named_args, **kwargs):
-    # Tiles much wider than the channel counts only compute zeros; tiles under
-    # 32 wide are never the fastest when the channels are wider than that.
+    """Tiles much wider than the channel counts only compute zeros; tiles
+    under 32 wide are never the fastest when the channels are wider than
+    that. The first kept is the pinned config."""
     k_cap = max(16, triton.next_power_of_2(named_args["K"]))
     c_cap = max(16, triton.next_power_of_2(named_args["C"]))
     kept = [cf for cf in configs if min(k_cap, 32) <= cf.kwargs["BLOCK_M"] <= k_cap
@@ -124,8 +126,8 @@ def _prune_wgrad(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_wgrad = triton.autotune(configs=_wgrad_configs(), key=["N", "C", "H", "W", "K", "R", "S", "sh", "sw", "chunk"],
-                         prune_configs_by={"early_config_prune": _prune_wgrad})(_wgrad_kernel)
+_wgrad = tuning.Tuned(_wgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "K", "R", "S", "sh", "sw", "chunk"],
+                      prune=_prune_wgrad)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,18 +136,23 @@ def _sm_count(device_index: int) -> int:
 
 
 def _split(L: int, out_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(SPLIT, chunk): enough programs to fill the GPU (about 4 per SM), but
-    chunks of at least a few blocks so the partial buffer stays small."""
-    if interpreting() or device.type != "cuda":
-        target, min_chunk = 4 * out_tiles, 64  # a few chunks: the tests exercise the split
+    """(SPLIT, chunk): enough programs to fill the GPU (a few per SM), but
+    chunks of at least a few blocks so the partial buffer stays small. The
+    interpreter's profile aims at a few chunks per output tile instead, so
+    that the tests' small problems are split too."""
+    sizes = tuning.sizing
+    if sizes.wgrad_programs_per_sm is None:
+        target = 4 * out_tiles
     else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target, min_chunk = 4 * _sm_count(index), 512
-    split = max(1, min(triton.cdiv(target, out_tiles), triton.cdiv(L, min_chunk), 256))
-    chunk = triton.cdiv(triton.cdiv(L, split), _CHUNK_ALIGN) * _CHUNK_ALIGN
+        sms = sizes.sm_count if device.type != "cuda" else _sm_count(
+            device.index if device.index is not None else torch.cuda.current_device())
+        target = sizes.wgrad_programs_per_sm * sms
+    split = max(1, min(triton.cdiv(target, out_tiles), triton.cdiv(L, sizes.wgrad_min_chunk), 256))
+    chunk = triton.cdiv(triton.cdiv(L, split), sizes.wgrad_chunk_align) * sizes.wgrad_chunk_align
     return triton.cdiv(L, chunk), chunk
 
 
+@launcher(lambda grad, x, *args, **kwargs: device_of(x))
 def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight_shape,
                stride, padding, out_dtype: torch.dtype,
                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
@@ -158,6 +165,7 @@ def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: 
                                              memory_format)])[0]
 
 
+@launcher(lambda grad, x, *args, **kwargs: device_of(x))
 def conv_wgrad_partials(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight_shape,
                         stride, padding, out_dtype: torch.dtype,
                         memory_format: torch.memory_format = torch.contiguous_format) -> Partials:

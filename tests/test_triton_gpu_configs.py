@@ -1,0 +1,230 @@
+"""Every config a GPU may run, computed against float64: each autotune config
+that a kernel's pruner can keep, in the GPU's sizing (tuning.GPU: statistics
+rows grouped by 32, wgrad chunks aligned to 128, ...), on small odd shapes
+whose rows, channels and outputs end inside a tile, in fp32, fp16 and bf16.
+
+The interpreter (TRITON_INTERPRET=1) checks each config's indexing, masks,
+loops and epilogues; it has no tensor cores (products round as numpy's do)
+and runs programs one after another (no races), which the GPU check covers.
+bf16 runs through `bf16_as_on_gpu` (conftest), which makes the interpreter's
+bf16 products and conversions those of a GPU.
+"""
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+from conftest import assert_close  # noqa: E402
+from fused_preact.triton_kernels import conv_dgrad as dgrad_module  # noqa: E402
+from fused_preact.triton_kernels import conv_forward as forward_module  # noqa: E402
+from fused_preact.triton_kernels import conv_wgrad as wgrad_module  # noqa: E402
+from fused_preact.triton_kernels import tuning  # noqa: E402
+from fused_preact.triton_kernels.batch_stats import batch_norm_stats, merge_partials  # noqa: E402
+from fused_preact.triton_kernels.bn_relu_backward import bn_relu_input_grad  # noqa: E402
+from fused_preact.triton_kernels.conv_dgrad import conv_dgrad  # noqa: E402
+from fused_preact.triton_kernels.conv_forward import conv_forward  # noqa: E402
+from fused_preact.triton_kernels.conv_wgrad import conv_wgrad  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread", "on_triton_device", "bf16_as_on_gpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS, MOMENTUM = 1e-5, 0.1
+
+
+def _id(config) -> str:
+    return "".join(f"{k[6:]}{v}" for k, v in config.kwargs.items()) + f"w{config.num_warps}s{config.num_stages}"
+
+
+def _kept(kernel, **named_args):
+    """The GPU configs `kernel`'s pruner keeps for a problem of these arguments."""
+    return kernel.prune(kernel.configs["gpu"], named_args)
+
+
+def _cases(kernel, shapes: dict, named_args):
+    return [pytest.param(name, config, id=f"{name}-{_id(config)}")
+            for name, shape in shapes.items() for config in _kept(kernel, **named_args(shape))]
+
+
+# Shapes: rows end inside a 64- and a 128-row tile (70, 90, 84 or 60 rows),
+# channels and outputs inside every kept config's tiles; few programs each
+# (the interpreter's cost is per program), 3x3 taps where the channels are few.
+# name: (N, C, H, W, K0, K1, kernel, stride, padding)
+FORWARD = {
+    "c13-k11+9-3x3": (2, 13, 5, 7, 11, 9, 3, 1, 1),
+    "c29-k67+37-1x1": (2, 29, 5, 7, 67, 37, 1, 1, 0),
+    "c40-k11-3x3": (2, 40, 5, 7, 11, 0, 3, 1, 1),
+    "c40-k67-1x1s2": (3, 40, 9, 11, 67, 0, 1, 2, 0),
+}
+# name: (N, C, H, W); both convs of a stage entry, stride 2: four row phases of 84 rows.
+DGRAD = {"c13": (2, 13, 13, 11), "c67": (2, 67, 13, 11)}
+DGRAD_CONVS = [(40, 3, 2, 1), (24, 1, 2, 0)]  # (K, kernel, stride, padding)
+# name: (N, C, H, W, K, kernel, stride, padding); 17x17 (578 positions): two chunks of the reduction.
+WGRAD = {
+    "k11-c13-3x3-17px": (2, 13, 17, 17, 11, 3, 1, 1),
+    "k11-c67-1x1": (2, 67, 5, 7, 11, 1, 1, 0),
+    "k67-c13-1x1": (2, 13, 5, 7, 67, 1, 1, 0),
+    "k67-c67-1x1s2": (2, 67, 9, 11, 67, 1, 2, 0),
+}
+# name: (kernel, its shapes, the pruner's arguments of a shape)
+KERNELS = {
+    "forward": (forward_module._conv_fwd, FORWARD, lambda s: dict(C=s[1], K0=s[4], K1=s[5])),
+    "dgrad": (dgrad_module._dgrad, DGRAD, lambda s: dict(C=s[1], K1=DGRAD_CONVS[0][0], K2=DGRAD_CONVS[1][0])),
+    "wgrad": (wgrad_module._wgrad, WGRAD, lambda s: dict(K=s[4], C=s[1])),
+}
+FORWARD_CASES, DGRAD_CASES, WGRAD_CASES = (_cases(*KERNELS[name]) for name in ("forward", "dgrad", "wgrad"))
+
+
+@pytest.fixture
+def gpu_config():
+    """gpu_config(kernel, config[, sizing]): run in the GPU's sizing (or
+    `sizing`), `kernel` with `config` alone."""
+    with tuning.use(tuning.GPU), pytest.MonkeyPatch.context() as patch:
+        def force(kernel, config, sizing=tuning.GPU):
+            patch.setattr(tuning, "sizing", sizing)
+            for autotuner in (kernel.timed, kernel.pinned):
+                patch.setattr(autotuner, "configs", [config])
+                patch.setattr(autotuner, "cache", {})
+        yield force
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_the_shapes_reach_every_gpu_config(name):
+    # Each GPU config is kept for one of the shapes below, so each is computed.
+    kernel, shapes, named_args = KERNELS[name]
+    kept = {_id(c) for shape in shapes.values() for c in _kept(kernel, **named_args(shape))}
+    assert kept == {_id(c) for c in kernel.configs["gpu"]}
+
+
+def _input(shape, dtype, mean=0.5):
+    return (torch.randn(shape, dtype=torch.float64) * 2 + mean).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _epilogue_partials(x, rows=32):
+    """x's (count, mean, M2) per channel over groups of `rows` rows, fp32 [P, C]:
+    what the conv epilogue that made x hands on (rows in (n, h, w) order)."""
+    flat = x.double().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    groups = torch.split(flat, rows)
+    count = torch.stack([torch.full((x.shape[1],), float(len(g)), dtype=torch.float64) for g in groups])
+    mean = torch.stack([g.mean(0) for g in groups])
+    m2 = torch.stack([((g - g.mean(0)) ** 2).sum(0) for g in groups])
+    return tuple(t.float() for t in (count, mean, m2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, config", FORWARD_CASES)
+def test_forward_config(shape, config, dtype, gpu_config):
+    # One launch takes every branch: the BatchNorm statistics merged in the
+    # loader, two outputs, the residual and the statistics epilogue; then the
+    # plain loader (scale and shift given).
+    gpu_config(forward_module._conv_fwd, config)
+    n, c, h, w, k0, k1, k, stride, pad = FORWARD[shape]
+    x = _input((n, c, h, w), dtype)
+    gamma, beta = torch.rand(c) + 0.5, torch.randn(c) * 0.5
+    running, counter = [torch.randn(c), torch.rand(c) + 0.5], torch.zeros((), dtype=torch.int64)
+    live = [t.clone() for t in running]
+    stats, fold = batch_norm_stats(x, gamma, beta, *live, counter, MOMENTUM, EPS, _epilogue_partials(x), defer=True)
+    assert fold is not None
+    weights = [(torch.randn(kk, c, k, k) / (c * k * k) ** 0.5).to(dtype) for kk in (k0, k1) if kk]
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    res = torch.randn(n, k0, ho, wo).to(dtype)
+    outs, raw = conv_forward(x, stats[2], stats[3], weights, stride, pad, residual=res, stats=True, raw_stats=True,
+                             fold=fold)
+
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    m = n * h * w
+    invstd = (var + EPS).rsqrt()
+    for name, got, want in zip(("mean", "invstd", "scale", "shift"), stats,
+                               (mean, invstd, gamma * invstd, beta - mean * gamma * invstd)):
+        assert_close(got, want, torch.float32, name, scale=10)
+    assert_close(live[0], 0.9 * running[0] + 0.1 * mean, torch.float32, "running_mean", scale=10)
+    assert_close(live[1], 0.9 * running[1] + 0.1 * var * m / (m - 1), torch.float32, "running_var", scale=10)
+    assert int(counter) == 1
+
+    scale, shift = stats[2].double().view(1, -1, 1, 1), stats[3].double().view(1, -1, 1, 1)
+    a = torch.relu(x.double() * scale + shift).to(dtype).double()
+    want = [F.conv2d(a, wt.double(), None, stride, pad) for wt in weights]
+    want[0] = want[0] + res.double()
+    for i, (got, ref) in enumerate(zip(outs, want)):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert_close(got, ref, dtype, f"outs[{i}]", scale=2)
+    out_var, out_mean = torch.var_mean(outs[0].double(), dim=(0, 2, 3), correction=0)
+    moments = merge_partials(*raw)
+    assert_close(moments[0], out_mean, torch.float32, "epilogue mean", scale=10)
+    assert_close(moments[1], out_var, torch.float32, "epilogue var", scale=10 * float(out_var.max()))
+
+    plain, _ = conv_forward(x, stats[2], stats[3], weights, stride, pad, residual=res)
+    for i, (got, ref) in enumerate(zip(plain, want)):
+        assert_close(got, ref, dtype, f"plain outs[{i}]", scale=2)
+
+
+def _bn_relu_graph(x, c):
+    """Fixed BatchNorm constants of x and z = x * scale + shift in float64, for autograd."""
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    invstd = (var + EPS).rsqrt()
+    gamma, beta = torch.rand(c, dtype=torch.float64) + 0.5, torch.linspace(-0.5, 1.0, c, dtype=torch.float64)
+    scale, shift = gamma * invstd, beta - mean * gamma * invstd
+    z = (x.double() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).requires_grad_()
+    return [t.float() for t in (mean, invstd, scale, shift)], z
+
+
+# BLOCK_M is the host's, not the config's (64 rows, or 128 from
+# dgrad_wide_rows rows on): both in fp32, one each in fp16 and bf16.
+DGRAD_ROWS = [(torch.float32, 64), (torch.float32, 128), (torch.float16, 128), (torch.bfloat16, 64)]
+
+
+@pytest.mark.parametrize("dtype, block_m", DGRAD_ROWS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("shape, config", DGRAD_CASES)
+def test_dgrad_config(shape, config, dtype, block_m, gpu_config):
+    # Both convs of a stage entry summed into one da, the ReLU mask and the
+    # BatchNorm sums in the epilogue, then dx.
+    gpu_config(dgrad_module._dgrad, config, dataclasses.replace(tuning.GPU, dgrad_wide_rows=None if block_m == 64
+                                                                  else 1))
+    n, c, h, w = DGRAD[shape]
+    x = _input((n, c, h, w), dtype)
+    stats, z = _bn_relu_graph(x, c)
+    weights, grads, loss = [], [], 0.0
+    for k, r, stride, pad in DGRAD_CONVS:
+        weights.append((torch.randn(k, c, r, r) / (c * r * r) ** 0.5).to(dtype))
+        ho, wo = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - r) // stride + 1
+        grads.append(torch.randn(n, k, ho, wo).to(dtype).contiguous(memory_format=torch.channels_last))
+        loss = loss + (F.conv2d(torch.relu(z).to(dtype).double(), weights[-1].double(), None, stride, pad)
+                       * grads[-1].double()).sum()
+    loss.backward()
+    dz_ref = z.grad
+    dz, sum_dz, sum_dz_xhat = conv_dgrad(grads, weights, [(s, s) for _, _, s, _ in DGRAD_CONVS],
+                                         [(p, p) for _, _, _, p in DGRAD_CONVS], x, *stats)
+    clear = z.detach().abs() > 1e-4  # the ReLU mask of z within rounding of 0 may differ
+    size = float(dz_ref.abs().max())
+    assert_close(dz * clear, dz_ref * clear, dtype, "dz", scale=size)
+    xhat = (x.double() - stats[0].double().view(1, -1, 1, 1)) * stats[1].double().view(1, -1, 1, 1)
+    sums = float(dz_ref.abs().sum((0, 2, 3)).max())
+    assert_close(sum_dz, dz_ref.sum((0, 2, 3)), dtype, "sum_dz", scale=sums)
+    assert_close(sum_dz_xhat, (dz_ref * xhat).sum((0, 2, 3)), dtype, "sum_dz_xhat", scale=3 * sums)
+    dx = bn_relu_input_grad(dz, x, stats[0], stats[1], stats[2], sum_dz, sum_dz_xhat, True)
+    m = n * h * w
+    dx_ref = (dz.double() - (sum_dz.double().view(1, -1, 1, 1) + xhat * sum_dz_xhat.double().view(1, -1, 1, 1)) / m
+              ) * stats[2].double().view(1, -1, 1, 1)
+    assert_close(dx, dx_ref, dtype, "dx", scale=size * float(stats[2].abs().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, config", WGRAD_CASES)
+def test_wgrad_config(shape, config, dtype, gpu_config):
+    # dW of every tap, output tiles cut along K and C, the reduction in
+    # chunks aligned to the GPU's 128 positions, summed in a fixed order.
+    gpu_config(wgrad_module._wgrad, config)
+    n, c, h, w, k, r, stride, pad = WGRAD[shape]
+    x = _input((n, c, h, w), dtype)
+    stats, z = _bn_relu_graph(x, c)
+    weight = (torch.randn(k, c, r, r, dtype=torch.float64) / (c * r * r) ** 0.5).requires_grad_()
+    ho, wo = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - r) // stride + 1
+    dy = torch.randn(n, k, ho, wo).to(dtype).contiguous(memory_format=torch.channels_last)
+    (F.conv2d(torch.relu(z.detach()).to(dtype).double(), weight, None, stride, pad) * dy.double()).sum().backward()
+    dw = conv_wgrad(dy, x, stats[2], stats[3], (k, c, r, r), stride, pad, dtype, torch.channels_last)
+    assert dw.dtype == dtype and dw.is_contiguous(memory_format=torch.channels_last)
+    assert_close(dw, weight.grad, dtype, "dW", scale=float(weight.grad.abs().max()))
