@@ -6,8 +6,10 @@
     python -m fused_preact.train --resume runs/paper-cifar10-preact_resnet1001-seed0
     python -m fused_preact.train --eval-only runs/.../checkpoint.pt
 
-Errors in options, paths or data end the program with one line on stderr
-(exit status 2; 1 for a diverged run, 130 for an interruption).
+Errors end the program with one line on stderr. Exit status:
+0 done, 1 diverged, 2 bad input (options, paths, data, checkpoints), 3 an
+I/O failure such as a full disk, 130/143 stopped by SIGINT/SIGTERM after
+saving a checkpoint (130 also for a second Ctrl-C, which does not save).
 """
 import sys
 from typing import Optional
@@ -18,6 +20,7 @@ from .data import DataError
 from .distributed import DeviceError
 from .evaluation import evaluate_checkpoint
 from .loop import TrainingDiverged, train
+from .stopping import Interrupted
 
 
 def run(argv: Optional[list[str]] = None, **hooks) -> dict:
@@ -49,12 +52,13 @@ def run(argv: Optional[list[str]] = None, **hooks) -> dict:
     if args.print_config:
         print_config(config)
         return {"config": config.to_dict()}
-    return train(config, resume, **hooks)
+    return train(config, resume, rewind=args.rewind, **hooks)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, **hooks) -> int:
+    """run() with its errors as one line and an exit status; hooks: train()'s, for tests."""
     try:
-        run(argv)
+        run(argv, **hooks)
     except (ConfigError, DataError, DeviceError) as err:
         print(f"fused-preact-train: error: {err}", file=sys.stderr)
         return 2
@@ -63,7 +67,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     except OSError as err:  # a file that cannot be written or read (read-only, disk full, ...)
         print(f"fused-preact-train: error: {err}", file=sys.stderr)
-        return 2
+        return 3
+    except Interrupted as err:  # saved; the message is printed
+        return err.exit_code
     except KeyboardInterrupt:
         return 130
     return 0

@@ -25,6 +25,10 @@ FILENAME = "checkpoint.pt"
 _HASH_KEY = "content_sha256"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error)."""
+
+
 def content_hash(state: Any) -> str:
     """SHA-256 of a nested structure of dicts, lists, tensors and scalars: every
     key, type, dtype, shape and byte, in a fixed order."""
@@ -98,7 +102,12 @@ def save(path: Path, *, net, optimizer, scaler, config: TrainConfig, step: int, 
     }
     state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     state[_HASH_KEY] = content_hash(state)
-    atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    try:
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write (disk full) as a RuntimeError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+        raise CheckpointWriteError(f"cannot write the checkpoint {path} at iteration {step} ({reason}); the "
+                                   f"previous checkpoint, if any, is intact") from None
 
 
 def restore_rng(state: dict, device: torch.device) -> None:

@@ -106,6 +106,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   eval_batch_size=250, device="cpu", threads=1),
 }
 
+# The configuration's options that are passed to the network factory (when
+# set), and their flags: a --model-arg of the same name would be overridden.
+FLAG_OF = {"depth": "--depth", "fused": "--no-fused", "recompute": "--recompute", "backend": "--backend"}
+
 # Options whose change keeps a resumed run the same computation.
 RESUMABLE_CHANGES = {"out", "epochs", "iters", "device", "compile", "cuda_graphs", "threads", "log_every",
                      "ckpt_every", "eval_every", "eval_batch_size", "data_dir", "download"}
@@ -160,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                "iterations at 0.01, Caffe's momentum form), torch-official (fb.resnet.torch recipe: batch 64, "
                "nesterov, 200 epochs, /10 after epochs 80 and 121), quick (embedded shapes10 data, ResNet-8 on the CPU, about 2 minutes). "
                "Every option overrides the preset; the resolved configuration is printed and saved as "
-               "OUT/config.json.")
+               "OUT/config.json. Exit status: 0 done, 1 diverged, 2 bad input, 3 I/O failure (a full disk), "
+               "130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume).")
     S = argparse.SUPPRESS
     p.add_argument("--preset", choices=list(PRESETS), default=None, help="recipe to start from (default: paper)")
     m = p.add_argument_group("network")
@@ -216,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-batch-size", type=_positive_int, default=S)
     b.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue a run: its checkpoint file or run directory (default: --out)")
+    b.add_argument("--rewind", action="store_true",
+                   help="with --resume of an older checkpoint of a run, continue in that run's directory: its "
+                        "metrics.jsonl is cut after the checkpoint and its checkpoint.pt replaced")
     b.add_argument("--eval-only", metavar="CHECKPOINT", default=None, help="evaluate a checkpoint on the test set")
     b.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     return p
@@ -223,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
     """What the command line set, as TrainConfig fields."""
-    given = {k: v for k, v in vars(args).items() if k not in ("preset", "resume", "eval_only", "print_config")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("preset", "resume", "eval_only", "print_config", "rewind")}
     if "model_args" in given:
         given["model_args"] = dict(given["model_args"])
     return given
@@ -257,6 +266,11 @@ def validate(c: TrainConfig) -> None:
             raise ConfigError(message)
 
     need((c.epochs is None) != (c.iters is None), "give either --epochs or --iters")
+    need(c.out is None or c.out.strip() != "", "--out is empty (an unset shell variable?): give a run directory, "
+                                               "or leave --out out for runs/<preset>-...")
+    own = sorted(k for k in c.model_args if k in FLAG_OF and getattr(c, k) is not None)
+    need(not own, f"--model-arg {', '.join(own)}=...: use {', '.join(FLAG_OF[k] for k in own)} (the configuration's "
+                  f"own option, which --model-arg cannot override)")
     need(c.milestone_unit in ("epochs", "iters"), f"milestone_unit must be epochs or iters, got {c.milestone_unit!r}")
     need(all(isinstance(m, int) and m > 0 for m in c.milestones) and list(c.milestones) == sorted(set(c.milestones)),
          f"--milestones must be increasing positive numbers, got {c.milestones}")

@@ -11,6 +11,7 @@ in between.
 """
 import math
 import resource
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,9 +26,10 @@ from .data import load_dataset, num_classes, prepare_dataset
 from .evaluation import AMP_DTYPES, evaluate
 from .metrics import MetricsLog, plot_curves, write_json
 from .networks import build_model
-from .rundir import RunDirLock
 from .optim import make_optimizer, set_lr
+from .rundir import claim_out
 from .schedule import BatchOrder, derived_seed, make_schedule
+from .stopping import Interrupted, StopRequests, signal_name
 
 MiB = 2**20
 
@@ -40,28 +42,6 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / MiB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process's peak RSS
-
-
-def default_out(c: TrainConfig) -> Path:
-    """runs/<preset>-<dataset>-<arch><depth>-seed<seed>, numbered if taken."""
-    base = Path("runs") / f"{c.preset}-{c.dataset}-{c.arch}{c.depth or ''}-seed{c.seed}"
-    out, n = base, 1
-    while (out / checkpoint.FILENAME).exists() or (out / "metrics.jsonl").exists():
-        n += 1
-        out = base.with_name(f"{base.name}-{n}")
-    return out
-
-
-def _claim_out(c: TrainConfig, resuming: bool, held: list) -> Path:
-    """The run directory, locked for this trainer (the lock is appended to
-    `held`): a second trainer fails here, naming the first."""
-    out = default_out(c) if c.out is None else Path(c.out)
-    lock = RunDirLock(out).__enter__()
-    held.append(lock)
-    if c.out is not None and not resuming and ((out / checkpoint.FILENAME).exists()
-                                                or (out / "metrics.jsonl").exists()):
-        raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-    return out
 
 
 def _probe(net, c: TrainConfig, device: torch.device, fmt) -> None:
@@ -91,22 +71,27 @@ def _sync_buffers(net, procs) -> None:
             torch.distributed.broadcast(b, src=0)
 
 
-def train(c: TrainConfig, resume: Optional[Path] = None, *, interrupt_after: Optional[int] = None) -> dict:
+def train(c: TrainConfig, resume: Optional[Path] = None, *, rewind: bool = False,
+          interrupt_after: Optional[int] = None, stop_after: Optional[int] = None) -> dict:
     """Run (or continue, from checkpoint `resume`) training; returns the summary.
-    `interrupt_after` (for tests) raises KeyboardInterrupt after that iteration,
-    as a Ctrl-C between iterations would."""
+    rewind: let `resume`, an older checkpoint of the run directory it is in,
+    continue there. For tests: `interrupt_after` raises KeyboardInterrupt
+    after that iteration (a second Ctrl-C), `stop_after` requests a stop
+    there as SIGINT does."""
     procs = distributed.setup(c.device)
     finished, held = False, []  # held: process 0's lock on the run directory
+    stops = StopRequests()
     try:
         graphs.check_support(c, procs)
         if procs.distributed and c.batch_size % procs.world_size:
             raise ConfigError(f"--batch-size {c.batch_size} must be divisible by the {procs.world_size} processes")
         if procs.distributed and c.batch_size // procs.world_size < 2:
             raise ConfigError(f"--batch-size {c.batch_size} leaves fewer than 2 images per process for BatchNorm")
-        out = procs.decide(lambda: _claim_out(c, resume is not None, held))
+        out = procs.decide(lambda: claim_out(c, resume, rewind, held))
         if held and held[0].stale:
             print(f"note: {out} had the lock of a trainer that died ({held[0].stale}); taking it over", flush=True)
-        summary = _train(c, procs, out, resume, interrupt_after)
+        with stops.installed():
+            summary = _train(c, procs, out, resume, stops, interrupt_after, stop_after)
         finished = True
         return summary
     finally:
@@ -115,7 +100,7 @@ def train(c: TrainConfig, resume: Optional[Path] = None, *, interrupt_after: Opt
         distributed.teardown(procs, wait_for_others=finished)
 
 
-def _train(c: TrainConfig, procs, out: Path, resume, interrupt_after) -> dict:
+def _train(c: TrainConfig, procs, out: Path, resume, stops: StopRequests, interrupt_after, stop_after) -> dict:
     run = _Run(c, procs, out, resume)
     schedule = run.schedule
     eval_every = c.eval_every or schedule.iters_per_epoch
@@ -136,10 +121,17 @@ def _train(c: TrainConfig, procs, out: Path, resume, interrupt_after) -> dict:
                 run.save_checkpoint()
             if interrupt_after is not None and run.step == interrupt_after:
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if procs.is_main:
-            _say(run.bar, f"interrupted after iteration {run.step}; the last checkpoint is {run.last_good[1]} "
-                          f"(iteration {run.last_good[0]}); continue with: python -m fused_preact.train --resume {out}")
+            if stop_after is not None and run.step == stop_after:
+                stops.request(signal.SIGINT)
+            if run.step < schedule.total_iters and stops.agreed(run.procs, due(c.log_every)):
+                run.stop(stops.signum)
+    except KeyboardInterrupt as err:
+        if procs.is_main and not isinstance(err, Interrupted):  # a second signal, or one before the loop
+            step, path = run.last_good
+            _say(run.bar, f"interrupted after iteration {run.step}; " + (
+                f"the last checkpoint is {path} (iteration {step}); continue with: python -m fused_preact.train "
+                f"--resume {out}" if path else f"no checkpoint to resume: to start over, remove {out} or choose "
+                                               f"another --out"))
         raise
     finally:
         if run.bar is not None:
@@ -279,6 +271,17 @@ class _Run:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss_sum.detach(), errors
+
+    def stop(self, signum: Optional[int]) -> None:
+        """Save this iteration's checkpoint (unless saved) and raise Interrupted."""
+        signum = signum or signal.SIGTERM  # None: another process received the signal
+        if self.last_good[0] != self.step:
+            self.save_checkpoint()
+        message = (f"stopped by {signal_name(signum)} after iteration {self.step}, saved in {self.ckpt_path}; "
+                   f"continue with: python -m fused_preact.train --resume {self.out}")
+        if self.procs.is_main:
+            _say(self.bar, message)
+        raise Interrupted(signum, message)
 
     def _rate(self) -> float:
         return self.interval_images / max(time.perf_counter() - self.interval_start, 1e-9)

@@ -16,13 +16,30 @@ from .config import ConfigError
 TIMING_FIELDS = ("images_per_s", "time_s", "peak_memory_mib")
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[object], None], binary: bool = False) -> None:
     """Write through a temporary file in the same directory and rename it over
-    `path`: a reader (or a crash) sees the old file or the new one, never half."""
+    `path`: a reader (or a crash) sees the old file or the new one, never half.
+    The file gets the permissions the umask gives a new file (mkstemp's
+    temporary is private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()

@@ -8,14 +8,12 @@ that is given an option it does not take fails with one line naming the flag.
 import torch
 
 from ..models import create_model, list_models
-from .config import ConfigError, TrainConfig
-
-FLAG_OF = {"depth": "--depth", "fused": "--no-fused", "recompute": "--recompute", "backend": "--backend"}
+from .config import FLAG_OF, ConfigError, TrainConfig
 
 
 def model_options(c: TrainConfig) -> dict:
     options = dict(c.model_args)
-    for key in ("depth", "fused", "recompute", "backend"):
+    for key in FLAG_OF:
         if getattr(c, key) is not None:
             options[key] = getattr(c, key)
     return options

@@ -1,4 +1,5 @@
-"""One trainer per run directory: an exclusive lock held for the whole run.
+"""The run directory: which one a run writes to (claim_out), and one trainer
+per directory, by an exclusive lock held for the whole run.
 
 Two trainers writing into one --out would interleave metrics.jsonl, overwrite
 each other's checkpoints and summaries. The lock is an flock on OUT/.lock, so
@@ -6,20 +7,28 @@ the kernel releases it when the process ends in any way (exit, exception,
 SIGKILL); the file itself records the holder (pid, host, start time) while it
 runs and is emptied on a clean release, so a non-empty file that nobody holds
 was left by a trainer that died.
+
+The lock file is opened without following a symbolic link and must be a
+regular file with one name: a link planted in a shared or received run
+directory would otherwise have its target truncated and overwritten.
 """
 import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError
+from .checkpoint import FILENAME as CHECKPOINT
+from .config import ConfigError, TrainConfig
 
 LOCK_NAME = ".lock"
+# The files a run writes (atomically, through ".NAME.*.tmp" temporaries).
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "config.json", "summary.json", "curves.png")
 
 
 def _writable_directory(out: Path) -> None:
@@ -62,10 +71,7 @@ class RunDirLock:
 
     def __enter__(self) -> "RunDirLock":
         _writable_directory(self.out)
-        try:
-            f = open(self.path, "a+")
-        except OSError as err:
-            raise ConfigError(f"--out {self.out} is not writable: {err.strerror}") from None
+        f = _open_lock_file(self.out, self.path)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -89,6 +95,7 @@ class RunDirLock:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv}, f)
         f.flush()
         self._file = f
+        _remove_stale_temporaries(self.out)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -101,9 +108,77 @@ class RunDirLock:
             self._file = None
 
 
+def _open_lock_file(out: Path, path: Path):
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ConfigError(f"--out {out}: {path} is a symbolic link, not a lock file; remove the link "
+                              f"(the trainer does not write through it)") from None
+        raise ConfigError(f"--out {out} is not writable: {err.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = f"has {info.st_nlink} names (a hard link)" if stat.S_ISREG(info.st_mode) else "is not a regular file"
+        raise ConfigError(f"--out {out}: {path} {what}; a run's lock must be a regular file of its own: remove it")
+    return os.fdopen(fd, "r+")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries of the run's files left by a trainer killed mid-write
+    (the lock is held: no other trainer is writing them)."""
+    for name in RUN_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+
+
 def _parse(text: str) -> dict:
     try:
         value = json.loads(text) if text.strip() else {}
     except ValueError:
         return {"pid": "?", "host": "?"}
     return value if isinstance(value, dict) else {}
+
+
+def run_files(out: Path) -> list[str]:
+    """The files of a run (RUN_FILES) that `out` holds."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def default_out(c: TrainConfig) -> Path:
+    """runs/<preset>-<dataset>-<arch><depth>-seed<seed>, numbered if taken."""
+    base = Path("runs") / f"{c.preset}-{c.dataset}-{c.arch}{c.depth or ''}-seed{c.seed}"
+    out, n = base, 1
+    while run_files(out):
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def claim_out(c: TrainConfig, resume: Optional[Path], rewind: bool, held: list) -> Path:
+    """The run directory, locked for this trainer (the lock is appended to
+    `held`): a second trainer fails here, naming the first. Nothing of
+    another run is overwritten: a new run needs a directory without a run's
+    files, a resumed one its own directory or one without them, and an older
+    checkpoint of a directory's run continues there only with --rewind."""
+    out = default_out(c) if c.out is None else Path(c.out)
+    lock = RunDirLock(out).__enter__()
+    held.append(lock)
+    present = run_files(out)
+    if resume is None and present:
+        if CHECKPOINT in present:
+            raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or choose another "
+                              f"--out")
+        raise ConfigError(f"--out {out} holds {', '.join(present)} but no checkpoint (a run stopped before its first "
+                          f"save, or other files): nothing to resume, nothing overwritten; remove them or choose "
+                          f"another --out")
+    if resume is not None and out.resolve() != resume.parent.resolve() and present:
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(present)}); --resume {resume} continues "
+                          f"in its own directory or into a new --out")
+    if resume is not None and out.resolve() == resume.parent.resolve() and resume.name != CHECKPOINT \
+            and CHECKPOINT in present and not rewind:
+        raise ConfigError(f"--resume {resume} is an older checkpoint of the run in {out}: continuing there would "
+                          f"cut its metrics.jsonl after that checkpoint and replace {out / CHECKPOINT}; "
+                          f"resume into a new --out, or pass --rewind to do that")
+    return out
