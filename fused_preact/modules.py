@@ -61,11 +61,46 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
                              f"nn.Conv2d; unsupported: {[k for k, bad in unsupported.items() if bad]}")
     # A recompute's second run replays the first run's statistics: none to hand on.
     hand_on = next_bn is not None and next_bn.training and not replaying_stats()
-    return bn_relu_convs(
-        "bn_relu_conv_modules", x, [(c.weight, c.stride, c.padding) for c in convs], bn.weight, bn.bias, *running,
-        use_batch_stats, momentum, bn.eps, backend, residual=residual, x_stats=x_stats if use_batch_stats else None,
-        stats_eps=next_bn.eps if hand_on else None, num_batches_tracked=counter,
+    paddings = [_symmetric_padding(c, i, cropped_ok=len(convs) == 1 and residual is None and not hand_on)
+                for i, c in enumerate(convs)]
+    outs, stats = bn_relu_convs(
+        "bn_relu_conv_modules", x, [(c.weight, c.stride, pad) for c, (pad, _) in zip(convs, paddings)], bn.weight,
+        bn.bias, *running, use_batch_stats, momentum, bn.eps, backend, residual=residual,
+        x_stats=x_stats if use_batch_stats else None, stats_eps=next_bn.eps if hand_on else None,
+        num_batches_tracked=counter,
     )
+    crop = paddings[0][1]
+    if crop is not None:
+        outs = [outs[0][:, :, crop[0]:crop[0] + x.shape[2], crop[1]:crop[1] + x.shape[3]]]
+    return outs, stats
+
+
+def _symmetric_padding(conv: nn.Conv2d, i: int, cropped_ok: bool):
+    """(the symmetric padding the fused op runs conv with, the output's
+    (row, column) offset to crop it at, or None). padding="same" pads
+    (k - 1) / 2 on each side; an even kernel's "same" pads one less before
+    than after, which is run as the larger padding on both sides, cropped."""
+    if not isinstance(conv.padding, str):
+        return conv.padding, None
+    if conv.padding == "valid":
+        return (0, 0), None
+    totals = [k - 1 for k in conv.kernel_size]  # "same": stride 1 and dilation 1 here
+    if all(t % 2 == 0 for t in totals):
+        return tuple(t // 2 for t in totals), None
+    if not cropped_ok:
+        raise ValueError(f"bn_relu_conv_modules: convs[{i}] has padding='same' with an even kernel "
+                         f"{tuple(conv.kernel_size)} (more padding after than before), which runs here only for a "
+                         f"single conv without residual or handed-on statistics")
+    pad = tuple(t - t // 2 for t in totals)
+    return pad, tuple(p - t // 2 for p, t in zip(pad, totals))
+
+
+def refuse_jit_script(module: nn.Module) -> nn.Module:
+    """A fused network's torch.jit.script, refused in one line."""
+    if getattr(module, "fused", False):
+        raise NotImplementedError(f"{type(module).__name__}: torch.jit.script cannot compile the fused op; use "
+                                  f"torch.compile or torch.export, or build the network with fused=False")
+    return module
 
 
 class FusedBNReLUConv2d(nn.Module):
@@ -87,7 +122,13 @@ class FusedBNReLUConv2d(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.bn.num_features:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"FusedBNReLUConv2d: expected an input of shape (N, {self.bn.num_features}, H, W) "
+                             f"(in_channels={self.bn.num_features}), got {got}")
         return bn_relu_conv_modules(x, self.bn, [self.conv], self.fused, self.backend)[0][0]
 
     def extra_repr(self) -> str:
         return f"fused={self.fused}, backend={self.backend!r}"
+
+    __prepare_scriptable__ = refuse_jit_script  # torch.jit.script asks every submodule first

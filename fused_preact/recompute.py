@@ -8,13 +8,19 @@ second run never updates BatchNorm running statistics again: it runs under
 records each fused layer's batch statistics (4 per-channel vectors, saved
 beside the input) and the second run normalises with them (StatsTape), so it
 makes no statistics pass of its own.
+
+The second run binds the block's parameter slots to the tensors the first
+run used (saved with the input), not to whatever the module holds when
+backward runs: under torch.func.functional_call the first run sees the
+substituted tensors, which are gone from the module by then, and their
+gradients must reach them.
 """
 import contextlib
 import threading
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .ops.bn_relu_conv import StatsTape, keep_activations, refuse_double_backward
 
@@ -37,10 +43,34 @@ def frozen_running_stats():
         _state.frozen = previous
 
 
+def _trainable_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(owner, name) of each distinct parameter of `module` that requires grad."""
+    slots, seen = [], set()
+    for owner in module.modules():
+        for name, p in owner._parameters.items():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                slots.append((owner, name))
+    return slots
+
+
+@contextlib.contextmanager
+def _bound(slots: list[tuple[nn.Module, str]], tensors):
+    """Inside, each slot holds the matching tensor (as functional_call binds them)."""
+    previous = [owner._parameters[name] for owner, name in slots]
+    for (owner, name), t in zip(slots, tensors):
+        owner._parameters[name] = t
+    try:
+        yield
+    finally:
+        for (owner, name), p in zip(slots, previous):
+            owner._parameters[name] = p
+
+
 class _Recompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: Callable[[Tensor], Tensor], x: Tensor, *params: Tensor) -> Tensor:
-        ctx.run = run
+    def forward(ctx, run: Callable[[Tensor], Tensor], slots, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.run, ctx.slots = run, slots
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         with torch.no_grad(), StatsTape().recording() as tape:
@@ -48,33 +78,38 @@ class _Recompute(torch.autograd.Function):
         # The layers' statistics, saved beside the input, are the second run's.
         ctx.save_for_backward(x, *params, *tape.tensors)
         ctx.num_params, ctx.layers = len(params), tape.layers
+        ctx.param_ids = [id(p) for p in params]  # the tape names a layer by its BatchNorm weight's id
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         refuse_double_backward("recompute='unit'/'segment'")
         x, *saved = ctx.saved_tensors
-        params, tape = saved[:ctx.num_params], StatsTape(saved[ctx.num_params:], ctx.layers)
-        x = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        params = [p.detach().requires_grad_(need) for p, need in zip(saved[:ctx.num_params], ctx.needs_input_grad[3:])]
+        # The second run's layers hold `params`, new tensors: the tape's record of each layer follows them.
+        renamed = {old: id(new) for old, new in zip(ctx.param_ids, params)}
+        layers = [(shape, renamed.get(weight, weight)) for shape, weight in ctx.layers]
+        tape = StatsTape(saved[ctx.num_params:], layers)
+        x = x.detach().requires_grad_(ctx.needs_input_grad[2])
         device, autocast_on, autocast_dtype = ctx.autocast
         # The second run keeps relu(bn(x)) per layer rather than recomputing it
         # a third time: it lives only until this block's backward returns. It
         # normalises with the first run's statistics (the tape): no statistics
         # pass, and the running statistics are left alone.
         with torch.enable_grad(), frozen_running_stats(), keep_activations(), tape.replaying(), \
-                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
+                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on), _bound(ctx.slots, params):
             out = ctx.run(x)
-        wanted = [t for t, need in zip([x, *params], ctx.needs_input_grad[1:]) if need]
+        wanted = [t for t, need in zip([x, *params], ctx.needs_input_grad[2:]) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-        return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
+        return (None, None, *(next(grads) if need else None for need in ctx.needs_input_grad[2:]))
 
 
-def recompute(run: Callable[[Tensor], Tensor], x: Tensor, params: list[Tensor]) -> Tensor:
-    """run(x), keeping only x for backward and running `run` again there.
-
-    `params` must list every tensor requiring grad that `run` uses besides x
-    (the block's parameters): their gradients are computed in the second run.
-    """
+def recompute(run: Callable[[Tensor], Tensor], x: Tensor, module: nn.Module) -> Tensor:
+    """run(x), keeping only x (and the layers' statistics) for backward and
+    running `run` again there. `run` may use, besides x, the parameters of
+    `module`: their gradients are computed in the second run, for the
+    tensors the first run found in the module's parameter slots."""
     if not torch.is_grad_enabled():
         return run(x)
-    return _Recompute.apply(run, x, *params)
+    slots = _trainable_slots(module)
+    return _Recompute.apply(run, slots, x, *(owner._parameters[name] for owner, name in slots))

@@ -171,28 +171,30 @@ def test_training_under_save_on_cpu_gives_same_gradients(mode):
 # ---- recompute() ------------------------------------------------------------------------------------------
 
 def _small_function():
-    w1 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    b1 = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    """(run, its module's parameters, a list of run's grad modes per call, the module)."""
+    module = nn.Module()
+    module.w1 = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    module.b1 = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    module.w2 = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
     calls = []
 
-    def run(x):
+    def run(x):  # reads the parameters through the module, as recompute() asks
         calls.append(torch.is_grad_enabled())
-        return (torch.tanh(x @ w1 + b1) @ w2).square()
+        return (torch.tanh(x @ module.w1 + module.b1) @ module.w2).square()
 
-    return run, [w1, b1, w2], calls
+    return run, list(module.parameters()), calls, module
 
 
 @pytest.mark.parametrize("input_requires_grad", [True, False])
 def test_recompute_gives_same_gradients_as_direct_call(input_requires_grad):
-    run, params, calls = _small_function()
+    run, params, calls, module = _small_function()
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=input_requires_grad)
     g = torch.randn(6, 3, dtype=torch.float64)
     direct = run(x)
     wanted = [x, *params] if input_requires_grad else params
     expected = torch.autograd.grad(direct, wanted, g)
     calls.clear()
-    out = recompute(run, x, params)
+    out = recompute(run, x, module)
     assert calls == [False]
     assert_close(out, direct, torch.float64, "output")
     got = torch.autograd.grad(out, wanted, g)
@@ -201,17 +203,37 @@ def test_recompute_gives_same_gradients_as_direct_call(input_requires_grad):
         assert_close(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("mode", ["unit", "segment"])
+def test_functional_call_gets_gradients_for_the_substituted_parameters(mode):
+    # torch.func.functional_call binds other tensors to the parameters for the
+    # forward only: the recompute in backward must use those, and their
+    # gradients must reach them, not the module's own parameters.
+    model = randomized_net(20, "bottleneck", recompute=mode)
+    plain = randomized_net(20, "bottleneck", fused=False, recompute="none")
+    substitutes = {name: (p.detach() * 1.5).requires_grad_() for name, p in model.named_parameters()}
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    torch.func.functional_call(model, substitutes, (x,)).square().sum().backward()
+    # The plain net's parameters, in the same order, bound to the same values.
+    plain_substitutes = {name: t.detach().clone().requires_grad_()
+                         for (name, _), t in zip(plain.named_parameters(), substitutes.values(), strict=True)}
+    torch.func.functional_call(plain, plain_substitutes, (x,)).square().sum().backward()
+    for name, a, b in zip(substitutes, substitutes.values(), plain_substitutes.values()):
+        assert a.grad is not None, name
+        assert_close(a.grad, b.grad, torch.float64, name, scale=max(1.0, b.grad.abs().max().item()))
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_recompute_leaves_input_grad_none_when_input_does_not_require_grad():
-    run, params, _ = _small_function()
+    run, params, _, module = _small_function()
     x = torch.randn(6, 5, dtype=torch.float64)
-    recompute(run, x, params).sum().backward()
+    recompute(run, x, module).sum().backward()
     assert x.grad is None and all(p.grad is not None for p in params)
 
 
 def test_recompute_under_no_grad_runs_once_without_graph():
-    run, params, calls = _small_function()
+    run, params, calls, module = _small_function()
     with torch.no_grad():
-        out = recompute(run, torch.randn(6, 5, dtype=torch.float64), params)
+        out = recompute(run, torch.randn(6, 5, dtype=torch.float64), module)
     assert calls == [False] and not out.requires_grad
 
 
@@ -264,7 +286,7 @@ def test_recomputed_module_updates_running_stats_once(fused):
     twin = FusedBNReLUConv2d(4, 6, kernel_size=3, padding=1, fused=fused).double()
     twin.load_state_dict(mod.state_dict())
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64) + 1
-    recompute(mod, x.requires_grad_(), list(mod.parameters())).sum().backward()
+    recompute(mod, x.requires_grad_(), mod).sum().backward()
     twin(x).sum()
     for name, b in twin.bn.named_buffers():
         assert torch.equal(getattr(mod.bn, name), b), name
@@ -301,7 +323,7 @@ def test_recompute_of_a_net_that_recomputes_its_units(mode):
     model = randomized_net(20, "bottleneck", recompute=mode)
     plain = randomized_net(20, "bottleneck", fused=False, recompute="none")
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True)
-    out = recompute(model, x, list(model.parameters()))
+    out = recompute(model, x, model)
     got = torch.autograd.grad(out.sum(), [x, *model.parameters()])
     want = torch.autograd.grad(plain(x).sum(), [x, *plain.parameters()])
     for (name, _), a, b in zip([("input", None), *model.named_parameters()], got, want):
@@ -319,14 +341,16 @@ def test_stats_tape_refuses_a_replay_of_other_layers():
     tape = StatsTape()
     with tape.recording():
         layer(x, weight)
-    with pytest.raises(RuntimeError, match=r"layer 0 of the replayed run \(input shape \(2, 5, 4, 4\)\) is not the "
-                                           r"recorded run's layer 0 \(input shape \(2, 3, 4, 4\)"), tape.replaying():
+    with pytest.raises(RuntimeError, match=r"layer 0 of the replayed run differs from the recorded run's: its input "
+                                           r"shape \(2, 5, 4, 4\) is not the recorded \(2, 3, 4, 4\)"), \
+            tape.replaying():
         layer(torch.randn(2, 5, 4, 4), torch.ones(5))
-    with pytest.raises(RuntimeError, match="is not the recorded run's layer 0"), tape.replaying():
+    with pytest.raises(RuntimeError, match=r"layer 0 .*: its BatchNorm is not the recorded run's \(same input shape "
+                                           r"\(2, 3, 4, 4\)\)"), tape.replaying():
         layer(x, torch.ones(3))  # the same shape, another BatchNorm
     with pytest.raises(RuntimeError, match="replayed run normalised 0 layers, the recorded one 1"), tape.replaying():
         pass
-    with pytest.raises(RuntimeError, match=r"layer 1 of the replayed run .* \(none, or another"), tape.replaying():
+    with pytest.raises(RuntimeError, match=r"layer 1 .*: the recorded run has no such layer"), tape.replaying():
         layer(x, weight)
         layer(x, weight)
     with tape.replaying():
@@ -341,14 +365,15 @@ def _autocast_probe():
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return torch.tanh(lin(x)) * lin(x)
 
-    return run, list(lin.parameters()), seen
+    return run, lin, seen
 
 
 def test_recompute_restores_forward_autocast_state_in_backward():
-    run, params, seen = _autocast_probe()
+    run, lin, seen = _autocast_probe()
+    params = list(lin.parameters())
     x = torch.randn(4, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.float16):
-        out = recompute(run, x, params)
+        out = recompute(run, x, lin)
         direct = run(x)
     assert out.dtype == torch.float16
     got = torch.autograd.grad(out.float().sum(), [x, *params])
@@ -359,9 +384,10 @@ def test_recompute_restores_forward_autocast_state_in_backward():
 
 
 def test_recompute_backward_ignores_autocast_active_at_backward_time():
-    run, params, seen = _autocast_probe()
+    run, lin, seen = _autocast_probe()
+    params = list(lin.parameters())
     x = torch.randn(4, 8, requires_grad=True)
-    out, direct = recompute(run, x, params), run(x)
+    out, direct = recompute(run, x, lin), run(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = torch.autograd.grad(out.sum(), [x, *params])
         expected = torch.autograd.grad(direct.sum(), [x, *params])

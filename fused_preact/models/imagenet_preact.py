@@ -37,9 +37,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules import bn_relu_conv_modules
-from .net_utils import (BLOCKS, batch_norm, build_stages, check_choice, check_recompute, default_segment_size,
-                        fixed_depth_factory, init_weights, run_units)
+from ..modules import bn_relu_conv_modules, refuse_jit_script
+from .net_utils import (BLOCKS, batch_norm, build_stages, check_choice, check_num_classes, check_recompute,
+                        default_segment_size, fixed_depth_factory, init_weights, run_units)
 from .registry import register_model
 
 # depth -> (block, units per stage)
@@ -110,6 +110,8 @@ class ImageNetPreActResNet(nn.Module):
     PreActResNet; projection: "preact_conv" (default: preresnet.lua HEAD) or
     "conv_bn" (its first version, c5301063)."""
 
+    __prepare_scriptable__ = refuse_jit_script  # torch.jit.script: refused in one line
+
     def __init__(self, depth: int, num_classes: int = 1000, projection: str = "preact_conv",
                  recompute: Optional[str] = None, fused: bool = True, segment_size: Optional[int] = None,
                  backend: str = "auto"):
@@ -131,7 +133,7 @@ class ImageNetPreActResNet(nn.Module):
                 c_in, width, stride, block, projection == "conv_bn" or stage > 0 or not first, projection, use_op,
                 backend))
         self.bn = nn.BatchNorm2d(in_planes)
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = nn.Linear(in_planes, check_num_classes("ImageNetPreActResNet", num_classes))
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:

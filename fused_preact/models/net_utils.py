@@ -47,11 +47,15 @@ def default_shortcut(block: str) -> str:
 
 def cifar_units_per_stage(owner: str, depth: int, block: Optional[str]) -> tuple[str, int]:
     """(block, units per stage) of a CIFAR net of `depth` (block None: default_block)."""
-    block = default_block(depth) if block is None else block
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"{owner}: depth must be an int, got {depth!r} ({type(depth).__name__})")
+    chosen = block is not None
+    block = block if chosen else default_block(depth)
     check_choice(owner, "block", block, BLOCKS)
     per_unit = BLOCKS[block].layers_per_unit
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < per_unit + 2 or (depth - 2) % per_unit:
-        raise ValueError(f"{owner}: depth for {block} units must be {per_unit}n+2 with n >= 1, got {depth!r}")
+    if depth < per_unit + 2 or (depth - 2) % per_unit:
+        rules = [f"{b.layers_per_unit}n+2 ({name} units)" for name, b in BLOCKS.items() if not chosen or name == block]
+        raise ValueError(f"{owner}: depth must be {' or '.join(rules)} with n >= 1, got {depth}")
     return block, (depth - 2) // per_unit
 
 
@@ -106,7 +110,7 @@ def run_units(units: nn.Sequential, x: Tensor, mode: str, segment_size: int,
             # updates, being mutations, stay in the forward graph: once.
             x = torch.utils.checkpoint.checkpoint(functools.partial(run, group), x, use_reentrant=False)
         else:
-            x = recompute(functools.partial(run, group), x, [p for p in group.parameters() if p.requires_grad])
+            x = recompute(functools.partial(run, group), x, group)
     return x
 
 
@@ -137,6 +141,12 @@ def batch_norm(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     use_batch_stats = bn.training or bn.running_mean is None
     running = (None, None) if use_batch_stats else (bn.running_mean, bn.running_var)
     return F.batch_norm(x, *running, bn.weight, bn.bias, use_batch_stats, 0.0, bn.eps)
+
+
+def check_num_classes(owner: str, num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{owner}: num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
 
 
 def check_choice(owner: str, name: str, value, choices) -> None:

@@ -40,8 +40,9 @@ from typing import Callable, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules import bn_relu_conv_modules
-from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_choice, check_recompute,
+from ..modules import bn_relu_conv_modules, refuse_jit_script
+from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_choice, check_num_classes,
+                        check_recompute,
                         cifar_units_per_stage, default_segment_size, default_shortcut, fixed_depth_factory,
                         init_weights, run_units, zero_padded_identity)
 from .registry import register_model
@@ -125,6 +126,8 @@ class ResNet(nn.Module):
     is the same either way.
     """
 
+    __prepare_scriptable__ = refuse_jit_script  # torch.jit.script: refused in one line
+
     def __init__(self, depth: int, num_classes: int = 10, ordering: str = "original", block: Optional[str] = None,
                  shortcut: Optional[str] = None, merge: Optional[MergeFactory] = None, recompute: Optional[str] = None,
                  fused: bool = True, segment_size: Optional[int] = None, backend: str = "auto"):
@@ -148,7 +151,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, CIFAR_WIDTHS[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(CIFAR_WIDTHS[0]) if ordering != "relu_only_preact" else None
         self.units, in_planes = build_stages(CIFAR_WIDTHS[0], CIFAR_WIDTHS, [n] * 3, expansion, unit)
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = nn.Linear(in_planes, check_num_classes("ResNet", num_classes))
         init_weights(self)
         if merge is not None:
             for unit in self.units:  # the gates' bias init (b_g) after the generic init

@@ -22,8 +22,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules import Stats, bn_relu_conv_modules
-from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_recompute, cifar_units_per_stage,
+from ..modules import Stats, bn_relu_conv_modules, refuse_jit_script
+from .net_utils import (BLOCKS, CIFAR_WIDTHS, batch_norm, build_stages, check_num_classes, check_recompute,
+                        cifar_units_per_stage,
                         default_segment_size, default_shortcut, fixed_depth_factory, init_weights, run_units,
                         zero_padded_identity)
 from .registry import register_model
@@ -160,6 +161,8 @@ class PreActResNet(nn.Module):
     unavailable, as it is the fused op's own recompute; default "none").
     """
 
+    __prepare_scriptable__ = refuse_jit_script  # torch.jit.script: refused in one line
+
     def __init__(self, depth: int, num_classes: int = 10, recompute: Optional[str] = None, fused: bool = True,
                  block: Optional[str] = None, shortcut: Optional[str] = None, segment_size: Optional[int] = None,
                  backend: str = "auto"):
@@ -178,7 +181,7 @@ class PreActResNet(nn.Module):
             lambda c_in, width, stride, first, _: UNITS[block](c_in, width, stride, shortcut, use_op, backend,
                                                                 preact_shortcut=first))
         self.bn = nn.BatchNorm2d(in_planes)
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = nn.Linear(in_planes, check_num_classes("PreActResNet", num_classes))
         self.fused = fused
         init_weights(self)
 

@@ -23,7 +23,9 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> Callable[...
 
 
 def list_models(pattern: Optional[str] = None) -> list[str]:
-    """Registered names, sorted; only those matching the glob `pattern` if given."""
+    """Registered names, sorted; only those matching the glob `pattern` if
+    given. The glob matches the whole name (fnmatch, as timm's list_models):
+    "preact*" lists the pre-activation nets, "preact" only a net of that name."""
     names = sorted(_MODELS)
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 

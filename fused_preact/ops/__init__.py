@@ -16,6 +16,7 @@ custom op / autograd.Function) -> a backend (backends.py) -> its kernels.
 from typing import Optional, Union
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from .backends import backend_names, get_backend, register_backend, resolve_backend
@@ -82,6 +83,8 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
       eps, to hand on as its x_stats (else None: the next layer computes them);
     - num_batches_tracked: incremented with the running statistics' update
       (training with running statistics only)."""
+    if not torch.compiler.is_compiling():
+        _refuse_transforms(fn)
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     weights = [w for w, _, _ in convs]
     if torch.is_autocast_enabled(x.device.type):
@@ -119,6 +122,22 @@ def _check_residual(fn, residual, x, weight, stride, padding):
                          f"{residual.dtype} on {residual.device}")
 
 
+def _refuse_transforms(fn: str) -> None:
+    """What cannot trace or transform the op (its kernels are opaque and its
+    backward is its own), as one line the same on every backend. A user of
+    these runs the network with fused=False; torch.compile and
+    torch.export take the op as it is."""
+    if torch._C._are_functorch_transforms_active():
+        raise NotImplementedError(f"{fn}: torch.func transforms (vmap, grad, jacrev, jvp, ...) cannot run the fused "
+                                  f"op; build the network with fused=False to use them")
+    if forward_ad._current_level >= 0:
+        raise NotImplementedError(f"{fn}: forward-mode AD (torch.autograd.forward_ad) cannot run the fused op; build "
+                                  f"the network with fused=False to use it")
+    if torch.jit.is_tracing():
+        raise NotImplementedError(f"{fn}: torch.jit.trace cannot record the fused op; use torch.compile or "
+                                  f"torch.export, or build the network with fused=False")
+
+
 def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps):
     # Runs on every layer call: written for speed (one pass per tensor, x's
     # device read once), since ResNet-1001 makes some 3000 such calls a step.
@@ -151,6 +170,8 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
             raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {v.dtype}")
         if v.device != device:
             raise ValueError(f"{fn}: {name} must be on x's device {device}, got {v.device}")
+        if name.startswith("running") and not v.is_contiguous():  # every backend updates them in place
+            raise ValueError(f"{fn}: {name} must be contiguous (updated in place), got strides {v.stride()}")
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together or both be None")
     if not training and running_mean is None:

@@ -162,10 +162,11 @@ class StatsTape:
         i = self._next
         recorded = self.layers[i] if i < len(self.layers) else None
         if recorded != layer:
-            raise RuntimeError(f"StatsTape: layer {i} of the replayed run (input shape {layer[0]}) is not the "
-                               f"recorded run's layer {i} "
-                               f"({'input shape ' + str(recorded[0]) if recorded else 'none'}, or another "
-                               f"BatchNorm): a recomputed block must run the same layers again")
+            what = ("the recorded run has no such layer" if recorded is None else
+                    f"its input shape {layer[0]} is not the recorded {recorded[0]}" if recorded[0] != layer[0] else
+                    f"its BatchNorm is not the recorded run's (same input shape {layer[0]})")
+            raise RuntimeError(f"StatsTape: layer {i} of the replayed run differs from the recorded run's: {what}; "
+                               f"a recomputed block must run the same layers again")
         self._next += 1
         return tuple(self.tensors[4 * i:4 * i + 4])
 

@@ -142,11 +142,40 @@ def load(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     if stored != content_hash(state):
         raise ConfigError(f"{path} is corrupted: its content does not match the SHA-256 stored with it; "
                           f"nothing was loaded or changed (restore the file from a copy)")
+    _check_schema(path, state)
     bad = nonfinite_tensors({k: state[k] for k in ("model", "optimizer", "scaler")})
     if bad:
         raise ConfigError(f"{path} holds non-finite values in {len(bad)} tensors ({', '.join(bad[:3])}); "
                           f"it cannot be resumed or evaluated")
     return state
+
+
+# What every checkpoint holds, by type (a file with a valid hash may still be
+# another program's or hand-made).
+_SCHEMA = {"step": int, "model": dict, "optimizer": dict, "scaler": dict, "config": dict, "train_sums": torch.Tensor,
+           "rng_cpu": torch.Tensor}
+
+
+def _check_schema(path: Path, state: dict) -> None:
+    for key, kind in _SCHEMA.items():
+        if key not in state:
+            raise ConfigError(f"{path} is malformed: it has no {key!r} entry")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ConfigError(f"{path} is malformed: {key!r} must be a {kind.__name__}, got "
+                              f"{type(state[key]).__name__}")
+    if state["step"] < 0 or tuple(state["train_sums"].shape) != (3,):
+        raise ConfigError(f"{path} is malformed: step {state['step']}, train_sums of shape "
+                          f"{tuple(state['train_sums'].shape)} (expected >= 0 and (3,))")
+
+
+def load_into(path: Path, key: str, target, state: dict) -> None:
+    """target.load_state_dict(state[key]) (the network, optimizer or loss
+    scaler), its refusal as one line naming the file."""
+    try:
+        target.load_state_dict(state[key])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: its {key} does not fit the {key} its configuration builds ({first})") from None
 
 
 def resumed_config(saved: dict, given: dict[str, Any], preset: Optional[str]) -> TrainConfig:

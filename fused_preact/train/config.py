@@ -9,6 +9,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import re
 from typing import Any, Callable, Optional
 
 from .augment import NORMALIZATIONS
@@ -261,6 +262,15 @@ def resolve(preset: Optional[str], given: dict[str, Any]) -> TrainConfig:
 
 
 def validate(c: TrainConfig) -> None:
+    """Refuse a configuration the trainer cannot run, in one line (a value of
+    the wrong type, from a hand-made checkpoint, included)."""
+    try:
+        _check(c)
+    except (TypeError, AttributeError) as err:
+        raise ConfigError(f"the configuration has a value of the wrong type ({err})") from None
+
+
+def _check(c: TrainConfig) -> None:
     def need(ok: bool, message: str):
         if not ok:
             raise ConfigError(message)
@@ -290,7 +300,7 @@ def validate(c: TrainConfig) -> None:
     need(c.normalize in NORMALIZATIONS, f"--normalize must be one of {NORMALIZATIONS}, got {c.normalize!r}")
     need(c.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}, got {c.dataset!r}")
     need(c.amp in ("none", "bf16", "fp16"), f"--amp must be none, bf16 or fp16, got {c.amp!r}")
-    need(c.device == "auto" or c.device == "cpu" or c.device.split(":")[0] == "cuda",
+    need(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", c.device) is not None,
          f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     need(not c.cuda_graphs or c.device != "cpu",
          "--cuda-graphs needs a CUDA device (a graph records GPU kernel launches), got --device cpu; "

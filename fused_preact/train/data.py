@@ -167,6 +167,8 @@ def prepare_cifar(spec: CifarSpec, data_dir: Path, download: bool = True) -> Pat
     """The verified extracted folder: used if present, else extracted from the
     archive in data_dir, which is downloaded first if missing and `download`."""
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a directory")
     folder = data_dir / spec.folder
     if not folder.is_dir():
         archive = data_dir / spec.archive

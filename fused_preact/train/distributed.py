@@ -90,7 +90,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DeviceError(f"--device {name}: CUDA is not available in this torch build/machine; use --device cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type != "cuda":
+        raise DeviceError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.index is None:
         device = torch.device("cuda", local_rank)
     if device.index >= torch.cuda.device_count():
@@ -98,10 +103,28 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def _environment_int(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise DeviceError(f"environment variable {name} must be an integer >= {minimum}, got {text!r} (torchrun "
+                          f"sets it; unset it to run one process)")
+    return value
+
+
 def setup(device_name: str) -> Processes:
     """Join the process group torchrun describes in the environment (if any)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = _environment_int("WORLD_SIZE", 1, 1)
+    rank, local_rank = _environment_int("RANK", 0, 0), _environment_int("LOCAL_RANK", 0, 0)
+    if rank >= world_size:
+        raise DeviceError(f"environment variable RANK={rank} must be below WORLD_SIZE={world_size}")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world_size > 1 and not os.environ.get(v)]
+    if missing and not dist.is_initialized():
+        raise DeviceError(f"WORLD_SIZE={world_size} needs {' and '.join(missing)} in the environment: start the "
+                          f"processes with torchrun, or unset WORLD_SIZE to run one")
     device = pick_device(device_name, local_rank)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":

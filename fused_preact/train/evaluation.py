@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, distributed
 from .augment import Normalizer
-from .config import TrainConfig
+from .config import TrainConfig, validate
 from .data import load_dataset, num_classes, prepare_dataset
 from .networks import build_model
 
@@ -42,15 +42,19 @@ def evaluate(net, images, labels, normalize, procs, c: TrainConfig) -> tuple[flo
     return loss / count, errors / count
 
 
-def evaluate_checkpoint(path: Path, device: str = "auto", eval_batch_size: Optional[int] = None) -> dict:
-    """Test loss and error of a saved network (evaluation-only mode)."""
+def evaluate_checkpoint(path: Path, device: str = "auto", eval_batch_size: Optional[int] = None,
+                        data_dir: str = "data", download: bool = True) -> dict:
+    """Test loss and error of a saved network (evaluation-only mode), on the
+    test set in `data_dir` (of this machine: not the checkpoint's run's)."""
     procs = distributed.setup(device)
     try:
         state = checkpoint.load(path, procs.device)
         c = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
         c.device, c.eval_batch_size = device, eval_batch_size or c.eval_batch_size
+        c.data_dir, c.download = data_dir, download
+        validate(c)
         net = build_model(c, num_classes(c.dataset))
-        net.load_state_dict(state["model"])
+        checkpoint.load_into(path, "model", net, state)
         fmt = torch.channels_last if c.channels_last else torch.contiguous_format
         net = net.to(device=procs.device, memory_format=fmt)
         procs.decide(lambda: prepare_dataset(c.dataset, Path(c.data_dir), c.download))

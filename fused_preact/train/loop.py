@@ -196,9 +196,8 @@ class _Run:
 
     def _restore(self, resume: Path) -> None:
         state = checkpoint.load(resume, self.device)
-        self.net.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        for key, target in (("model", self.net), ("optimizer", self.optimizer), ("scaler", self.scaler)):
+            checkpoint.load_into(resume, key, target, state)
         if self.procs.is_main:
             self.sums.copy_(state["train_sums"])
         self.step = state["step"]

@@ -78,8 +78,12 @@ def read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a metrics log: not UTF-8 text (byte {err.start})") from None
     # Every record ends with a newline; what follows the last one was cut short.
-    complete = path.read_text().split("\n")[:-1]
+    complete = text.split("\n")[:-1]
     records = []
     for number, line in enumerate(complete, 1):
         if not line.strip():
@@ -88,10 +92,21 @@ def read_jsonl(path: Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             record = None
-        if not isinstance(record, dict) or "iter" not in record:
-            raise ConfigError(f"{path} line {number} is not a metrics record: {line[:60]!r}")
+        if not _is_record(record):
+            raise ConfigError(f"{path} line {number} is not a metrics record (an integer iter and numbers or null "
+                              f"for {', '.join(_NUMBERS)}): {line[:60]!r}")
         records.append(record)
     return records
+
+
+_NUMBERS = ("train_loss", "train_error", "test_loss", "test_error")  # every record has them (null: not finite)
+
+
+def _is_record(record) -> bool:
+    def number(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    return isinstance(record, dict) and isinstance(record.get("iter"), int) and not isinstance(record["iter"], bool) \
+        and all(key in record and number(record[key]) for key in _NUMBERS)
 
 
 class MetricsLog:
