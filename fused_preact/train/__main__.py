@@ -15,7 +15,7 @@ import sys
 from typing import Optional
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig, build_parser, explicit_options, print_config, resolve, validate
+from .config import ConfigError, build_parser, explicit_options, print_config, resolve, validate
 from .data import DataError
 from .distributed import DeviceError
 from .evaluation import evaluate_checkpoint
@@ -34,10 +34,8 @@ def run(argv: Optional[list[str]] = None, **hooks) -> dict:
         if unused:
             raise ConfigError(f"--eval-only takes the run's configuration from the checkpoint; drop "
                               f"{', '.join('--' + k.replace('_', '-') for k in unused)}")
-        # The data are this machine's (--data-dir, default ./data), never paths a checkpoint names.
         return evaluate_checkpoint(checkpoint.find(args.eval_only), given.get("device", "auto"),
-                                   given.get("eval_batch_size"), given.get("data_dir", TrainConfig.data_dir),
-                                   given.get("download", True))
+                                   given.get("eval_batch_size"), given.get("data_dir"), given.get("download", True))
     resume = None
     if args.resume is not None:
         where = args.resume or given.get("out")

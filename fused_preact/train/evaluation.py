@@ -43,15 +43,18 @@ def evaluate(net, images, labels, normalize, procs, c: TrainConfig) -> tuple[flo
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto", eval_batch_size: Optional[int] = None,
-                        data_dir: str = "data", download: bool = True) -> dict:
+                        data_dir: Optional[str] = None, download: bool = True) -> dict:
     """Test loss and error of a saved network (evaluation-only mode), on the
-    test set in `data_dir` (of this machine: not the checkpoint's run's)."""
+    test set in `data_dir`; None: the run's data directory where it exists
+    on this machine, else the default ./data. A checkpoint's paths are
+    another machine's, perhaps: none is created or downloaded into."""
     procs = distributed.setup(device)
     try:
         state = checkpoint.load(path, procs.device)
         c = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
         c.device, c.eval_batch_size = device, eval_batch_size or c.eval_batch_size
-        c.data_dir, c.download = data_dir, download
+        c.data_dir = data_dir or (c.data_dir if Path(c.data_dir).is_dir() else TrainConfig.data_dir)
+        c.download = download
         validate(c)
         net = build_model(c, num_classes(c.dataset))
         checkpoint.load_into(path, "model", net, state)
