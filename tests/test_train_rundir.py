@@ -167,6 +167,12 @@ def _child(argv, at="none:0:KILL", preexec_fn=None):
                           preexec_fn=preexec_fn, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> dict:
+    """The summary of KILL_RUN uninterrupted."""
+    return run([*KILL_RUN, "--out", str(tmp_path_factory.mktemp("whole") / "run")])
+
+
 def _outside(tmp_path, *runs) -> dict:
     return {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.relative_to(tmp_path).parts[0]
             not in runs}
@@ -174,8 +180,7 @@ def _outside(tmp_path, *runs) -> dict:
 
 @pytest.mark.parametrize("at", [f"{point}:{nth}:KILL" for point in ("mid_write", "before_fsync", "before_rename",
                                                                     "after_rename") for nth in (1, 3)])
-def test_a_kill_inside_a_checkpoint_save_resumes_from_the_last_complete_one(tmp_path, at):
-    whole = run([*KILL_RUN, "--out", "whole"])
+def test_a_kill_inside_a_checkpoint_save_resumes_from_the_last_complete_one(tmp_path, at, whole):
     (tmp_path / "outside.txt").write_text("untouched")
     outside = _outside(tmp_path, "killed")
     result = _child([*KILL_RUN, "--out", "killed"], at=at)
@@ -191,8 +196,7 @@ def test_a_kill_inside_a_checkpoint_save_resumes_from_the_last_complete_one(tmp_
     assert _outside(tmp_path, "killed") == outside
 
 
-def test_sigterm_saves_exits_143_and_removes_stale_temporaries(tmp_path):
-    whole = run([*KILL_RUN, "--out", "whole"])
+def test_sigterm_saves_exits_143_and_removes_stale_temporaries(tmp_path, whole):
     out = tmp_path / "term"
     out.mkdir()
     stale = out / ".checkpoint.pt.abc123.tmp"
