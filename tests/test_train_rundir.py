@@ -225,3 +225,11 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_exit_3_and_keeps_the_old_one(tm
     assert "cannot write the checkpoint" in lines[0] and "previous checkpoint, if any, is intact" in lines[0]
     assert (tmp_path / "r" / checkpoint.FILENAME).read_bytes() == before
     assert not list((tmp_path / "r").glob(".*.tmp"))
+
+
+def test_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("Exit status: 0 done, 1 diverged, 2 bad input, 3 I/O failure (a full disk), 130/143 stopped by "
+            "SIGINT/SIGTERM after saving a checkpoint") in text
