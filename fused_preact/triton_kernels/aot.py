@@ -104,16 +104,24 @@ def _check_without_device(x, name="x"):
         raise ValueError(f"{name}: a 4-D float32/float16/bfloat16 tensor expected")
 
 
+def tile_of(config: str) -> str:
+    """The tile of a launch's config string: its block sizes, warps and stages."""
+    return " ".join(part for part in config.split() if part.startswith(("BLOCK", "num_")))
+
+
 @contextlib.contextmanager
-def compiling_for(arch: int, record):
+def compiling_for(arch: int, record, skip=lambda name, config: False):
     """Inside, a Triton launch compiles for sm_<arch> and calls record(kernel
     name, config, compiled kernel, seconds it took) instead of running; an
-    autotuned launch compiles every config its pruner keeps."""
+    autotuned launch compiles every config its pruner keeps. A launch for
+    which skip(kernel name, config) is true compiles nothing."""
     saved_driver = driver._active  # not .active: creating the real driver needs a GPU
     saved_run, saved_tune = JITFunction.run, Autotuner.run
     patched = [(m, m.check_activation) for m in (batch_stats, conv_forward, conv_dgrad, conv_wgrad, bn_relu_backward)]
 
     def run(self, *args, grid=None, warmup=False, **kwargs):
+        if skip(self.fn.__name__, _config_of(kwargs)):
+            return None
         start = time.perf_counter()
         kernel = saved_run(self, *args, grid=grid, warmup=True, **kwargs)
         record(self.fn.__name__, _config_of(kwargs), kernel, time.perf_counter() - start)
@@ -206,10 +214,12 @@ def tensor_cores(ptx: str) -> str:
     return "-"
 
 
-def compile_all(arch: int, items) -> tuple[list[dict], list[str]]:
+def compile_all(arch: int, items, once: bool = False) -> tuple[list[dict], list[str]]:
     """Compile the launches of `items`, (mode name, layer) pairs, for sm_<arch>:
-    (a row per compiled kernel, the errors)."""
-    rows, errors, seen = [], [], set()
+    (a row per compiled kernel, the errors). With `once`, each kernel's tile
+    (tile_of) is compiled once per mode, where first met, and not again for
+    other layers or epilogue flags."""
+    rows, errors, seen, tiles = [], [], set(), set()
     layer = [""]
     for mode, dtype, tf32 in MODES:
         layers = [spec for name, spec in items if name == mode]
@@ -227,8 +237,14 @@ def compile_all(arch: int, items) -> tuple[list[dict], list[str]]:
                          "stack": usage["STACK"], "tensor_cores": tensor_cores(kernel.asm["ptx"]),
                          "seconds": seconds, "hash": kernel.hash})
 
+        def skip(name, config, mode=mode):
+            if not once:
+                return False
+            key = (name, mode, tile_of(config))
+            return key in tiles or tiles.add(key)
+
         try:
-            with compiling_for(arch, record):
+            with compiling_for(arch, record, skip):
                 _drive_step(dtype, layers, on_layer=lambda name: layer.__setitem__(0, name))
         except Exception as err:  # a compile error: report every one, fail at the end
             errors.append(f"{mode}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}")
@@ -238,26 +254,28 @@ def compile_all(arch: int, items) -> tuple[list[dict], list[str]]:
     return rows, errors
 
 
-def _compile_item(job) -> tuple[list[dict], list[str]]:
-    """compile_all of one (arch, cache directory, item) in a worker process."""
-    arch, cache, item = job
+def _compile_chunk(job) -> tuple[list[dict], list[str]]:
+    """compile_all of one (arch, cache directory, items, once) in a worker process."""
+    arch, cache, items, once = job
     os.environ["TRITON_CACHE_DIR"] = cache
-    return compile_all(arch, [item])
+    return compile_all(arch, items, once)
 
 
 def _ignore_interrupts():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
 
 
-def compile_in_parallel(arch: int, items, jobs: int, cache: str, rows: list, errors: list) -> None:
-    """compile_all spread over `jobs` processes, an item at a time, adding to
-    rows and errors as items finish (a kernel two items share is listed
-    once). On SIGINT the workers are stopped and KeyboardInterrupt raised,
-    rows holding what they finished."""
+def compile_in_parallel(arch: int, items, jobs: int, cache: str, rows: list, errors: list, once: bool = False) -> None:
+    """compile_all spread over `jobs` processes, an item at a time (with
+    `once`, a mode at a time), adding to rows and errors as they finish (a
+    kernel two items share is listed once). On SIGINT the workers are stopped
+    and KeyboardInterrupt raised, rows holding what they finished."""
+    chunks = ([[item for item in items if item[0] == mode] for mode in dict.fromkeys(m for m, _ in items)]
+              if once else [[item] for item in items])
     seen = {row["hash"] for row in rows}
     pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_interrupts)
     try:
-        for part_rows, part_errors in pool.imap_unordered(_compile_item, [(arch, cache, item) for item in items]):
+        for part_rows, part_errors in pool.imap_unordered(_compile_chunk, [(arch, cache, chunk, once) for chunk in chunks]):
             errors += part_errors
             rows += [row for row in part_rows if row["hash"] not in seen]
             seen.update(row["hash"] for row in part_rows)
@@ -266,15 +284,21 @@ def compile_in_parallel(arch: int, items, jobs: int, cache: str, rows: list, err
         pool.join()
 
 
-def table(rows: list[dict], arch: int, seconds: float, nets=("bottleneck",), jobs: int = 1) -> str:
+def table(rows: list[dict], arch: int, seconds: float, nets=("bottleneck",), jobs: int = 1, modes=None,
+          once: bool = False) -> str:
+    all_modes = [m for m, _, _ in MODES]
     command = " ".join([f"python -m fused_preact.triton_kernels.aot --arch {arch}",
                         *([f"--nets {' '.join(nets)}"] if list(nets) != ["bottleneck"] else []),
+                        *([f"--modes {' '.join(modes)}"] if modes and list(modes) != all_modes else []),
+                        *(["--once"] if once else []),
                         *([f"--jobs {jobs}"] if jobs > 1 else [])])
+    scope = ("each kernel's tiles, once per mode, where first met" if once
+             else "every autotune config its pruner keeps there")
     lines = [f"# Triton kernels compiled ahead of time for sm_{arch}",
              "",
              f"Generated by `{command}` (triton {triton.__version__}, torch {torch.__version__}) in {seconds:.0f} "
              f"s: every kernel a training step of the paper's CIFAR {' and '.join(nets)} nets launches at batch "
-             f"{BATCH}, every autotune config its pruner keeps there. Shared memory limit {SHARED_LIMIT[arch]} "
+             f"{BATCH}, {scope}. Shared memory limit {SHARED_LIMIT[arch]} "
              f"bytes; LOCAL > 0 means register spills. Compile seconds: one kernel's cold compile on this machine "
              f"({jobs} at a time), what a GPU's first autotuning of a shape pays per config.",
              "",
@@ -304,6 +328,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--nets", nargs="+", choices=sorted(NETS), default=["bottleneck"],
                         help="whose layers to compile (default: bottleneck)")
+    parser.add_argument("--modes", nargs="+", choices=[m for m, _, _ in MODES], default=[m for m, _, _ in MODES],
+                        help="which dtypes/precisions to compile (default: all)")
+    parser.add_argument("--once", action="store_true",
+                        help="compile each kernel's tile once per mode, where first met (a quick check that "
+                             "every config compiles, not every specialization)")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     parser.add_argument("--cache", help="compile into this Triton cache directory, kept for the kernels' later "
                                         "runs on this machine (default: a fresh one, removed after)")
@@ -314,7 +343,7 @@ def main(argv=None) -> int:
         parser.error("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; unset it")
     if _tool("cuobjdump") is None:
         parser.error("cuobjdump not found (it ships with triton's NVIDIA backend)")
-    items = [(mode, layer) for mode, _, _ in MODES for net in args.nets for layer in NETS[net]()]
+    items = [(mode, layer) for mode in args.modes for net in args.nets for layer in NETS[net]()]
     start = time.perf_counter()
     # By default an empty cache of its own: every compile is cold (its time is
     # the table's compile cost), and nothing of another architecture's run is
@@ -327,12 +356,12 @@ def main(argv=None) -> int:
         rows, errors, interrupted = [], [], False
         try:
             if args.jobs == 1:
-                rows, errors = compile_all(args.arch, items)
+                rows, errors = compile_all(args.arch, items, args.once)
             else:
-                compile_in_parallel(args.arch, items, args.jobs, cache, rows, errors)
+                compile_in_parallel(args.arch, items, args.jobs, cache, rows, errors, args.once)
         except KeyboardInterrupt:  # a time limit: the table of what was compiled, exit 130
             interrupted = True
-    text = table(rows, args.arch, time.perf_counter() - start, args.nets, args.jobs)
+    text = table(rows, args.arch, time.perf_counter() - start, args.nets, args.jobs, args.modes, args.once)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
