@@ -41,6 +41,7 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 # (name, dtype, TF32): the argument kinds a training step uses
 MODES = [("fp32-tf32", torch.float32, True), ("fp32-ieee", torch.float32, False), ("fp16", torch.float16, False),
          ("bf16", torch.bfloat16, False)]
+MODE_NAMES = [name for name, _, _ in MODES]
 BATCH = 128
 
 
@@ -238,10 +239,14 @@ def compile_all(arch: int, items, once: bool = False) -> tuple[list[dict], list[
                          "seconds": seconds, "hash": kernel.hash})
 
         def skip(name, config, mode=mode):
+            """With `once`: true for a tile this mode has compiled already."""
             if not once:
                 return False
             key = (name, mode, tile_of(config))
-            return key in tiles or tiles.add(key)
+            if key in tiles:
+                return True
+            tiles.add(key)
+            return False
 
         try:
             with compiling_for(arch, record, skip):
@@ -286,10 +291,9 @@ def compile_in_parallel(arch: int, items, jobs: int, cache: str, rows: list, err
 
 def table(rows: list[dict], arch: int, seconds: float, nets=("bottleneck",), jobs: int = 1, modes=None,
           once: bool = False) -> str:
-    all_modes = [m for m, _, _ in MODES]
     command = " ".join([f"python -m fused_preact.triton_kernels.aot --arch {arch}",
                         *([f"--nets {' '.join(nets)}"] if list(nets) != ["bottleneck"] else []),
-                        *([f"--modes {' '.join(modes)}"] if modes and list(modes) != all_modes else []),
+                        *([f"--modes {' '.join(modes)}"] if modes and list(modes) != MODE_NAMES else []),
                         *(["--once"] if once else []),
                         *([f"--jobs {jobs}"] if jobs > 1 else [])])
     scope = ("each kernel's tiles, once per mode, where first met" if once
@@ -328,7 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the markdown table here")
     parser.add_argument("--nets", nargs="+", choices=sorted(NETS), default=["bottleneck"],
                         help="whose layers to compile (default: bottleneck)")
-    parser.add_argument("--modes", nargs="+", choices=[m for m, _, _ in MODES], default=[m for m, _, _ in MODES],
+    parser.add_argument("--modes", nargs="+", choices=MODE_NAMES, default=MODE_NAMES,
                         help="which dtypes/precisions to compile (default: all)")
     parser.add_argument("--once", action="store_true",
                         help="compile each kernel's tile once per mode, where first met (a quick check that "
