@@ -72,7 +72,9 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx, run: Callable[[Tensor], Tensor], slots, x: Tensor, *params: Tensor) -> Tensor:
         ctx.run, ctx.slots = run, slots
         device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        # meta tensors (shapes only: host_cost) have no autocast to record or restore
+        ctx.autocast = None if device == "meta" else \
+            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         with torch.no_grad(), StatsTape().recording() as tape:
             out = run(x)
         # The layers' statistics, saved beside the input, are the second run's.
@@ -91,13 +93,14 @@ class _Recompute(torch.autograd.Function):
         layers = [(shape, renamed.get(weight, weight)) for shape, weight in ctx.layers]
         tape = StatsTape(saved[ctx.num_params:], layers)
         x = x.detach().requires_grad_(ctx.needs_input_grad[2])
-        device, autocast_on, autocast_dtype = ctx.autocast
+        autocast = contextlib.nullcontext() if ctx.autocast is None else \
+            torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1])
         # The second run keeps relu(bn(x)) per layer rather than recomputing it
         # a third time: it lives only until this block's backward returns. It
         # normalises with the first run's statistics (the tape): no statistics
         # pass, and the running statistics are left alone.
         with torch.enable_grad(), frozen_running_stats(), keep_activations(), tape.replaying(), \
-                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on), _bound(ctx.slots, params):
+                autocast, _bound(ctx.slots, params):
             out = ctx.run(x)
         wanted = [t for t, need in zip([x, *params], ctx.needs_input_grad[2:]) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))

@@ -87,7 +87,7 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         _refuse_transforms(fn)
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     weights = [w for w, _, _ in convs]
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta has no autocast
         # Mirror autocast's conv2d policy inside the opaque op: float32
         # activations and weights run in the autocast dtype (float64 is left
         # alone); BN parameters and statistics stay float32. Unlike eager
@@ -147,14 +147,14 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{fn}: x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     device = x.device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{fn}: x must be a CPU or CUDA tensor, got device {device}")
+    if device.type not in ("cpu", "cuda", "meta"):  # meta: shapes only (the reference and native backends, host_cost)
+        raise ValueError(f"{fn}: x must be a CPU, CUDA or meta tensor, got device {device}")
     c = x.shape[1]
     for (w, _, _), name in zip(convs, ("conv_weight", "shortcut_weight")):
         if not isinstance(w, Tensor) or w.dim() != 4 or w.shape[1] != c:
             raise ValueError(f"{fn}: {name} must be a 4-D (C_out, {c}, kH, kW) tensor matching x's {c} channels, "
                              f"got shape {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
-        if w.dtype != x.dtype and not torch.is_autocast_enabled(device.type):
+        if w.dtype != x.dtype and not (device.type != "meta" and torch.is_autocast_enabled(device.type)):
             raise TypeError(f"{fn}: {name} must have x's dtype {x.dtype}, got {w.dtype}")
         if w.device != device:
             raise ValueError(f"{fn}: {name} must be on x's device {device}, got {w.device}")

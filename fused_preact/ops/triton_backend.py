@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..triton_kernels import SUPPORTED_DTYPES, dense_format, interpreting
+from ..triton_kernels import SUPPORTED_DTYPES, dense_format, interpreting, launches_on
 
 
 @functools.cache
@@ -46,7 +46,7 @@ class TritonBackend:
             return False
         # The interpreter's bf16 tl.dot returns garbage (values ~1e9 off), so
         # bf16 is refused there rather than computed wrongly.
-        return device.type == "cuda" or (device.type == "cpu" and interpreting() and dtype != torch.bfloat16)
+        return launches_on(device) and not (device.type == "cpu" and interpreting() and dtype == torch.bfloat16)
 
     def automatic(self, device: torch.device, channels_last: bool) -> bool:
         # Interpreted kernels are for testing, never a default. NCHW input

@@ -8,6 +8,7 @@ them without importing triton.
 Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on
 CPU tensors; that is how they are tested without a GPU.
 """
+import functools
 import os
 
 import torch
@@ -15,9 +16,22 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache  # read on every launch; triton itself reads it once, at import
 def interpreting() -> bool:
     """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# The devices whose tensors the launchers take besides CUDA: fused_preact.host_cost
+# adds "meta" (and "cpu") while it runs a step with every Triton launch cut
+# where the compiled kernel would start, so that no kernel needs a GPU.
+HOST_ONLY_DEVICES: set = set()
+
+
+def launches_on(device: torch.device) -> bool:
+    """Whether the launchers take tensors on `device`: CUDA; the CPU in the
+    interpreter; HOST_ONLY_DEVICES while host_cost cuts the launches."""
+    return device.type == "cuda" or device.type in HOST_ONLY_DEVICES or (device.type == "cpu" and interpreting())
 
 
 def autotune_enabled() -> bool:

@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import check_activation, device_of, launcher, needs_int64, reduction_groups, two_pass
+from .common import (cdiv, check_activation, device_of, launcher, needs_int64, next_power_of_2, reduction_groups,
+                     two_pass)
 
 
 @triton.jit
@@ -246,17 +247,17 @@ def _stats_partials(x: torch.Tensor):
     outer = o0 * o1
     # Tile: wide along whichever axis is contiguous in memory, ~2K elements.
     if s_c == 1 and C > 1:
-        block_c = min(triton.next_power_of_2(C), 64)
+        block_c = min(next_power_of_2(C), 64)
     else:
-        block_c = min(triton.next_power_of_2(C), 8)
-    block_r = max(16, min(triton.next_power_of_2(L), 2048 // block_c))
-    cblocks = triton.cdiv(C, block_c)
+        block_c = min(next_power_of_2(C), 8)
+    block_r = max(16, min(next_power_of_2(L), 2048 // block_c))
+    cblocks = cdiv(C, block_c)
     # Enough programs to fill a GPU (~1K), each walking several tiles of one run.
     target = tuning.sizing.stats_programs
-    tiles = triton.cdiv(L, block_r)
-    segs_wanted = max(1, triton.cdiv(target, outer * cblocks))
-    seg = triton.cdiv(tiles, min(segs_wanted, tiles)) * block_r
-    segs = triton.cdiv(L, seg)
+    tiles = cdiv(L, block_r)
+    segs_wanted = max(1, cdiv(target, outer * cblocks))
+    seg = cdiv(tiles, min(segs_wanted, tiles)) * block_r
+    segs = cdiv(L, seg)
     P = outer * segs
     cnt = torch.empty((P, C), dtype=torch.float32, device=x.device)
     mean = torch.empty_like(cnt)
@@ -287,8 +288,8 @@ def _merge(count, mean, m2, eps, invstd, fold=None, out=None):
     _check_partials(count, mean, m2)
     P, C = count.shape
     count, mean, m2 = count.contiguous(), mean.contiguous(), m2.contiguous()
-    block_c = min(triton.next_power_of_2(C), 32)
-    grid_c = triton.cdiv(C, block_c)
+    block_c = min(next_power_of_2(C), 32)
+    grid_c = cdiv(C, block_c)
     groups = reduction_groups(P)
     if groups is not None:
         group_rows = tuning.sizing.reduction_group_rows
@@ -310,7 +311,7 @@ def _merge(count, mean, m2, eps, invstd, fold=None, out=None):
 
 
 def _merge_block_p(rows: int, block_c: int) -> int:
-    return min(triton.next_power_of_2(rows), 128 if block_c <= 16 else 64)
+    return min(next_power_of_2(rows), 128 if block_c <= 16 else 64)
 
 
 @launcher(lambda count, *args, **kwargs: device_of(count))
@@ -408,7 +409,7 @@ def loader_fold_args(fold: Optional[LoaderFold]) -> tuple[tuple, dict]:
     f = fold.fold
     args = (*fold.partials, fold.partials[0].shape[0], f.weight, f.bias, fold.mean, fold.invstd, f.running_mean,
             f.running_var, f.num_batches_tracked, float(fold.eps), *f.scalars())
-    return args, dict(f.flags(), BLOCK_P=max(2, triton.next_power_of_2(fold.partials[0].shape[0])))
+    return args, dict(f.flags(), BLOCK_P=max(2, next_power_of_2(fold.partials[0].shape[0])))
 
 
 @launcher(lambda x, *args, **kwargs: device_of(x))

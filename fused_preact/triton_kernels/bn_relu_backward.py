@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import channel_vector, check_activation, device_of, launcher
+from .common import cdiv, channel_vector, check_activation, device_of, launcher
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, in
     # Size-1 dimensions' strides are arbitrary: compare only the others.
     same = [all(t.stride(d) == dx.stride(d) for d in range(4) if x.shape[d] > 1) for t in (dz, x)]
     block = 1024
-    _input_grad_kernel[(triton.cdiv(numel, block),)](
+    _input_grad_kernel[(cdiv(numel, block),)](
         dz, x, dx, mean, invstd, scale, sum_dz, sum_dz_xhat,
         numel, n, c, h, w, 1.0 / (numel // c),
         *dx.stride(), *dz.stride(), *x.stride(),

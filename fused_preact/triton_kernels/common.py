@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import SUPPORTED_DTYPES, dense_format, interpreting, tuning
+from . import SUPPORTED_DTYPES, dense_format, interpreting, launches_on, tuning
 
 INT32_MAX = 2**31 - 1
 
@@ -90,6 +90,18 @@ def _sum_rows_kernel(src0, dst0, T0, P0, G0, src1, dst1, T1, P1, G1, src2, dst2,
 
 # ----------------------------------------------------------------------------- host
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions (usable in a
+# kernel), whose host calls unwrap every argument: ~10 µs a call where a
+# launch makes a dozen. The launchers use these plain ones.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of 2 >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def launcher(device_from: Callable[..., Optional[torch.device]]):
     """Decorates a host function that launches Triton kernels: it runs with
     its tensors' CUDA device current, device_from(*args, **kwargs) (None when
@@ -162,7 +174,7 @@ def check_activation(x, name: str = "x") -> None:
     if x.shape[1] == 0 or x.numel() == 0:
         raise ValueError(f"{name} must have at least one channel and one value per channel, got shape "
                          f"{tuple(x.shape)}")
-    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
+    if not launches_on(x.device):
         raise ValueError(f"{name} must be a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got device "
                          f"{x.device}")
 
@@ -190,7 +202,7 @@ def reduction_groups(rows: int) -> Optional[int]:
     bit-identical run to run. (The interpreter's groups are small, so that
     the tests' small problems take the two-level path too.)"""
     group = tuning.sizing.reduction_group_rows
-    return triton.cdiv(rows, group) if rows > 2 * group else None
+    return cdiv(rows, group) if rows > 2 * group else None
 
 
 class Partials(NamedTuple):
@@ -244,7 +256,7 @@ def sum_partials(jobs: Sequence[Partials]) -> list:
 
 def _launch_sums(slots: list) -> None:
     """One _sum_rows_kernel launch over `slots` (src, dst, T, P, rows_per_group)."""
-    grid_p = max(triton.cdiv(p, _SUM_BLOCK_P) for _, _, _, p, _ in slots)
-    groups = max(triton.cdiv(t, g) for _, _, t, _, g in slots)
+    grid_p = max(cdiv(p, _SUM_BLOCK_P) for _, _, _, p, _ in slots)
+    groups = max(cdiv(t, g) for _, _, t, _, g in slots)
     args = [a for slot in slots + [slots[0]] * (_SUMS_PER_LAUNCH - len(slots)) for a in slot]
     _sum_rows_kernel[(grid_p, groups, len(slots))](*args, BLOCK_T=_SUM_BLOCK_T, BLOCK_P=_SUM_BLOCK_P)

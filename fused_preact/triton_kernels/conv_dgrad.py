@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, channel_vector, check_activation, conv_out_size, device_of, dot_precision, launcher,
-                     pair, sum_partials)
+from .common import (Partials, cdiv, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
+                     launcher, next_power_of_2, pair, sum_partials)
 
 
 
@@ -173,8 +173,8 @@ def _prune_dgrad(configs, named_args, **kwargs):
     """Tiles much wider than the channel counts only compute zeros; channel
     tiles under 32 are never the fastest when there are more channels. The
     first kept is the pinned config."""
-    c_cap = max(16, triton.next_power_of_2(named_args["C"]))
-    k_cap = max(16, triton.next_power_of_2(max(named_args["K1"], named_args["K2"])))
+    c_cap = max(16, next_power_of_2(named_args["C"]))
+    k_cap = max(16, next_power_of_2(max(named_args["K1"], named_args["K2"])))
     kept = [cf for cf in configs if min(c_cap, 32) <= cf.kwargs["BLOCK_N"] <= c_cap and cf.kwargs["BLOCK_K"] <= k_cap]
     return kept or configs[:1]
 
@@ -222,11 +222,11 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
     if x.numel() == 0:  # nothing to launch
         return torch.zeros_like(x), Partials(torch.zeros((1, 2 * c), device=x.device), torch.float32, finish)
     sh, sw = convs[0][2]
-    hq, wq = triton.cdiv(h, sh), triton.cdiv(w, sw)  # rows of the largest phase
+    hq, wq = cdiv(h, sh), cdiv(w, sw)  # rows of the largest phase
     rows = n * hq * wq
     wide_rows = tuning.sizing.dgrad_wide_rows
     block_m = 128 if wide_rows is not None and rows >= wide_rows else 64
-    num_m_tiles = triton.cdiv(rows, block_m)
+    num_m_tiles = cdiv(rows, block_m)
     tiles = sh * sw * num_m_tiles
     dz = torch.empty_like(x)
     partials = torch.empty((tiles, 2 * c), dtype=torch.float32, device=x.device)
@@ -237,7 +237,7 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
 
     first = convs[0]
     second = convs[1] if len(convs) == 2 else convs[0]  # unused unless HAS_SECOND
-    _dgrad[lambda meta: (tiles * triton.cdiv(c, meta["BLOCK_N"]),)](
+    _dgrad[lambda meta: (tiles * cdiv(c, meta["BLOCK_N"]),)](
         first[0], first[1], second[0], second[1], x, dz, partials, mean, invstd, scale, shift,
         n, c, h, w, hq, wq, sh, sw, num_m_tiles,
         *conv_args(*first), *conv_args(*second),

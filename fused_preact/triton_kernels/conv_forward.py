@@ -41,8 +41,8 @@ import triton.language as tl
 
 from . import SUPPORTED_DTYPES, tuning
 from .batch_stats import LoaderFold, loader_fold, loader_fold_args, merge_partials, store_fold
-from .common import (bn_relu, channel_vector, check_activation, conv_output_format, device_of, dot_precision, launcher,
-                     needs_int64, pair, two_pass)
+from .common import (bn_relu, cdiv, channel_vector, check_activation, conv_output_format, device_of, dot_precision,
+                     launcher, needs_int64, next_power_of_2, pair, two_pass)
 
 
 def _configs(shapes):
@@ -76,9 +76,9 @@ def _prune(configs, named_args, **kwargs):
     for C <= 32, else {32, 64}; BLOCK_N no wider than an output's channels and, past
     16 of them, at least 32 wide (narrow tiles re-read x once per column tile).
     The first kept is the pinned config."""
-    c = triton.next_power_of_2(named_args["C"])
+    c = next_power_of_2(named_args["C"])
     k_ok = {16} if c <= 16 else {16, 32} if c <= 32 else {32, 64}
-    n = triton.next_power_of_2(max(named_args["K0"], named_args["K1"]))
+    n = next_power_of_2(max(named_args["K0"], named_args["K1"]))
     n_lo, n_hi = min(max(n, 16), 32), max(n, 16)
     kept = [cfg for cfg in configs
             if cfg.kwargs["BLOCK_K"] in k_ok and n_lo <= cfg.kwargs["BLOCK_N"] <= n_hi]
@@ -352,7 +352,7 @@ def _weight_operands(ws: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tenso
 
 def stats_partials(out: torch.Tensor) -> int:
     """Rows of the statistics partials the epilogue writes for `out` [N, K, Ho, Wo]."""
-    return triton.cdiv(out.shape[0] * out.shape[2] * out.shape[3], tuning.sizing.rows_per_partial)
+    return cdiv(out.shape[0] * out.shape[2] * out.shape[3], tuning.sizing.rows_per_partial)
 
 
 def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, fold):
@@ -371,8 +371,8 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
         cnt = mean = m2 = scale  # never touched: STATS is off
     idx64 = needs_int64(x, *outs, res)
     merge_args, merge_flags = loader_fold_args(fold)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"])  # noqa: E731
-                         * (triton.cdiv(K0, meta["BLOCK_N"]) + triton.cdiv(K1, meta["BLOCK_N"])),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"])  # noqa: E731
+                         * (cdiv(K0, meta["BLOCK_N"]) + cdiv(K1, meta["BLOCK_N"])),)
     _conv_fwd[grid](
         x, scale, shift, w0, w1, outs[0], out1, res, cnt, mean, m2,
         M, C, H, W, HO, WO, K0, K1,

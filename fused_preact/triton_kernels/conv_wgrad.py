@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, bn_relu, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
-                     launcher, pair, sum_partials)
+from .common import (Partials, bn_relu, cdiv, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
+                     launcher, next_power_of_2, pair, sum_partials)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -119,8 +119,8 @@ def _prune_wgrad(configs, named_args, **kwargs):
     """Tiles much wider than the channel counts only compute zeros; tiles
     under 32 wide are never the fastest when the channels are wider than
     that. The first kept is the pinned config."""
-    k_cap = max(16, triton.next_power_of_2(named_args["K"]))
-    c_cap = max(16, triton.next_power_of_2(named_args["C"]))
+    k_cap = max(16, next_power_of_2(named_args["K"]))
+    c_cap = max(16, next_power_of_2(named_args["C"]))
     kept = [cf for cf in configs if min(k_cap, 32) <= cf.kwargs["BLOCK_M"] <= k_cap
             and min(c_cap, 32) <= cf.kwargs["BLOCK_N"] <= c_cap]
     return kept or configs[:1]
@@ -147,9 +147,9 @@ def _split(L: int, out_tiles: int, device: torch.device) -> tuple[int, int]:
         sms = sizes.sm_count if device.type != "cuda" else _sm_count(
             device.index if device.index is not None else torch.cuda.current_device())
         target = sizes.wgrad_programs_per_sm * sms
-    split = max(1, min(triton.cdiv(target, out_tiles), triton.cdiv(L, sizes.wgrad_min_chunk), 256))
-    chunk = triton.cdiv(triton.cdiv(L, split), sizes.wgrad_chunk_align) * sizes.wgrad_chunk_align
-    return triton.cdiv(L, chunk), chunk
+    split = max(1, min(cdiv(target, out_tiles), cdiv(L, sizes.wgrad_min_chunk), 256))
+    chunk = cdiv(cdiv(L, split), sizes.wgrad_chunk_align) * sizes.wgrad_chunk_align
+    return cdiv(L, chunk), chunk
 
 
 @launcher(lambda grad, x, *args, **kwargs: device_of(x))
@@ -202,9 +202,9 @@ def conv_wgrad_partials(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     finish = functools.partial(torch.as_strided, size=weight_shape, stride=w_strides)
     if L == 0 or k * c == 0:  # nothing to launch: an empty sum
         return Partials(torch.zeros((1, k * c * r * s), device=x.device), out_dtype, finish)
-    split, chunk = _split(L, triton.cdiv(k, 64) * triton.cdiv(c, 64) * r * s, x.device)
+    split, chunk = _split(L, cdiv(k, 64) * cdiv(c, 64) * r * s, x.device)
     partials = torch.empty((split, k * c * r * s), dtype=torch.float32, device=x.device)
-    _wgrad[lambda meta: (triton.cdiv(k, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]) * r * s, split)](
+    _wgrad[lambda meta: (cdiv(k, meta["BLOCK_M"]) * cdiv(c, meta["BLOCK_N"]) * r * s, split)](
         grad, x, scale, shift, partials,
         n, c, h, w, k, r, s, ho, wo, stride[0], stride[1], padding[0], padding[1], L, chunk,
         *grad.stride(), *x.stride(), *w_strides,

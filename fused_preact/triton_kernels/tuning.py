@@ -117,7 +117,12 @@ class Tuned:
     ("gpu", "interpreter"); key: the arguments a pick depends on; prune:
     (configs, named_args) -> the configs that fit a problem, best default
     first; restore: arguments the kernel updates in place, put back after
-    every benchmarked run."""
+    every benchmarked run.
+
+    A launch whose key the autotuner has picked a config for already goes
+    straight to the jitted function with that config: triton's
+    Autotuner.run would rebuild two dicts over all (up to ~80) arguments to
+    find the same entry of its cache, on every launch of a step."""
 
     def __init__(self, fn, configs: dict[str, list[triton.Config]], key: Sequence[str],
                  prune: Callable, restore: Sequence[str] = ()):
@@ -133,6 +138,11 @@ class Tuned:
                                      **hooks)(fn)
         self.pinned = triton.autotune(current, list(key), prune_configs_by={"early_config_prune": self._first},
                                       do_bench=_not_timed)(fn)
+        if any(c.pre_hook is not None for cs in configs.values() for c in cs):
+            raise ValueError("a config's pre_hook would be skipped by the launch that bypasses the autotuner")
+        self._names = set(fn.arg_names)
+        self._key = [(fn.arg_names.index(k), k) for k in key]  # as Autotuner.run builds its cache key
+        self._config_kwargs: dict = {}
         _TUNED.append(self)
 
     def _first(self, configs, named_args, **kwargs):
@@ -144,4 +154,27 @@ class Tuned:
             autotuner.cache = {}
 
     def __getitem__(self, grid):
-        return (self.pinned if pinned() else self.timed)[grid]
+        autotuner = self.pinned if pinned() else self.timed
+        return lambda *args, **kwargs: self._launch(autotuner, grid, args, kwargs)
+
+    def _launch(self, autotuner, grid, args: tuple, kwargs: dict):
+        if len(autotuner.configs) == 1:
+            config = autotuner.configs[0]
+        else:
+            config = autotuner.cache.get(self._cache_key(args, kwargs))
+            if config is None:  # this key's first launch: pruned, benchmarked (timed) and cached by triton
+                return autotuner[grid](*args, **kwargs)
+        extra = self._config_kwargs.get(config)
+        if extra is None:
+            extra = self._config_kwargs[config] = config.all_kwargs()
+        return self.fn.run(*args, grid=grid, warmup=False, **kwargs, **extra)
+
+    def _cache_key(self, args: tuple, kwargs: dict) -> tuple:
+        """Autotuner.run's cache key (triton 3.6 and 3.8 alike): the key
+        arguments' values, then the dtype of every argument that has one
+        (among these kernels' arguments: the tensors), positional ones first."""
+        n = len(args)
+        key = [args[i] if i < n else kwargs[name] for i, name in self._key if i < n or name in kwargs]
+        key += [str(a.dtype) for a in args if isinstance(a, torch.Tensor)]
+        key += [str(v.dtype) for k, v in kwargs.items() if k in self._names and isinstance(v, torch.Tensor)]
+        return tuple(key)
