@@ -60,6 +60,28 @@ def test_several_processes_are_refused():
     graphs.check_support(c, Processes(rank=0, world_size=2, device=torch.device("cpu")))
 
 
+def test_the_default_captures_wherever_it_works(capsys):
+    one_gpu = Processes(rank=0, world_size=1, device=torch.device("cuda", 0))
+    c = resolve("paper", {"device": "cuda"})
+    assert c.cuda_graphs is None  # the default: decided per run
+    graphs.check_support(c, one_gpu)
+    assert c.cuda_graphs is True and capsys.readouterr().out == ""
+    for options, procs, why in [
+        ({"device": "cuda", "amp": "fp16"}, one_gpu, "does not work with --amp fp16"),
+        ({"device": "cuda", "compile": True}, one_gpu, "is not combined with --compile"),
+        ({"device": "cuda"}, Processes(rank=0, world_size=2, device=torch.device("cuda", 0)), "runs one process"),
+        ({"device": "cpu"}, Processes(rank=0, world_size=1, device=torch.device("cpu")), "needs a CUDA device"),
+    ]:
+        c = resolve("paper", options)
+        graphs.check_support(c, procs)
+        lines = capsys.readouterr().out.splitlines()
+        assert c.cuda_graphs is False and len(lines) == 1, (options, lines)
+        assert lines[0].startswith("note: CUDA graphs off: whole-step capture " + why), lines
+    c = resolve("paper", {"device": "cuda", "cuda_graphs": False})  # --no-cuda-graphs: off, and nothing to say
+    graphs.check_support(c, one_gpu)
+    assert c.cuda_graphs is False and capsys.readouterr().out == ""
+
+
 def test_cuda_graphs_may_change_on_resume(capsys, tmp_path):
     out = tmp_path / "run"
     assert run([*TINY, "--iters", "2", "--out", str(out)])["iters"] == 2

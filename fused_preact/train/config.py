@@ -66,7 +66,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: Optional[bool] = None  # None: on wherever capture works (graphs.check_support)
     threads: Optional[int] = None
     seed: int = 0
     # bookkeeping
@@ -209,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--channels-last", action="store_true", default=S)
     x.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     x.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=S,
-                   help="capture forward, backward and the SGD step in CUDA graphs and replay them (one GPU; "
-                        "not with --amp fp16 or --compile)")
+                   help="capture forward, backward and the SGD step in CUDA graphs and replay them (default: on "
+                        "wherever that works: one GPU, not --amp fp16, not --compile; --no-cuda-graphs opts out)")
     x.add_argument("--threads", type=_positive_int, default=S, help="CPU threads (torch.set_num_threads)")
     x.add_argument("--seed", type=int, default=S)
     b = p.add_argument_group("run")

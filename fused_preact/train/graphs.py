@@ -1,4 +1,5 @@
-"""Whole-step CUDA graphs (--cuda-graphs): an iteration's forward, backward and
+"""Whole-step CUDA graphs (on by default where they work; --no-cuda-graphs
+opts out): an iteration's forward, backward and
 SGD step recorded once in a torch.cuda.CUDAGraph and replayed every
 iteration, so the host launches one graph instead of the hundreds of kernels
 that bound an eager ResNet-1001 step.
@@ -27,9 +28,10 @@ the graph. They run on the real batch; the network, optimizer state and
 random number generator are then put back as they were, so they leave no
 trace on the run (and a resumed run captures the same way).
 
-Refused, in one line: the CPU, several processes (DistributedDataParallel's
-gradient all-reduce is not captured here), the fp16 loss scaler (it reads an
-overflow flag on the host every step) and --compile (config.validate).
+Left off, with one line saying why (refused, when --cuda-graphs asks for
+it): the CPU, several processes (DistributedDataParallel's gradient
+all-reduce is not captured here), the fp16 loss scaler (it reads an overflow
+flag on the host every step) and --compile.
 """
 import contextlib
 import dataclasses
@@ -49,17 +51,36 @@ Step = Callable[[Tensor, Tensor], Sequence[Tensor]]
 
 
 def check_support(c: TrainConfig, procs) -> None:
-    """--cuda-graphs where this run cannot capture: one line saying why
-    (--device cpu is refused earlier, by config.validate)."""
-    if not c.cuda_graphs:
+    """Settles c.cuda_graphs for this run. Left to the default (None): on
+    wherever a capture works, else off with one line saying why. Asked for
+    (True) where it cannot work: refused in one line (--device cpu, --amp
+    fp16 and --compile are refused earlier, by config.validate)."""
+    if c.cuda_graphs is False:
         return
+    why = _why_not(c, procs)
+    if why is None:
+        c.cuda_graphs = True
+    elif c.cuda_graphs:
+        raise ConfigError(f"--cuda-graphs {why}; drop --cuda-graphs" +
+                          (" or train on one GPU" if procs.distributed else " to train on the CPU"))
+    else:
+        c.cuda_graphs = False
+        if procs.rank == 0:
+            print(f"note: CUDA graphs off: whole-step capture {why} (--no-cuda-graphs silences this)", flush=True)
+
+
+def _why_not(c: TrainConfig, procs):
+    """Why this run cannot capture its step, or None."""
     if procs.device.type != "cuda":
-        raise ConfigError(f"--cuda-graphs needs a CUDA device, but --device {c.device} picked {procs.device} (no CUDA "
-                          f"device is visible); drop --cuda-graphs to train on the CPU")
+        return f"needs a CUDA device, but --device {c.device} picked {procs.device} (no CUDA device is visible)"
     if procs.distributed:
-        raise ConfigError(f"--cuda-graphs runs one process, got {procs.world_size} (torchrun): "
-                          f"DistributedDataParallel's gradient all-reduce is not captured; drop --cuda-graphs "
-                          f"or train on one GPU")
+        return (f"runs one process, got {procs.world_size} (torchrun): DistributedDataParallel's gradient all-reduce "
+                f"is not captured")
+    if c.amp == "fp16":
+        return "does not work with --amp fp16 (its loss scaler reads an overflow flag on the host every step)"
+    if c.compile:
+        return "is not combined with --compile (a compiled network is not captured by hand here)"
+    return None
 
 
 def training_tensors(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Tensor]:
