@@ -72,7 +72,8 @@ def check_support(c: TrainConfig, procs) -> None:
 def _why_not(c: TrainConfig, procs):
     """Why this run cannot capture its step, or None."""
     if procs.device.type != "cuda":
-        return f"needs a CUDA device, but --device {c.device} picked {procs.device} (no CUDA device is visible)"
+        return (f"needs a CUDA device, but --device {c.device} picked {procs.device}"
+                + (" (no CUDA device is visible)" if c.device == "auto" else ""))
     if procs.distributed:
         return (f"runs one process, got {procs.world_size} (torchrun): DistributedDataParallel's gradient all-reduce "
                 f"is not captured")
