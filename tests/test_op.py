@@ -298,9 +298,6 @@ def _args(**override):
         (dict(training="yes"), TypeError, "training must be True or False"),
         (dict(running_mean=torch.zeros(5, dtype=torch.int64)), TypeError,
          "running_mean must be a floating-point tensor, got torch.int64"),
-        (dict(x=torch.randn(3, 5, 7, 9, device="meta"), conv_weight=torch.randn(6, 5, 3, 3, device="meta"),
-              bn_weight=None, bn_bias=None, running_mean=None, running_var=None), ValueError,
-         "x must be a CPU or CUDA tensor, got device meta"),
         (dict(backend="cudnn"), ValueError, "backend must be one of"),
         # the output of _args() (3x3 conv, no padding) is (3, 6, 5, 7)
         (dict(residual=torch.randn(3, 5, 7, 9)), ValueError, r"residual must be a tensor of the output's shape "
@@ -314,6 +311,15 @@ def _args(**override):
 def test_bad_input_names_the_argument(override, error, message):
     with pytest.raises(error, match=message):
         bn_relu_conv2d(**_args(**override))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "native"])
+def test_meta_input_gives_the_output_shape_alone(backend):
+    # What fused_preact.host_cost runs eager parts on: shapes, no data.
+    meta = dict(x=torch.randn(3, 5, 7, 9, device="meta"), conv_weight=torch.randn(6, 5, 3, 3, device="meta"),
+                bn_weight=None, bn_bias=None, running_mean=None, running_var=None)
+    y = bn_relu_conv2d(**_args(**meta), backend=backend)
+    assert y.device.type == "meta" and tuple(y.shape) == (3, 6, 5, 7)
 
 
 @pytest.mark.gpu
