@@ -9,13 +9,18 @@ registers per thread (cuobjdump) and shared memory per program. From those,
 the programs one SM holds at once (CTAs per SM: limited by registers,
 shared memory, warps and the 32-CTA cap), and the launch's waves: programs
 / (SMs x CTAs per SM). A launch under one wave leaves SMs idle; one of a
-fraction over a whole number of waves leaves a tail.
+fraction over a whole number of waves leaves a tail. Programs per SM shows
+the worse case: under PROGRAMS_PER_SM (2), SMs sit idle or run a single
+program whose loads nothing overlaps, which the tile choices avoid where
+the shape allows (triton_kernels.common.filling_first).
 """
 import collections
 import contextlib
 import math
 
 import torch
+
+from .triton_kernels.common import PROGRAMS_PER_SM
 
 # Per SM: registers, warps, CTAs, shared memory (bytes; 1 KiB more is reserved per CTA), and SMs per card.
 GPUS = {
@@ -100,19 +105,26 @@ def markdown(rows: list[dict], arch: int, batch: int, size: int) -> str:
     nets = list(rows[0]["per_step"]) if rows else []
     lines = [f"{gpu['name']}, {gpu['sms']} SMs: every Triton launch of a training step at batch {batch}, "
              f"{size}x{size}, fp32 (TF32), recompute='bn_relu'.", "",
-             "| kernel | grid | programs | tile | registers | shared bytes | CTAs/SM (limit) | waves | "
+             "| kernel | grid | programs | programs/SM | tile | registers | shared bytes | CTAs/SM (limit) | waves | "
              + " | ".join(f"per step, {n}" for n in nets) + " |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(nets)]
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(nets)]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['programs']} | {r['tile']} | "
-                     f"{r['regs']} | {r['shared']} | {r['ctas_per_sm']} ({r['limit']}) | {r['waves']:.2f} | "
+        lines.append(f"| {r['kernel']} | {'x'.join(map(str, r['grid']))} | {r['programs']} | "
+                     f"{r['programs'] / gpu['sms']:.1f} | {r['tile']} | {r['regs']} | {r['shared']} | "
+                     f"{r['ctas_per_sm']} ({r['limit']}) | {r['waves']:.2f} | "
                      + " | ".join(str(r["per_step"][n]) for n in nets) + " |")
+    few = PROGRAMS_PER_SM * gpu["sms"]
     for net in nets:
         launched = [(r["per_step"][net], r) for r in rows if r["per_step"][net]]
         total = sum(n for n, _ in launched)
         under = sum(n for n, r in launched if r["waves"] < 1)
+        sparse = [(n, r) for n, r in launched if r["programs"] < few]
+        by_kernel = collections.Counter()
+        for n, r in sparse:
+            by_kernel[r["kernel"]] += n
         lines.append(f"\n{net}: {total} launches per step, {under} of them ({under / max(total, 1):.0%}) "
-                     f"under one wave.")
+                     f"under one wave; {sum(by_kernel.values())} under {PROGRAMS_PER_SM} programs per SM ("
+                     + (", ".join(f"{k} {n}" for k, n in sorted(by_kernel.items())) or "none") + ").")
     return "\n".join(lines)
 
 

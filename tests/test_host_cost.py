@@ -39,8 +39,14 @@ from fused_preact.host_cost import main, measure
 
 r = measure(lambda: PreActResNet(11, backend="triton", recompute="bn_relu"), 2, 4, "meta", repeats=1, cut=True)
 main(["--depth", "11", "--batch", "2", "--size", "4", "--modes", "bn_relu", "--repeats", "1", "--out", sys.argv[1]])
+paper = measure(lambda: PreActResNet(11, backend="triton", recompute="bn_relu"), 128, 32, "meta", repeats=0,
+                cut=True)
+fewest = {}
+for l in paper["launches"]:
+    fewest[l.kernel] = min(fewest.get(l.kernel, l.programs), l.programs)
 print(json.dumps({"launches": collections.Counter(l.kernel for l in r["launches"]), "ops": r["ops"],
-                  "grids": [l.grid for l in r["launches"]], "host_us": r["host_us"]}))
+                  "grids": [l.grid for l in r["launches"]], "host_us": r["host_us"],
+                  "paper_copies": paper["ops"]["cat"], "fewest_programs": fewest}))
 """
 
 
@@ -69,6 +75,26 @@ def test_each_launch_records_its_grid_and_the_step_its_host_time(metered):
     assert len(result["grids"]) == sum(TRITON_LAUNCHES.values())
     assert all(len(g) == 3 and min(g) >= 1 for g in result["grids"])
     assert result["host_us"] > 0
+
+
+def test_at_the_paper_batch_only_wide_gemms_copy_their_weights(metered):
+    # ResNet-11 at batch 128, 32x32: a GEMM of over 4096 rows and over 64
+    # outputs copies its weights (one cat), the others read them in place:
+    # the fan-out of each stage's first layer (conv1 + projection: 80, 160,
+    # 320 outputs) and conv3 of stages 2 and 3 (128, 256); stage 1's conv3
+    # (64 outputs) and every conv1/conv2 of at most 64 do not.
+    result, _ = metered
+    assert result["paper_copies"] == 5
+
+
+def test_at_the_paper_batch_the_gemms_and_dx_fill_an_h100(metered):
+    # 132 SMs: the convs, dgrad (64-row tiles, 16-wide channel tiles at the
+    # 8x8 stage, where 128 and 32 would give 128 programs) at least 2
+    # programs an SM, the elementwise dx pass at least 8.
+    result, _ = metered
+    fewest = result["fewest_programs"]
+    assert fewest["_conv_fwd_kernel"] >= 2 * 132 and fewest["_dgrad_kernel"] >= 2 * 132, fewest
+    assert fewest["_input_grad_kernel"] >= 8 * 132, fewest
 
 
 def test_the_table_puts_eager_native_and_triton_side_by_side(metered):
@@ -130,4 +156,4 @@ def test_the_occupancy_table_counts_waves_per_launch(monkeypatch):
     assert [(r["programs"], r["ctas_per_sm"], r["per_step"]["net"]) for r in rows] == [(100, 12, 2), (3168, 12, 1)]
     assert rows[0]["waves"] == pytest.approx(100 / (132 * 12)) and rows[1]["waves"] == pytest.approx(2.0)
     text = occupancy.markdown(rows, 90, 128, 32)
-    assert "net: 3 launches per step, 2 of them (67%) under one wave." in text
+    assert ("net: 3 launches per step, 2 of them (67%) under one wave; 2 under 2 programs per SM (k 2).") in text

@@ -145,12 +145,13 @@ def _wgrad():
 
 # name: (kernel, run, the pruner's arguments for run's problem). run() computes,
 # checks against float64 and returns the kernel's result.
+ON_CPU = torch.empty(0)  # the pruners read the SM count of x's device
+FORWARD_ARGS = dict(C=40, K0=11, K1=0, M=2 * 5 * 7, x_ptr=ON_CPU)
 CASES = {
-    "forward-merge-tracked": (forward_module._conv_fwd, lambda: _forward("merge-tracked"), dict(C=40, K0=11, K1=0)),
-    "forward-merge-untracked": (forward_module._conv_fwd, lambda: _forward("merge-untracked"),
-                                dict(C=40, K0=11, K1=0)),
-    "forward-plain": (forward_module._conv_fwd, lambda: _forward("plain"), dict(C=40, K0=11, K1=0)),
-    "dgrad": (dgrad_module._dgrad, _dgrad, dict(C=13, K1=40, K2=40)),
+    "forward-merge-tracked": (forward_module._conv_fwd, lambda: _forward("merge-tracked"), FORWARD_ARGS),
+    "forward-merge-untracked": (forward_module._conv_fwd, lambda: _forward("merge-untracked"), FORWARD_ARGS),
+    "forward-plain": (forward_module._conv_fwd, lambda: _forward("plain"), FORWARD_ARGS),
+    "dgrad": (dgrad_module._dgrad, _dgrad, dict(C=13, K1=40, K2=40, sh=1, sw=1, num_m_tiles=2, x_ptr=ON_CPU)),
     "wgrad": (wgrad_module._wgrad, _wgrad, dict(K=40, C=13)),
 }
 

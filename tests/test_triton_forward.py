@@ -360,6 +360,7 @@ def test_weights_of_any_layout(w_layout, in_place, monkeypatch):
     # read in place (small GEMMs) or through the copied matrix (large ones).
     if not in_place:
         monkeypatch.setattr(cf, "IN_PLACE_WEIGHT_MAX_ROWS", 0)
+        monkeypatch.setattr(cf, "IN_PLACE_WEIGHT_MAX_OUTPUTS", 0)
     x = make_layout(torch.randn(2, 6, 7, 5), "channels_last")
     scale, shift = _bn_params(6)
 

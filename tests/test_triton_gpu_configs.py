@@ -27,6 +27,7 @@ from fused_preact.triton_kernels import conv_wgrad as wgrad_module  # noqa: E402
 from fused_preact.triton_kernels import tuning  # noqa: E402
 from fused_preact.triton_kernels.batch_stats import batch_norm_stats, merge_partials  # noqa: E402
 from fused_preact.triton_kernels.bn_relu_backward import bn_relu_input_grad  # noqa: E402
+from fused_preact.triton_kernels.common import cdiv, conv_out_size  # noqa: E402
 from fused_preact.triton_kernels.conv_dgrad import conv_dgrad  # noqa: E402
 from fused_preact.triton_kernels.conv_forward import conv_forward  # noqa: E402
 from fused_preact.triton_kernels.conv_wgrad import conv_wgrad  # noqa: E402
@@ -71,9 +72,14 @@ WGRAD = {
     "k67-c67-1x1s2": (2, 67, 9, 11, 67, 1, 2, 0),
 }
 # name: (kernel, its shapes, the pruner's arguments of a shape)
+ON_CPU = torch.empty(0)  # the pruners read the SM count of their x's device
 KERNELS = {
-    "forward": (forward_module._conv_fwd, FORWARD, lambda s: dict(C=s[1], K0=s[4], K1=s[5])),
-    "dgrad": (dgrad_module._dgrad, DGRAD, lambda s: dict(C=s[1], K1=DGRAD_CONVS[0][0], K2=DGRAD_CONVS[1][0])),
+    "forward": (forward_module._conv_fwd, FORWARD,
+                lambda s: dict(C=s[1], K0=s[4], K1=s[5], M=s[0] * conv_out_size(s[2], s[6], s[7], s[8])
+                               * conv_out_size(s[3], s[6], s[7], s[8]), x_ptr=ON_CPU)),
+    "dgrad": (dgrad_module._dgrad, DGRAD,
+              lambda s: dict(C=s[1], K1=DGRAD_CONVS[0][0], K2=DGRAD_CONVS[1][0], sh=2, sw=2,
+                             num_m_tiles=cdiv(s[0] * cdiv(s[2], 2) * cdiv(s[3], 2), 64), x_ptr=ON_CPU)),
     "wgrad": (wgrad_module._wgrad, WGRAD, lambda s: dict(K=s[4], C=s[1])),
 }
 FORWARD_CASES, DGRAD_CASES, WGRAD_CASES = (_cases(*KERNELS[name]) for name in ("forward", "dgrad", "wgrad"))
@@ -173,7 +179,8 @@ def _bn_relu_graph(x, c):
 
 
 # BLOCK_M is the host's, not the config's (64 rows, or 128 from
-# dgrad_wide_rows rows on): both in fp32, one each in fp16 and bf16.
+# dgrad_wide_rows rows on where that still fills the SMs: one SM here):
+# both in fp32, one each in fp16 and bf16.
 DGRAD_ROWS = [(torch.float32, 64), (torch.float32, 128), (torch.float16, 128), (torch.bfloat16, 64)]
 
 
@@ -182,8 +189,8 @@ DGRAD_ROWS = [(torch.float32, 64), (torch.float32, 128), (torch.float16, 128), (
 def test_dgrad_config(shape, config, dtype, block_m, gpu_config):
     # Both convs of a stage entry summed into one da, the ReLU mask and the
     # BatchNorm sums in the epilogue, then dx.
-    gpu_config(dgrad_module._dgrad, config, dataclasses.replace(tuning.GPU, dgrad_wide_rows=None if block_m == 64
-                                                                  else 1))
+    wide = dict(dgrad_wide_rows=None) if block_m == 64 else dict(dgrad_wide_rows=1, sm_count=1)
+    gpu_config(dgrad_module._dgrad, config, dataclasses.replace(tuning.GPU, **wide))
     n, c, h, w = DGRAD[shape]
     x = _input((n, c, h, w), dtype)
     stats, z = _bn_relu_graph(x, c)

@@ -263,13 +263,14 @@ def test_a_channels_last_step_copies_no_weight_and_no_gradient():
 def test_forward_copies_weights_only_for_large_gemms_or_unreadable_layouts(kernel, large, monkeypatch):
     # A small GEMM reads weights contiguous along the input channels in place
     # (a 1x1 weight is, in either layout; an NCHW 3x3 one is not); a large one
-    # copies them into one matrix (IN_PLACE_WEIGHT_MAX_ROWS = 0 makes this one
-    # large): one op for both weights, and still one launch.
+    # copies them into one matrix (IN_PLACE_WEIGHT_MAX_ROWS and _OUTPUTS = 0
+    # make this one large): one op for both weights, and still one launch.
     from fused_preact.dispatch_count import DispatchCounter
     from fused_preact.triton_kernels import conv_forward as cf
 
     if large:
         monkeypatch.setattr(cf, "IN_PLACE_WEIGHT_MAX_ROWS", 0)
+        monkeypatch.setattr(cf, "IN_PLACE_WEIGHT_MAX_OUTPUTS", 0)
     x = torch.randn(2, 8, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     ones, zeros = torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE)
     # Weights that require grad, as a model's do: the copy stays outside autograd.

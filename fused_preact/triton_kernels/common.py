@@ -120,6 +120,33 @@ def launcher(device_from: Callable[..., Optional[torch.device]]):
     return wrap
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of `device`: its own on CUDA, else the profile's (tuning.sizing:
+    the interpreter, host_cost's meta tensors standing in for a GPU)."""
+    if device.type != "cuda":
+        return tuning.sizing.sm_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# A launch of fewer programs than this per SM leaves SMs idle or running a
+# single program, whose loads nothing overlaps: tile choices that reach it
+# come first (filling_first), and the host's own choices aim for it.
+PROGRAMS_PER_SM = 2
+
+
+def filling_first(configs: list, programs: Callable[[triton.Config], int], device: torch.device) -> list:
+    """`configs` with those whose grid (`programs(config)`) gives every SM of
+    `device` PROGRAMS_PER_SM programs first, the rest after, each in its own
+    order: the first is the pinned config, and the autotuner still times all."""
+    target = PROGRAMS_PER_SM * sm_count(device)
+    return sorted(configs, key=lambda cf: programs(cf) < target)
+
+
 def device_of(t) -> Optional[torch.device]:
     return t.device if isinstance(t, torch.Tensor) else None
 

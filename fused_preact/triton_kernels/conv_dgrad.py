@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import tuning
 from .common import (Partials, cdiv, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
-                     launcher, next_power_of_2, pair, sum_partials)
+                     filling_first, launcher, next_power_of_2, pair, sm_count, sum_partials, PROGRAMS_PER_SM)
 
 
 
@@ -171,16 +171,32 @@ CONFIGS = {
 
 def _prune_dgrad(configs, named_args, **kwargs):
     """Tiles much wider than the channel counts only compute zeros; channel
-    tiles under 32 are never the fastest when there are more channels. The
-    first kept is the pinned config."""
-    c_cap = max(16, next_power_of_2(named_args["C"]))
+    tiles under 32 are slower when there are more channels, unless 32-wide
+    ones leave the GPU under-filled (few rows: an 8x8 stage). Tiles that
+    fill it come first (filling_first); the first kept is the pinned config."""
+    c, row_tiles = named_args["C"], named_args["sh"] * named_args["sw"] * named_args["num_m_tiles"]
+    device = named_args["x_ptr"].device
+    c_cap = max(16, next_power_of_2(c))
     k_cap = max(16, next_power_of_2(max(named_args["K1"], named_args["K2"])))
-    kept = [cf for cf in configs if min(c_cap, 32) <= cf.kwargs["BLOCK_N"] <= c_cap and cf.kwargs["BLOCK_K"] <= k_cap]
-    return kept or configs[:1]
+    narrow_ok = row_tiles * cdiv(c, 32) < PROGRAMS_PER_SM * sm_count(device)
+    kept = [cf for cf in configs if (16 if narrow_ok else min(c_cap, 32)) <= cf.kwargs["BLOCK_N"] <= c_cap
+            and cf.kwargs["BLOCK_K"] <= k_cap]
+    return filling_first(kept, lambda cf: row_tiles * cdiv(c, cf.kwargs["BLOCK_N"]), device) or configs[:1]
 
 
 _dgrad = tuning.Tuned(_dgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2"],
                       prune=_prune_dgrad)
+
+
+def _block_m(rows: int, phases: int, c: int, device: torch.device) -> int:
+    """Rows per program: 128 on a large problem (from dgrad_wide_rows rows),
+    where that still gives every SM PROGRAMS_PER_SM programs at 32 channels a
+    tile; else 64, twice the programs (the 8x8 and 16x16 stages at batch 128)."""
+    wide_rows = tuning.sizing.dgrad_wide_rows
+    if wide_rows is None or rows < wide_rows:
+        return 64
+    programs = phases * cdiv(rows, 128) * cdiv(c, 32)
+    return 128 if programs >= PROGRAMS_PER_SM * sm_count(device) else 64
 
 
 @launcher(lambda grads, weights, strides, paddings, x, *args, **kwargs: device_of(x))
@@ -224,8 +240,7 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
     sh, sw = convs[0][2]
     hq, wq = cdiv(h, sh), cdiv(w, sw)  # rows of the largest phase
     rows = n * hq * wq
-    wide_rows = tuning.sizing.dgrad_wide_rows
-    block_m = 128 if wide_rows is not None and rows >= wide_rows else 64
+    block_m = _block_m(rows, sh * sw, c, x.device)
     num_m_tiles = cdiv(rows, block_m)
     tiles = sh * sw * num_m_tiles
     dz = torch.empty_like(x)

@@ -27,9 +27,9 @@ needs zeroing or restoring.
 Layout: loads and stores go through strides. For channels_last x the reduction tile is
 contiguous along C (coalesced, vectorised: triton specialises the unit stride). NCHW
 x works but its loads are not coalesced along C: channels_last is the fast layout.
-A small GEMM reads its weights in place (K-major, no copy) where they are
-contiguous along C; a large one copies them into a matrix contiguous along the
-outputs (_weight_operands).
+A GEMM of few rows or few outputs reads its weights in place (K-major, no
+copy) where they are contiguous along C; a large one copies them into a matrix
+contiguous along the outputs (_weight_operands).
 Outputs take the layout PyTorch's convolution gives (channels_last when x or a weight
 is), which is what the op's fake implementation promises torch.compile.
 """
@@ -42,7 +42,7 @@ import triton.language as tl
 from . import SUPPORTED_DTYPES, tuning
 from .batch_stats import LoaderFold, loader_fold, loader_fold_args, merge_partials, store_fold
 from .common import (bn_relu, cdiv, channel_vector, check_activation, conv_output_format, device_of, dot_precision,
-                     launcher, needs_int64, next_power_of_2, pair, two_pass)
+                     filling_first, launcher, needs_int64, next_power_of_2, pair, sm_count, two_pass, PROGRAMS_PER_SM)
 
 
 def _configs(shapes):
@@ -75,14 +75,20 @@ def _prune(configs, named_args, **kwargs):
     """Keep tiles that fit the channel counts: BLOCK_K in {16} for C <= 16, {16, 32}
     for C <= 32, else {32, 64}; BLOCK_N no wider than an output's channels and, past
     16 of them, at least 32 wide (narrow tiles re-read x once per column tile).
-    The first kept is the pinned config."""
+    16-wide tiles are kept too where 32-wide ones under-fill the GPU (few
+    rows: an 8x8 stage), and tiles that fill it come first (filling_first);
+    the first kept is the pinned config."""
     c = next_power_of_2(named_args["C"])
     k_ok = {16} if c <= 16 else {16, 32} if c <= 32 else {32, 64}
-    n = next_power_of_2(max(named_args["K0"], named_args["K1"]))
+    m, k0, k1, device = named_args["M"], named_args["K0"], named_args["K1"], named_args["x_ptr"].device
+    programs = lambda bm, bn: cdiv(m, bm) * (cdiv(k0, bn) + cdiv(k1, bn))  # noqa: E731
+    n = next_power_of_2(max(k0, k1))
     n_lo, n_hi = min(max(n, 16), 32), max(n, 16)
+    if programs(64, 32) < PROGRAMS_PER_SM * sm_count(device):
+        n_lo = 16
     kept = [cfg for cfg in configs
             if cfg.kwargs["BLOCK_K"] in k_ok and n_lo <= cfg.kwargs["BLOCK_N"] <= n_hi]
-    return kept or configs[:1]
+    return filling_first(kept, lambda cf: programs(cf.kwargs["BLOCK_M"], cf.kwargs["BLOCK_N"]), device) or configs[:1]
 
 
 @triton.jit
@@ -322,26 +328,32 @@ def conv_forward(
     return outs, moments
 
 
-# GEMMs of at most this many rows read their weights in place: their few
-# row tiles (about one wave of programs at most) leave the GPU's occupancy,
-# which the in-place read's extra registers would cost, beside the point,
-# and the copy would be a launch of its own on a launch-bound layer.
+# Where the weights are read in place rather than copied (one launch less a
+# layer, on layers bound by launches): GEMMs of at most this many rows, whose
+# few row tiles leave occupancy beside the point, and GEMMs of at most this
+# many outputs, whose tiles are at most 64 wide. There the in-place read
+# costs about the registers of the copy on sm_90 (-18%..+25% over the GPU
+# configs, triton 3.6 and 3.8; the same shared memory), where 128-wide tiles
+# cost up to 73% more (triton 3.6), so wider GEMMs keep the copy.
 IN_PLACE_WEIGHT_MAX_ROWS = 4096
+IN_PLACE_WEIGHT_MAX_OUTPUTS = 64
 
 
 def _weight_operands(ws: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """(first weight, second weight (or the first again), their (k, c, r, s)
-    element strides) as the kernel reads them. A small GEMM reads a weight
-    contiguous along its input channels (channels_last, or any 1x1) in place,
-    K-major. Otherwise the weights are copied into one [R*S*C, sum K_i]
-    matrix, contiguous along the outputs, which the compiler feeds to the
-    tensor cores with about half the registers (sm_90). Never cached: a
-    weight also changes where no version counter sees it (a CUDA-graph replay
-    of an optimizer step), and a stale copy would be a silently wrong conv."""
-    if rows <= IN_PLACE_WEIGHT_MAX_ROWS and all(w.stride(1) == 1 for w in ws) and ws[0].stride() == ws[-1].stride():
+    element strides) as the kernel reads them. A GEMM of few rows or few
+    outputs (IN_PLACE_WEIGHT_MAX_ROWS, _OUTPUTS) reads a weight contiguous
+    along its input channels (channels_last, or any 1x1) in place, K-major.
+    Otherwise the weights are copied into one [R*S*C, sum K_i] matrix,
+    contiguous along the outputs, which wide tiles feed to the tensor cores
+    with fewer registers (sm_90). Never cached: a weight also changes where
+    no version counter sees it (a CUDA-graph replay of an optimizer step),
+    and a stale copy would be a silently wrong conv."""
+    k_total = sum(w.shape[0] for w in ws)
+    if ((rows <= IN_PLACE_WEIGHT_MAX_ROWS or k_total <= IN_PLACE_WEIGHT_MAX_OUTPUTS)
+            and all(w.stride(1) == 1 for w in ws) and ws[0].stride() == ws[-1].stride()):
         return ws[0], ws[-1], ws[0].stride()
     R, S, C = ws[0].shape[2], ws[0].shape[3], ws[0].shape[1]
-    k_total = sum(w.shape[0] for w in ws)
     # One op whatever the weights' layouts: cat of their [R, S, C, K_i] views
     # (outside autograd: the kernel's output is no function of it to autograd).
     matrix = torch.empty((R, S, C, k_total), dtype=ws[0].dtype, device=ws[0].device)

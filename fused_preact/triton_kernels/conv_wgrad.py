@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import tuning
 from .common import (Partials, bn_relu, cdiv, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
-                     launcher, next_power_of_2, pair, sum_partials)
+                     launcher, next_power_of_2, pair, sm_count, sum_partials)
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -130,11 +130,6 @@ _wgrad = tuning.Tuned(_wgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "K", "R",
                       prune=_prune_wgrad)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split(L: int, out_tiles: int, device: torch.device) -> tuple[int, int]:
     """(SPLIT, chunk): enough programs to fill the GPU (a few per SM), but
     chunks of at least a few blocks so the partial buffer stays small. The
@@ -144,9 +139,7 @@ def _split(L: int, out_tiles: int, device: torch.device) -> tuple[int, int]:
     if sizes.wgrad_programs_per_sm is None:
         target = 4 * out_tiles
     else:
-        sms = sizes.sm_count if device.type != "cuda" else _sm_count(
-            device.index if device.index is not None else torch.cuda.current_device())
-        target = sizes.wgrad_programs_per_sm * sms
+        target = sizes.wgrad_programs_per_sm * sm_count(device)
     split = max(1, min(cdiv(target, out_tiles), cdiv(L, sizes.wgrad_min_chunk), 256))
     chunk = cdiv(cdiv(L, split), sizes.wgrad_chunk_align) * sizes.wgrad_chunk_align
     return cdiv(L, chunk), chunk

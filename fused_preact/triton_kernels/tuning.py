@@ -48,7 +48,7 @@ class Sizing:
 
 
 GPU = Sizing("gpu", rows_per_partial=32, reduction_group_rows=256, stats_programs=1024, dgrad_wide_rows=4096,
-             wgrad_chunk_align=128, wgrad_min_chunk=512, wgrad_programs_per_sm=4, sm_count=132)
+             wgrad_chunk_align=128, wgrad_min_chunk=256, wgrad_programs_per_sm=4, sm_count=132)
 INTERPRETER = Sizing("interpreter", rows_per_partial=16, reduction_group_rows=4, stats_programs=4,
                      dgrad_wide_rows=None, wgrad_chunk_align=64, wgrad_min_chunk=64, wgrad_programs_per_sm=None,
                      sm_count=132)
