@@ -16,10 +16,12 @@ from .models import (
     preact_resnet164,
     preact_resnet1001,
 )
+from .convert import convert
 from .modules import FusedBNReLUConv2d
 
 __all__ = [
     "FusedBNReLUConv2d",
+    "convert",
     "PreActBlock",
     "PreActBottleneck",
     "PreActResNet",

@@ -1,0 +1,266 @@
+"""BatchNorm2d -> ReLU -> Conv2d chains in an fx graph, and their rewrite
+into the fused op: what `convert` (a model traced by torch.fx) and the
+torch.compile backend (dynamo's graph) share.
+
+A chain is a BatchNorm whose only reader is a ReLU (an nn.ReLU module,
+F.relu, torch.relu, Tensor.relu, in place or not; or the ReLU inside a
+BatchNormAct2d-style module), and whose ReLU is read by convolutions alone:
+one, or several (fan-out: the op's multi-conv form computes relu(bn(x)) once
+for all of them). Two forms:
+- modules: an nn.BatchNorm2d (or BatchNormAct2d-style) call_module, and
+  nn.Conv2d modules; it runs as `bn_relu_conv_modules` of those modules, so
+  nn.BatchNorm2d's semantics (training and eval, momentum=None,
+  track_running_stats=False) are read from the module at every call;
+- functional: F.batch_norm with a constant training flag, momentum and eps,
+  and F.conv2d of weights read off the module (get_attr) or passed in
+  (placeholders, as dynamo lifts parameters); it runs as the op itself.
+A chain that cannot be proven exact is left as it was, with the reason: an
+intermediate read elsewhere, another activation, a conv with bias, groups or
+dilation, an unknown BatchNorm2d subclass.
+"""
+import operator
+from typing import NamedTuple, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .modules import bn_relu_conv_modules
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+
+
+class Left(NamedTuple):
+    where: str  # the BatchNorm's path in the model
+    why: str
+
+
+class ConversionReport:
+    """What convert did: `fused` (the BatchNorms whose chains run fused, with
+    their convs), `left` (chains left as they were, with the reason) and
+    `untraced` (submodules fx could not trace, with the reason)."""
+
+    def __init__(self):
+        self.fused: list[tuple[str, list[str]]] = []
+        self.left: list[Left] = []
+        self.untraced: list[Left] = []
+
+    @property
+    def chains(self) -> int:
+        return len(self.fused) + len(self.left)
+
+    def __str__(self) -> str:
+        text = f"fused {len(self.fused)} of {self.chains} chains"
+        if self.left:
+            text += "; left: " + ", ".join(f"{w} ({why})" for w, why in self.left)
+        if self.untraced:
+            text += "; not traced: " + ", ".join(f"{w} ({why})" for w, why in self.untraced)
+        return text
+
+    __repr__ = __str__
+
+
+def fused_chain(x: torch.Tensor, bn: nn.BatchNorm2d, convs: list, backend: str) -> list:
+    """The converted graph's call for one chain: [conv(relu(bn(x))) for conv in convs]."""
+    return bn_relu_conv_modules(x, bn, convs, True, backend)[0]
+
+
+def fused_functional_chain(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
+                           eps: float, convs: list, backend: str) -> list:
+    """The converted graph's call for a functional chain (F.batch_norm ->
+    relu -> F.conv2d): [conv2d(relu(batch_norm(x)), w, stride, padding) for
+    (w, stride, padding) in convs]."""
+    from .ops import bn_relu_convs
+
+    return bn_relu_convs("convert", x, [tuple(c) for c in convs], weight, bias, running_mean, running_var, training,
+                         momentum, eps, backend)[0]
+
+
+torch.fx.wrap("fused_chain")
+torch.fx.wrap("fused_functional_chain")
+
+
+def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
+            report: Optional[ConversionReport]) -> fx.GraphModule:
+    """Each provable chain of `graph` (in place) replaced by a fused_chain or
+    fused_functional_chain call; the GraphModule of `root` running it. Chains
+    are reported (fused or left, with the reason) where `report` is given;
+    `path` is root's own path in the model."""
+    functional = 0
+    starts = [n for n in graph.nodes if _module(root, n, nn.BatchNorm2d) is not None or _is_call(n, F.batch_norm)]
+    for bn_node in starts:
+        if bn_node.op == "call_module":
+            where = join_path(path, bn_node.target)
+            chain = _chain(root, bn_node)
+        else:
+            functional += 1
+            where = join_path(path, f"F.batch_norm #{functional}")
+            chain = _functional_chain(root, bn_node)
+        if isinstance(chain, str):
+            if report is not None:
+                report.left.append(Left(where, chain))
+            continue
+        relu_node, conv_nodes = chain
+        with graph.inserting_before(conv_nodes[0]):
+            if bn_node.op == "call_module":
+                bn_ref = graph.get_attr(bn_node.target)
+                conv_refs = [graph.get_attr(c.target) for c in conv_nodes]
+                fused = graph.call_function(fused_chain, (bn_node.args[0], bn_ref, conv_refs, backend))
+            else:
+                for c in conv_nodes[1:]:  # a later conv's weight, read off the module before the first
+                    weight = _arguments(c, _CONV_ARGS)["weight"]
+                    if weight.op == "get_attr":
+                        conv_nodes[0].prepend(weight)
+                bn_args = _arguments(bn_node, _BATCH_NORM_ARGS)
+                convs = [[_arguments(c, _CONV_ARGS)[name] for name in ("weight", "stride", "padding")]
+                         for c in conv_nodes]
+                fused = graph.call_function(fused_functional_chain, (
+                    bn_args["input"], *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend))
+            outs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(conv_nodes))]
+        for conv, out in zip(conv_nodes, outs):
+            conv.replace_all_uses_with(out)
+            graph.erase_node(conv)
+        if relu_node is not None:
+            graph.erase_node(relu_node)
+        graph.erase_node(bn_node)
+        if report is not None:
+            report.fused.append((where, [join_path(path, c.target if c.op == "call_module" else c.name)
+                                         for c in conv_nodes]))
+    graph.lint()
+    return fx.GraphModule(root, graph)
+
+
+def _chain(root: nn.Module, bn_node: fx.Node):
+    """(the ReLU node or None when inside the BatchNorm module, [conv nodes])
+    of the chain that starts at bn_node, or why there is none (a string)."""
+    bn = root.get_submodule(bn_node.target)
+    act = getattr(bn, "act", None)
+    relu_node = None
+    if type(bn) is nn.BatchNorm2d:
+        act = None
+    elif act is not None:  # a BatchNorm2d with its activation inside (timm's BatchNormAct2d)
+        if not isinstance(act, nn.ReLU):
+            return f"{type(act).__name__} inside {type(bn).__name__}, not ReLU"
+        drop = getattr(bn, "drop", None)
+        if drop is not None and not isinstance(drop, nn.Identity):
+            return f"{type(drop).__name__} inside {type(bn).__name__}"
+    else:
+        return f"{type(bn).__name__} is not nn.BatchNorm2d"
+    if len(bn_node.args) != 1 or bn_node.kwargs:
+        return "called with more than its input"
+    users = list(bn_node.users)
+    if act is None:
+        if len(users) != 1:
+            return _read_elsewhere(root, users, "its output")
+        relu_node = users[0]
+        if not _is_relu(root, relu_node):
+            return f"{_describe(root, relu_node)} follows, not ReLU"
+        users = list(relu_node.users)
+    if not users:
+        return "no conv follows"
+    for node in users:
+        conv = _module(root, node, nn.Conv2d)
+        if conv is None:
+            return _read_elsewhere(root, users, "its activation") if len(users) > 1 else \
+                f"{_describe(root, node)} follows, not a Conv2d"
+        why = _unsupported_conv(conv)
+        if why:
+            return f"{node.target} has {why}"
+        if len(node.args) != 1 or node.kwargs:
+            return f"{node.target} is called with more than its input"
+    return relu_node, users
+
+
+# F.batch_norm's and F.conv2d's arguments in order, with their defaults.
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BATCH_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _arguments(node: fx.Node, names: tuple) -> dict:
+    defaults = _BATCH_NORM_DEFAULTS if names is _BATCH_NORM_ARGS else _CONV_DEFAULTS
+    return {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+
+
+def _is_call(node: fx.Node, function) -> bool:
+    return node.op == "call_function" and node.target is function
+
+
+def _functional_chain(root: nn.Module, bn_node: fx.Node):
+    """_chain for F.batch_norm -> relu -> F.conv2d."""
+    args = _arguments(bn_node, _BATCH_NORM_ARGS)
+    if set(args) != set(_BATCH_NORM_ARGS):
+        return "F.batch_norm called with arguments it does not take here"
+    if not isinstance(args["training"], bool) or not isinstance(args["momentum"], (int, float)) \
+            or not isinstance(args["eps"], (int, float)):
+        return "F.batch_norm's training, momentum or eps is not a constant"
+    users = list(bn_node.users)
+    if len(users) != 1:
+        return _read_elsewhere(root, users, "its output")
+    if not _is_relu(root, users[0]):
+        return f"{_describe(root, users[0])} follows, not ReLU"
+    relu_node, convs = users[0], list(users[0].users)
+    if not convs:
+        return "no conv follows"
+    for node in convs:
+        if not _is_call(node, F.conv2d):
+            return _read_elsewhere(root, convs, "its activation") if len(convs) > 1 else \
+                f"{_describe(root, node)} follows, not F.conv2d"
+        conv = _arguments(node, _CONV_ARGS)
+        if set(conv) != set(_CONV_ARGS) or conv["input"] is not relu_node:
+            return "F.conv2d called with arguments it does not take here"
+        if not isinstance(conv["weight"], fx.Node) or conv["weight"].op not in ("get_attr", "placeholder"):
+            return "F.conv2d's weight is computed in forward"
+        for what, bad in (("a bias", conv["bias"] is not None), (f"groups={conv['groups']}", conv["groups"] != 1),
+                          (f"dilation={conv['dilation']}", conv["dilation"] not in (1, (1, 1), [1, 1])),
+                          (f"padding={conv['padding']!r}", isinstance(conv["padding"], str))):
+            if bad:
+                return f"F.conv2d with {what}"
+    return relu_node, convs
+
+
+def _is_relu(root: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:  # F.relu(x, inplace) too
+        return len(node.args) in (1, 2) and all(isinstance(a, bool) for a in node.args[1:]) \
+            and set(node.kwargs) <= {"inplace"}
+    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1 and not node.kwargs
+
+
+def _unsupported_conv(conv: nn.Conv2d) -> str:
+    for what, bad in (("a bias", conv.bias is not None), (f"groups={conv.groups}", conv.groups != 1),
+                      (f"dilation={conv.dilation}", conv.dilation != (1, 1)),
+                      (f"padding_mode={conv.padding_mode!r}", conv.padding_mode != "zeros"),
+                      (f"padding={conv.padding!r} with an even kernel", isinstance(conv.padding, str)
+                       and conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size))):
+        if bad:
+            return what
+    return ""
+
+
+def _read_elsewhere(root: nn.Module, users: list, what: str) -> str:
+    return f"{what} is read by " + ", ".join(_describe(root, u) for u in users)
+
+
+def _describe(root: nn.Module, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(root.get_submodule(node.target)).__name__})"
+    if node.op == "output":
+        return "the output"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _module(root: nn.Module, node: fx.Node, kind: type) -> Optional[nn.Module]:
+    if node.op != "call_module":
+        return None
+    module = root.get_submodule(node.target)
+    return module if isinstance(module, kind) else None
+
+
+def join_path(path: str, name: str) -> str:
+    """A submodule's qualified name."""
+    return f"{path}.{name}" if path else name
