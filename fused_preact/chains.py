@@ -12,11 +12,12 @@ for all of them). Two forms:
   nn.BatchNorm2d's semantics (training and eval, momentum=None,
   track_running_stats=False) are read from the module at every call;
 - functional: F.batch_norm with a constant training flag, momentum and eps,
-  and F.conv2d of weights read off the module (get_attr) or passed in
-  (placeholders, as dynamo lifts parameters); it runs as the op itself.
+  and F.conv2d of weights (and biases) read off the module (get_attr) or
+  passed in (placeholders, as dynamo lifts parameters); it runs as the op.
 A chain that cannot be proven exact is left as it was, with the reason: an
-intermediate read elsewhere, another activation, a conv with bias, groups or
-dilation, an unknown BatchNorm2d subclass.
+intermediate read elsewhere, another activation, a conv with groups or
+dilation, an unknown BatchNorm2d subclass. A conv's bias is added after the
+op (one add, which keeps nothing for backward).
 """
 import operator
 from typing import NamedTuple, Optional
@@ -26,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import bn_relu_conv_modules
+from .modules import add_biases, bn_relu_conv_modules
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -70,12 +71,13 @@ def fused_chain(x: torch.Tensor, bn: nn.BatchNorm2d, convs: list, backend: str) 
 def fused_functional_chain(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
                            eps: float, convs: list, backend: str) -> list:
     """The converted graph's call for a functional chain (F.batch_norm ->
-    relu -> F.conv2d): [conv2d(relu(batch_norm(x)), w, stride, padding) for
-    (w, stride, padding) in convs]."""
+    relu -> F.conv2d): [conv2d(relu(batch_norm(x)), w, b, stride, padding)
+    for (w, stride, padding, b) in convs]."""
     from .ops import bn_relu_convs
 
-    return bn_relu_convs("convert", x, [tuple(c) for c in convs], weight, bias, running_mean, running_var, training,
-                         momentum, eps, backend)[0]
+    outs = bn_relu_convs("convert", x, [(w, stride, padding) for w, stride, padding, _ in convs], weight, bias,
+                         running_mean, running_var, training, momentum, eps, backend)[0]
+    return add_biases(outs, [b for *_, b in convs])
 
 
 torch.fx.wrap("fused_chain")
@@ -109,12 +111,13 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
                 conv_refs = [graph.get_attr(c.target) for c in conv_nodes]
                 fused = graph.call_function(fused_chain, (bn_node.args[0], bn_ref, conv_refs, backend))
             else:
-                for c in conv_nodes[1:]:  # a later conv's weight, read off the module before the first
-                    weight = _arguments(c, _CONV_ARGS)["weight"]
-                    if weight.op == "get_attr":
-                        conv_nodes[0].prepend(weight)
+                for c in conv_nodes[1:]:  # a later conv's weight and bias, read off the module before the first
+                    for name in ("weight", "bias"):
+                        tensor = _arguments(c, _CONV_ARGS)[name]
+                        if isinstance(tensor, fx.Node) and tensor.op == "get_attr":
+                            conv_nodes[0].prepend(tensor)
                 bn_args = _arguments(bn_node, _BATCH_NORM_ARGS)
-                convs = [[_arguments(c, _CONV_ARGS)[name] for name in ("weight", "stride", "padding")]
+                convs = [[_arguments(c, _CONV_ARGS)[name] for name in ("weight", "stride", "padding", "bias")]
                          for c in conv_nodes]
                 fused = graph.call_function(fused_functional_chain, (
                     bn_args["input"], *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend))
@@ -212,9 +215,12 @@ def _functional_chain(root: nn.Module, bn_node: fx.Node):
         conv = _arguments(node, _CONV_ARGS)
         if set(conv) != set(_CONV_ARGS) or conv["input"] is not relu_node:
             return "F.conv2d called with arguments it does not take here"
-        if not isinstance(conv["weight"], fx.Node) or conv["weight"].op not in ("get_attr", "placeholder"):
-            return "F.conv2d's weight is computed in forward"
-        for what, bad in (("a bias", conv["bias"] is not None), (f"groups={conv['groups']}", conv["groups"] != 1),
+        for name in ("weight", "bias"):
+            tensor = conv[name]
+            if (name == "weight" or tensor is not None) and (not isinstance(tensor, fx.Node)
+                                                              or tensor.op not in ("get_attr", "placeholder")):
+                return f"F.conv2d's {name} is computed in forward"
+        for what, bad in ((f"groups={conv['groups']}", conv["groups"] != 1),
                           (f"dilation={conv['dilation']}", conv["dilation"] not in (1, (1, 1), [1, 1])),
                           (f"padding={conv['padding']!r}", isinstance(conv["padding"], str))):
             if bad:
@@ -232,7 +238,7 @@ def _is_relu(root: nn.Module, node: fx.Node) -> bool:
 
 
 def _unsupported_conv(conv: nn.Conv2d) -> str:
-    for what, bad in (("a bias", conv.bias is not None), (f"groups={conv.groups}", conv.groups != 1),
+    for what, bad in ((f"groups={conv.groups}", conv.groups != 1),
                       (f"dilation={conv.dilation}", conv.dilation != (1, 1)),
                       (f"padding_mode={conv.padding_mode!r}", conv.padding_mode != "zeros"),
                       (f"padding={conv.padding!r} with an even kernel", isinstance(conv.padding, str)

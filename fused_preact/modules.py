@@ -52,13 +52,12 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
             outs[0] = outs[0] + residual
         return outs, None
     for i, conv in enumerate(convs):  # what the fused op computes; the plain path takes any conv
-        if conv.bias is None and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros":
+        if conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros":
             continue
-        unsupported = {"bias": conv.bias is not None, "groups": conv.groups != 1,
-                       "dilation": conv.dilation != (1, 1), "padding_mode": conv.padding_mode != "zeros"}
-        if any(unsupported.values()):
-            raise ValueError(f"bn_relu_conv_modules: convs[{i}] must be a bias-free, ungrouped, undilated, zero-padded "
-                             f"nn.Conv2d; unsupported: {[k for k, bad in unsupported.items() if bad]}")
+        unsupported = {"groups": conv.groups != 1, "dilation": conv.dilation != (1, 1),
+                       "padding_mode": conv.padding_mode != "zeros"}
+        raise ValueError(f"bn_relu_conv_modules: convs[{i}] must be an ungrouped, undilated, zero-padded nn.Conv2d; "
+                         f"unsupported: {[k for k, bad in unsupported.items() if bad]}")
     # A recompute's second run replays the first run's statistics: none to hand on.
     hand_on = next_bn is not None and next_bn.training and not replaying_stats()
     paddings = [_symmetric_padding(c, i, cropped_ok=len(convs) == 1 and residual is None and not hand_on)
@@ -72,7 +71,13 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     crop = paddings[0][1]
     if crop is not None:
         outs = [outs[0][:, :, crop[0]:crop[0] + x.shape[2], crop[1]:crop[1] + x.shape[3]]]
-    return outs, stats
+    return add_biases(outs, [c.bias for c in convs]), stats
+
+
+def add_biases(outs: list[Tensor], biases: list[Optional[Tensor]]) -> list[Tensor]:
+    """outs[i] + biases[i] per channel where a conv has a bias: one add after
+    the op, which keeps nothing for backward (its gradient is a sum)."""
+    return [out if bias is None else out + bias.view(1, -1, 1, 1).to(out.dtype) for out, bias in zip(outs, biases)]
 
 
 def _symmetric_padding(conv: nn.Conv2d, i: int, cropped_ok: bool):

@@ -226,7 +226,6 @@ LEFT = {
                                   "its activation is read by convs.0 (Conv2d), convs.1 (Conv2d), mean"),
     "LeakyReLU": (Chain(act=nn.LeakyReLU()), "act (LeakyReLU) follows, not ReLU"),
     "ReLU6": (Chain(act=nn.ReLU6()), "act (ReLU6) follows, not ReLU"),
-    "conv bias": (Chain(conv=nn.Conv2d(4, 6, 3, padding=1)), "convs.0 has a bias"),
     "grouped conv": (Chain(conv=nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)), "convs.0 has groups=2"),
     "dilated conv": (Chain(conv=nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False)),
                      "convs.0 has dilation=(2, 2)"),
@@ -242,6 +241,33 @@ def test_a_chain_it_cannot_prove_exact_is_left_with_its_reason(case):
     assert str(converted.fused_preact_report) == f"fused 0 of 1 chains; left: bn ({why})"
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     assert torch.equal(converted(x), model(x))  # the same modules run: bit for bit
+
+
+VARIANTS = {
+    "conv with bias": lambda: Chain(conv=nn.Conv2d(4, 6, 3, padding=1)),
+    "fan-out, biases": lambda: Chain(conv=nn.Conv2d(4, 6, 1), convs=2),
+    "BatchNorm momentum=None": lambda: _with_bn(Chain(), nn.BatchNorm2d(4, momentum=None)),
+    "BatchNorm track_running_stats=False": lambda: _with_bn(Chain(), nn.BatchNorm2d(4, track_running_stats=False)),
+    "BatchNorm affine=False": lambda: _with_bn(Chain(), nn.BatchNorm2d(4, affine=False)),
+}
+
+
+def _with_bn(chain, bn):
+    chain.bn = bn
+    return chain
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("case", VARIANTS)
+def test_batch_norm_and_conv_variants_are_fused_and_train_as_the_original(case, backend):
+    # A conv's bias is added after the op; BatchNorm's momentum=None
+    # (cumulative average), track_running_stats=False (batch statistics in
+    # eval too) and affine=False are read from the module.
+    torch.manual_seed(0)
+    model = VARIANTS[case]().double()
+    converted = convert(copy.deepcopy(model), backend=backend)
+    assert str(converted.fused_preact_report) == "fused 1 of 1 chains"
+    _assert_same_training(model, converted, (2, 4, 5, 5), torch.float64, list(model.named_parameters()))
 
 
 class ReluForms(nn.Module):
