@@ -1,7 +1,8 @@
 """Turn a pytest-benchmark JSON of this suite into a markdown report, a plot of
 memory against depth, and (optionally) the README's performance section.
 The tables: the training step (time and memory per provider against eager),
-memory against depth, host work per step (launch counts), one unit, one layer.
+memory against depth, host work per step (launch counts), one unit, one layer,
+converted networks.
 
     python benchmarks/report.py benchmarks/results/cpu.json [more.json ...] --out-dir benchmarks/results [--readme README.md]
 """
@@ -37,7 +38,7 @@ def _ratio(row, key):
 
 
 def group_table(rows, kind):
-    """One markdown table per group of `kind` ('op', 'unit', 'train' or 'memory')."""
+    """One markdown table per group of `kind` ('op', 'unit', 'train', 'convert' or 'memory')."""
     out = []
     groups = sorted({r["group"] for r in rows if r["group"].split("|")[0] == kind},
                     key=lambda g: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)])
@@ -154,11 +155,13 @@ def plot_memory(rows, meta, path):
 def report(meta, rows, source):
     head = [f"Source: `{source}` — {meta['device']} ({meta['cpu_threads']} CPU threads), torch {meta['torch']}, "
             f"triton {meta['triton']}, {meta['date']}.", ""]
-    return "\n".join(head + provider_legend(rows) + ["### Training step", ""] + group_table(rows, "train")
-                     + ["### Memory against depth", ""] + group_table(rows, "memory")
-                     + ["### Host work per step", ""] + launch_table(rows)
-                     + ["### One pre-activation bottleneck unit (forward + backward)", ""] + group_table(rows, "unit")
-                     + ["### One BN→ReLU→conv layer", ""] + group_table(rows, "op"))
+    sections = [("Training step", group_table(rows, "train")), ("Memory against depth", group_table(rows, "memory")),
+                ("Host work per step", launch_table(rows)),
+                ("One pre-activation bottleneck unit (forward + backward)", group_table(rows, "unit")),
+                ("One BN→ReLU→conv layer", group_table(rows, "op")),
+                ("Converted networks (fused_preact.convert)", group_table(rows, "convert"))]
+    return "\n".join(head + provider_legend(rows) + [line for title, table in sections if table
+                                                     for line in [f"### {title}", "", *table]])
 
 
 def update_readme(readme, meta, rows, source):

@@ -1,0 +1,90 @@
+"""Networks nobody here wrote, converted (fused_preact.convert, bn_relu):
+training-step time and memory per image against the same network as
+written, torch.utils.checkpoint of its stages, torchvision's own
+memory_efficient DenseNet, and torch.compile at activation memory budgets
+0.5 and 0.1. torchvision densenet121 and timm resnetv2_50 at ImageNet
+sizes, pytorchcv's WRN-28-10 at CIFAR's; the CPU subset runs them small
+(64x64 images, batch 2; WRN-28-10 at batch 2) and leaves out the compiled
+providers, whose compiles take minutes there. Needs the test dependencies
+(pip install -r requirements-test.txt); skipped without them.
+
+    pytest benchmarks/test_bench_convert.py --benchmark-only --benchmark-json=out.json
+"""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DEVICE, memory_per_image, record
+from fused_preact import convert
+from providers import COMPILE_BUDGETS, _compiled, sgd
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+pytorchcv = pytest.importorskip("pytorchcv.model_provider")
+
+ON_GPU = DEVICE.type == "cuda"
+
+
+def _densenet(memory_efficient=False):
+    return torchvision.models.densenet121(memory_efficient=memory_efficient)
+
+
+# name: (constructor, image size, batch, the stages checkpoint wraps, classes), on the GPU and on the CPU.
+NETWORKS = {
+    "densenet121": (_densenet, 224 if ON_GPU else 64, 32 if ON_GPU else 2,
+                    lambda m: [getattr(m.features, f"denseblock{i}") for i in range(1, 5)], 1000),
+    "resnetv2_50": (lambda: timm.create_model("resnetv2_50"), 224 if ON_GPU else 64, 32 if ON_GPU else 2,
+                    lambda m: list(m.stages), 1000),
+    "wrn28_10": (lambda: pytorchcv.get_model("wrn28_10_cifar10"), 32, 128 if ON_GPU else 2,
+                 lambda m: [m.features.stage1, m.features.stage2, m.features.stage3], 10),
+}
+PROVIDERS = ["eager", "converted", "memory_efficient", "checkpoint", *(
+    [p for p in COMPILE_BUDGETS if p != "compile"] if ON_GPU else [])]
+CASES = [(n, p) for n in NETWORKS for p in PROVIDERS if p != "memory_efficient" or n == "densenet121"]
+
+
+def _checkpointed(stages):
+    """Each stage's forward through torch.utils.checkpoint (reentrant: what it
+    keeps goes through save_for_backward, which the CPU accounting sees)."""
+    for stage in stages:
+        stage.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(stage).forward.__get__(stage),
+                                          use_reentrant=True)
+
+
+def build(name: str, provider: str):
+    """(model, forward) of network `name` as `provider` runs it, channels_last on DEVICE."""
+    make, _, _, stages, _ = NETWORKS[name]
+    torch.manual_seed(0)
+    model = (_densenet(memory_efficient=True) if provider == "memory_efficient" else make())
+    model = model.to(DEVICE, memory_format=torch.channels_last)
+    if provider == "converted":
+        model = convert(model)
+    elif provider == "checkpoint":
+        _checkpointed(stages(model))
+    if provider in COMPILE_BUDGETS:
+        return model, _compiled(model, COMPILE_BUDGETS[provider])
+    return model, model
+
+
+@pytest.mark.parametrize("name, provider", CASES, ids=[f"{n}-{p}" for n, p in CASES])
+def test_converted_training_step(benchmark, name, provider):
+    _, size, batch, _, classes = NETWORKS[name]
+    model, forward = build(name, provider)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(batch, 3, size, size, device=DEVICE, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=DEVICE, generator=gen)
+    opt = sgd(model)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(forward(x), y).backward()
+        opt.step()
+        if ON_GPU:
+            torch.cuda.synchronize(DEVICE)
+
+    benchmark.pedantic(step, rounds=5 if ON_GPU else 2, warmup_rounds=1)
+    record(benchmark, f"convert|{name}, batch {batch}, {size}x{size}", provider, batch,
+           memory_per_image(DEVICE, model, lambda: forward(x), batch))
