@@ -20,7 +20,10 @@ traces is converted, the others are left and named in the report ("not
 traced: path (why)"), and chains that cross a child boundary stay unfused.
 A forward that fx specialises on `self.training` (a functional
 F.batch_norm(..., training=self.training)) is traced in both modes, and the
-converted forward picks the one for the module's mode at each call.
+converted forward picks the one for the module's mode at each call. The
+converted module is an instance of a subclass of the model's class that
+holds the generated forward; torch.save and deepcopy store it as the
+unconverted model and convert it again when loaded.
 
 Under torch.compile (`compile_backend`, registered as "fused_preact"),
 dynamo's graph holds F.batch_norm / relu / conv2d calls on lifted
@@ -28,7 +31,6 @@ parameters: the functional chains, rewritten the same way before inductor
 compiles the graph.
 """
 import copy
-import types
 from typing import Callable
 
 import torch.fx as fx
@@ -85,7 +87,7 @@ def _convert(module: nn.Module, path: str, backend: str, inplace: bool, report: 
             parent._modules[name] = _convert(child, join_path(path, name), backend, inplace, report)
         return parent
     forwards = [rewrite(graph, module, path, backend, report if i == 0 else None) for i, graph in enumerate(graphs)]
-    return _with_forward(module, forwards, inplace)
+    return _with_forward(module, forwards, inplace, backend)
 
 
 def _trace_both_modes(module: nn.Module) -> list[fx.Graph]:
@@ -107,19 +109,38 @@ def _same_code(module: nn.Module, a: fx.Graph, b: fx.Graph) -> bool:
     return fx.GraphModule(module, a).code == fx.GraphModule(module, b).code
 
 
-def _with_forward(module: nn.Module, forwards: list[fx.GraphModule], inplace: bool) -> nn.Module:
+def _with_forward(module: nn.Module, forwards: list[fx.GraphModule], inplace: bool, backend: str) -> nn.Module:
     """A module with `module`'s children, parameters and buffers (the same
     objects, in the same order) whose forward is the converted graph's (the
-    first in training, the second, if any, in eval mode)."""
+    first in training, the second, if any, in eval mode): an instance of a
+    subclass of module's class made for it (see _converted_class)."""
     # A constant the graph reads (a tensor literal in forward) was set on
     # module itself by the trace, so the copy made after it has it too.
     target = module if inplace else _shallow_copy(module)
     code = [type(gm).forward for gm in forwards]
-    if len(code) == 1:
-        target.forward = types.MethodType(code[0], target)
-    else:
-        target.forward = types.MethodType(_by_mode(*code), target)
+    target.__class__ = _converted_class(type(module), code[0] if len(code) == 1 else _by_mode(*code))
+    target._fused_preact_backend = backend
     return target
+
+
+def _converted_class(cls: type, forward: Callable) -> type:
+    """cls with the converted forward. It pickles (torch.save, deepcopy) as
+    the unconverted module, converted again when loaded: the generated
+    forward is code, not state, and a loaded copy must not silently run
+    the unfused forward of its class."""
+    return type(cls.__name__, (cls,), {"forward": forward, "__reduce_ex__": _reduce_converted,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _reduce_converted(self, protocol):
+    plain = object.__new__(type(self).__bases__[0])
+    plain.__dict__.update({k: v for k, v in self.__dict__.items()
+                           if k not in ("fused_preact_report", "_fused_preact_backend")})
+    return _reconverted, (plain, self._fused_preact_backend)
+
+
+def _reconverted(module: nn.Module, backend: str) -> nn.Module:
+    return convert(module, backend=backend, inplace=True)
 
 
 def _by_mode(train: Callable, evaluate: Callable) -> Callable:

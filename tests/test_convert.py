@@ -187,6 +187,30 @@ def test_inplace_converts_the_model_itself():
     assert str(model.fused_preact_report).startswith("fused 12 of 13 chains")
 
 
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_saved_or_copied_converted_model_is_converted_again(how):
+    # The generated forward is code, not state: a loaded or copied model is
+    # converted again (not its class's unfused forward), the same chains.
+    import io
+
+    make, shape, _ = PEERS["wrn16_10_cifar10"]
+    torch.manual_seed(0)
+    original = make()
+    converted = convert(copy.deepcopy(original))
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        buffer.seek(0)
+        again = torch.load(buffer, weights_only=False)
+    else:
+        again = copy.deepcopy(converted)
+    assert str(again.fused_preact_report) == str(converted.fused_preact_report)
+    assert isinstance(again, type(original)) and list(again.state_dict()) == list(original.state_dict())
+    x = torch.randn(shape)
+    kept = [saved_activation_bytes(lambda m=m: m(x), m) for m in (original, converted, again)]
+    assert kept[2] == kept[1] < 0.7 * kept[0], kept
+
+
 def test_the_converted_model_keeps_less_for_backward():
     make, shape, _ = PEERS["densenet40_k12_bc_cifar10"]
     original = make()
