@@ -15,8 +15,8 @@ for all of them). Two forms:
   and F.conv2d of weights (and biases) read off the module (get_attr) or
   passed in (placeholders, as dynamo lifts parameters); it runs as the op.
 A chain that cannot be proven exact is left as it was, with the reason: an
-intermediate read elsewhere, another activation, a conv with groups or
-dilation, an unknown BatchNorm2d subclass. A conv's bias is added after the
+intermediate read elsewhere, another activation, a conv padded otherwise
+than with zeros, an unknown BatchNorm2d subclass. A conv's bias is added after the
 op (one add, which keeps nothing for backward).
 """
 import operator
@@ -71,13 +71,13 @@ def fused_chain(x: torch.Tensor, bn: nn.BatchNorm2d, convs: list, backend: str) 
 def fused_functional_chain(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
                            eps: float, convs: list, backend: str) -> list:
     """The converted graph's call for a functional chain (F.batch_norm ->
-    relu -> F.conv2d): [conv2d(relu(batch_norm(x)), w, b, stride, padding)
-    for (w, stride, padding, b) in convs]."""
+    relu -> F.conv2d): [conv2d(relu(batch_norm(x)), w, b, stride, padding,
+    dilation, groups) for (w, stride, padding, dilation, groups, b) in convs]."""
     from .ops import bn_relu_convs
 
-    outs = bn_relu_convs("convert", x, [(w, stride, padding) for w, stride, padding, _ in convs], weight, bias,
-                         running_mean, running_var, training, momentum, eps, backend)[0]
-    return add_biases(outs, [b for *_, b in convs])
+    outs = bn_relu_convs("convert", x, [tuple(c[:5]) for c in convs], weight, bias, running_mean, running_var,
+                         training, momentum, eps, backend)[0]
+    return add_biases(outs, [c[5] for c in convs])
 
 
 torch.fx.wrap("fused_chain")
@@ -117,8 +117,8 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
                         if isinstance(tensor, fx.Node) and tensor.op == "get_attr":
                             conv_nodes[0].prepend(tensor)
                 bn_args = _arguments(bn_node, _BATCH_NORM_ARGS)
-                convs = [[_arguments(c, _CONV_ARGS)[name] for name in ("weight", "stride", "padding", "bias")]
-                         for c in conv_nodes]
+                convs = [[_arguments(c, _CONV_ARGS)[name] for name in ("weight", "stride", "padding", "dilation",
+                                                                       "groups", "bias")] for c in conv_nodes]
                 fused = graph.call_function(fused_functional_chain, (
                     bn_args["input"], *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend))
             outs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(conv_nodes))]
@@ -220,11 +220,8 @@ def _functional_chain(root: nn.Module, bn_node: fx.Node):
             if (name == "weight" or tensor is not None) and (not isinstance(tensor, fx.Node)
                                                               or tensor.op not in ("get_attr", "placeholder")):
                 return f"F.conv2d's {name} is computed in forward"
-        for what, bad in ((f"groups={conv['groups']}", conv["groups"] != 1),
-                          (f"dilation={conv['dilation']}", conv["dilation"] not in (1, (1, 1), [1, 1])),
-                          (f"padding={conv['padding']!r}", isinstance(conv["padding"], str))):
-            if bad:
-                return f"F.conv2d with {what}"
+        if isinstance(conv["padding"], str):
+            return f"F.conv2d with padding={conv['padding']!r}"
     return relu_node, convs
 
 
@@ -238,11 +235,10 @@ def _is_relu(root: nn.Module, node: fx.Node) -> bool:
 
 
 def _unsupported_conv(conv: nn.Conv2d) -> str:
-    for what, bad in ((f"groups={conv.groups}", conv.groups != 1),
-                      (f"dilation={conv.dilation}", conv.dilation != (1, 1)),
-                      (f"padding_mode={conv.padding_mode!r}", conv.padding_mode != "zeros"),
-                      (f"padding={conv.padding!r} with an even kernel", isinstance(conv.padding, str)
-                       and conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size))):
+    for what, bad in ((f"padding_mode={conv.padding_mode!r}", conv.padding_mode != "zeros"),
+                      (f"padding={conv.padding!r} with more padding after than before", isinstance(conv.padding, str)
+                       and conv.padding == "same"
+                       and any(d * (k - 1) % 2 for k, d in zip(conv.kernel_size, conv.dilation)))):
         if bad:
             return what
     return ""

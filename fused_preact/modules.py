@@ -52,18 +52,16 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
             outs[0] = outs[0] + residual
         return outs, None
     for i, conv in enumerate(convs):  # what the fused op computes; the plain path takes any conv
-        if conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros":
-            continue
-        unsupported = {"groups": conv.groups != 1, "dilation": conv.dilation != (1, 1),
-                       "padding_mode": conv.padding_mode != "zeros"}
-        raise ValueError(f"bn_relu_conv_modules: convs[{i}] must be an ungrouped, undilated, zero-padded nn.Conv2d; "
-                         f"unsupported: {[k for k, bad in unsupported.items() if bad]}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"bn_relu_conv_modules: convs[{i}] must be a zero-padded nn.Conv2d, got padding_mode="
+                             f"{conv.padding_mode!r}")
     # A recompute's second run replays the first run's statistics: none to hand on.
     hand_on = next_bn is not None and next_bn.training and not replaying_stats()
     paddings = [_symmetric_padding(c, i, cropped_ok=len(convs) == 1 and residual is None and not hand_on)
                 for i, c in enumerate(convs)]
     outs, stats = bn_relu_convs(
-        "bn_relu_conv_modules", x, [(c.weight, c.stride, pad) for c, (pad, _) in zip(convs, paddings)], bn.weight,
+        "bn_relu_conv_modules", x, [(c.weight, c.stride, pad, c.dilation, c.groups) for c, (pad, _) in
+                                    zip(convs, paddings)], bn.weight,
         bn.bias, *running, use_batch_stats, momentum, bn.eps, backend, residual=residual,
         x_stats=x_stats if use_batch_stats else None, stats_eps=next_bn.eps if hand_on else None,
         num_batches_tracked=counter,
@@ -89,7 +87,7 @@ def _symmetric_padding(conv: nn.Conv2d, i: int, cropped_ok: bool):
         return conv.padding, None
     if conv.padding == "valid":
         return (0, 0), None
-    totals = [k - 1 for k in conv.kernel_size]  # "same": stride 1 and dilation 1 here
+    totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]  # "same": stride 1 here
     if all(t % 2 == 0 for t in totals):
         return tuple(t // 2 for t in totals), None
     if not cropped_ok:

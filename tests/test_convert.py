@@ -129,6 +129,27 @@ def test_converted_peers_train_as_the_original(name, backend):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
                     reason="the Triton backend needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
+                    reason="the Triton backend needs TRITON_INTERPRET=1 or a GPU")
+def test_a_dilated_or_grouped_chain_falls_back_from_triton_alone():
+    # Triton runs undilated, ungrouped convs: that chain takes another
+    # backend, the plain chain beside it stays on Triton.
+    from fused_preact.dispatch_count import DispatchCounter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Chain(conv=nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False)),
+                          Chain(conv=nn.Conv2d(4, 6, 3, padding=1, bias=False))).to(memory_format=torch.channels_last)
+    converted = convert(copy.deepcopy(model), backend="triton")
+    assert str(converted.fused_preact_report) == "fused 2 of 2 chains"
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with DispatchCounter() as counter:
+        out = converted(x)
+    assert counter.triton["_conv_fwd_kernel"] == 1, counter.triton  # the plain chain's conv only
+    with torch.no_grad():
+        want = model(x)
+    assert_close(out, want, torch.float32, "output", scale=float(want.abs().max()))
+
+
 @pytest.mark.parametrize("name", ["torchvision DenseNet", "functional_wrn_block"])
 def test_converted_peers_train_on_the_triton_backend(name):
     # Small peers (the interpreter's cost is per program): torchvision's own
@@ -250,9 +271,8 @@ LEFT = {
                                   "its activation is read by convs.0 (Conv2d), convs.1 (Conv2d), mean"),
     "LeakyReLU": (Chain(act=nn.LeakyReLU()), "act (LeakyReLU) follows, not ReLU"),
     "ReLU6": (Chain(act=nn.ReLU6()), "act (ReLU6) follows, not ReLU"),
-    "grouped conv": (Chain(conv=nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)), "convs.0 has groups=2"),
-    "dilated conv": (Chain(conv=nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False)),
-                     "convs.0 has dilation=(2, 2)"),
+    "reflection-padded conv": (Chain(conv=nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", bias=False)),
+                               "convs.0 has padding_mode='reflect'"),
 }
 
 
@@ -270,6 +290,10 @@ def test_a_chain_it_cannot_prove_exact_is_left_with_its_reason(case):
 VARIANTS = {
     "conv with bias": lambda: Chain(conv=nn.Conv2d(4, 6, 3, padding=1)),
     "fan-out, biases": lambda: Chain(conv=nn.Conv2d(4, 6, 1), convs=2),
+    "grouped conv": lambda: Chain(conv=nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)),
+    "depthwise conv": lambda: Chain(conv=nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)),
+    "dilated conv": lambda: Chain(conv=nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False)),
+    "dilated 'same' conv, fan-out": lambda: Chain(conv=nn.Conv2d(4, 6, 3, padding="same", dilation=2), convs=2),
     "BatchNorm momentum=None": lambda: _with_bn(Chain(), nn.BatchNorm2d(4, momentum=None)),
     "BatchNorm track_running_stats=False": lambda: _with_bn(Chain(), nn.BatchNorm2d(4, track_running_stats=False)),
     "BatchNorm affine=False": lambda: _with_bn(Chain(), nn.BatchNorm2d(4, affine=False)),
@@ -284,9 +308,9 @@ def _with_bn(chain, bn):
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("case", VARIANTS)
 def test_batch_norm_and_conv_variants_are_fused_and_train_as_the_original(case, backend):
-    # A conv's bias is added after the op; BatchNorm's momentum=None
-    # (cumulative average), track_running_stats=False (batch statistics in
-    # eval too) and affine=False are read from the module.
+    # A conv's bias is added after the op; groups and dilation are the op's;
+    # BatchNorm's momentum=None (cumulative average), track_running_stats=False
+    # (batch statistics in eval too) and affine=False are read from the module.
     torch.manual_seed(0)
     model = VARIANTS[case]().double()
     converted = convert(copy.deepcopy(model), backend=backend)

@@ -18,10 +18,18 @@ def _small_densenet():
                                        num_classes=5)
 
 
+def _dilated_and_depthwise():
+    from torch import nn
+
+    return nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=2, dilation=2, bias=False),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+
+
 MODELS = {
     "built in: PreActResNet-20": (lambda: PreActResNet(20), (2, 3, 16, 16)),
     "built in: PreActResNet-11 bottleneck": (lambda: PreActResNet(11), (2, 3, 16, 16)),
     "converted: torchvision DenseNet": (lambda: convert(_small_densenet()), (2, 3, 16, 16)),
+    "converted: dilated and depthwise convs": (lambda: convert(_dilated_and_depthwise()), (2, 4, 9, 9)),
 }
 
 
@@ -74,5 +82,5 @@ def test_a_training_graph_that_hands_statistics_on_is_refused_in_one_line():
     x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 1, 1)
     ones, zeros = torch.ones(4), torch.zeros(4)
     with pytest.raises(NotImplementedError, match="export the model in eval mode"):
-        bn_relu_conv2d_decomposed(x, [w], None, None, zeros, ones, ones, zeros, None, [1, 1], [0, 0], True,
-                                  "reference", 1e-5)
+        bn_relu_conv2d_decomposed(x, [w], None, None, zeros, ones, ones, zeros, None, [1, 1], [0, 0], [1, 1], [1],
+                                  True, "reference", 1e-5)

@@ -215,14 +215,18 @@ def test_opcheck(backend):
     x, weight, gamma, beta, running, conv = _problem(CASES[1], torch.float32)
     stats = reference.batch_norm_stats(x.detach(), gamma.detach(), beta.detach(), None, None, None, 0.1, 1e-5)
     for training in (True, False):
-        torch.library.opcheck(bn_relu_conv2d_op,
-                              (x, [weight], gamma, beta, *stats, None, [2, 2], [1, 1], training, backend, None))
+        torch.library.opcheck(bn_relu_conv2d_op, (x, [weight], gamma, beta, *stats, None, [2, 2], [1, 1], [1, 1],
+                                                  [1], training, backend, None))
     shortcut = torch.randn(4, x.shape[1], 1, 1, requires_grad=True)
     y = torch.nn.functional.conv2d(x.detach(), weight.detach(), None, 2, 1)
     residual = torch.randn(y.shape, requires_grad=True)
     torch.library.opcheck(bn_relu_conv2d_op,
                           (x, [weight, shortcut], gamma, beta, *stats, residual, [2, 2, 2, 2], [1, 1, 0, 0],
-                           True, backend, 1e-3))
+                           [1, 1, 1, 1], [1, 1], True, backend, 1e-3))
+    # dilated, and depthwise (groups = channels)
+    depthwise = torch.randn(x.shape[1], 1, 3, 3, requires_grad=True)
+    torch.library.opcheck(bn_relu_conv2d_op, (x, [weight, depthwise], gamma, beta, *stats, None, [1, 1, 1, 1],
+                                              [2, 2, 1, 1], [2, 2, 1, 1], [1, x.shape[1]], True, backend, None))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -251,6 +255,29 @@ def test_autocast_matches_eager_autocast():
     for name, got, expected in zip(("dW", "dgamma"), got_grads, want_grads):
         assert got.dtype == torch.float32
         assert_close(got, expected, torch.bfloat16, name, scale=float(expected.detach().abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dilation, groups", [(2, 1), (1, 5), ((2, 3), 5)], ids=["dilated", "depthwise",
+                                                                                 "dilated-depthwise"])
+def test_dilated_and_grouped_convs_match_nn_modules(backend, training, dilation, groups):
+    x, _, gamma, beta, running, _ = _problem(CASES[0], torch.float64)  # 5 channels
+    weight = (torch.randn(10, 5 // groups, 3, 3, dtype=torch.float64) / 3).requires_grad_()
+    conv = dict(stride=1, padding=2, dilation=dilation, groups=groups)
+
+    def fused(x, weight, gamma, beta, rm, rv, training, **conv):
+        return bn_relu_conv2d(x, weight, gamma, beta, rm, rv, training=training, backend=backend, **conv)
+
+    def plain(x, weight, gamma, beta, rm, rv, training, stride, padding, dilation, groups):
+        a = torch.relu(torch.nn.functional.batch_norm(x, rm, rv, gamma, beta, training, 0.1, 1e-5))
+        return torch.nn.functional.conv2d(a, weight, None, stride, padding, dilation, groups)
+
+    got, want = (_run(fn, x, weight, gamma, beta, running, conv, training) for fn in (fused, plain))
+    for name, a, b in zip(["y", "dx", "dW", "dgamma", "dbeta"], [got[0], *got[1]], [want[0], *want[1]]):
+        assert_close(a.detach(), b.detach(), torch.float64, name, scale=float(b.detach().abs().max()) + 1)
+    for a, b in zip(got[2:], want[2:]):
+        assert_close(a, b, torch.float64, "running statistics")
 
 
 def test_track_running_stats_off_uses_batch_statistics():

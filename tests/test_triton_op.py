@@ -109,7 +109,7 @@ def test_opcheck_with_residual_and_statistics_epilogues():
     residual = torch.randn(y.shape, device=DEVICE, requires_grad=True)
     stride, padding = [conv["stride"]] * 2, [conv["padding"]] * 2
     torch.library.opcheck(bn_relu_conv2d_op, (x, [weight], gamma, beta, *stats, residual, stride, padding,
-                                              True, "triton", 1e-3))
+                                              [1, 1], [1], True, "triton", 1e-3))
 
 
 def test_torch_compile_fullgraph_matches_eager():

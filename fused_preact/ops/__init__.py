@@ -33,7 +33,7 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], stride: IntOrPair = 1,
                    padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                    backend: str = "auto", residual: Optional[Tensor] = None, shortcut_weight: Optional[Tensor] = None,
-                   shortcut_padding: IntOrPair = 0):
+                   shortcut_padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1):
     """conv2d(relu(batch_norm(x)), conv_weight, stride, padding) [+ residual]; see
     the module docstring.
 
@@ -45,8 +45,10 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
     shortcut_weight: the first unit of a ResNet stage, where a = relu(bn(x))
     also feeds the projection shortcut (same stride): returns (conv(a,
     conv_weight), conv(a, shortcut_weight)), a computed once and recomputed once.
+    dilation and groups: conv_weight's, as nn.Conv2d takes them (the Triton
+    backend runs undilated, ungrouped convs: such a call falls back to another).
     """
-    convs = [(conv_weight, stride, padding)]
+    convs = [(conv_weight, stride, padding, dilation, groups)]
     if shortcut_weight is not None:
         convs.append((shortcut_weight, stride, shortcut_padding))
     outs, _ = bn_relu_convs("bn_relu_conv2d", x, convs, bn_weight, bn_bias, running_mean, running_var, training,
@@ -70,8 +72,8 @@ def _pair(name: str, fn: str, v: IntOrPair, minimum: int) -> tuple[int, int]:
 def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend,
                   residual=None, x_stats=None, stats_eps=None, num_batches_tracked=None):
     """Checked entry shared by the public functions and the nn modules: `convs`
-    is a list of (weight, stride, padding) reading relu(bn(x)); `fn` names the
-    caller in error messages. Returns (outputs, stats):
+    is a list of (weight, stride, padding[, dilation, groups]) reading
+    relu(bn(x)); `fn` names the caller in error messages. Returns (outputs, stats):
 
     - residual: added to the first output (fused into the epilogue where the
       backend can);
@@ -86,7 +88,7 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if not torch.compiler.is_compiling():
         _refuse_transforms(fn)
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
-    weights = [w for w, _, _ in convs]
+    weights = [conv[0] for conv in convs]
     if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta has no autocast
         # Mirror autocast's conv2d policy inside the opaque op: float32
         # activations and weights run in the autocast dtype (float64 is left
@@ -94,11 +96,17 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         # autocast, the batch statistics are then those of the rounded x.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, *weights = (t.to(dtype) if t.dtype == torch.float32 else t for t in (x, *weights))
-    strides = [i for _, s, _ in convs for i in _pair("stride", fn, s, 1)]
-    paddings = [i for _, _, p in convs for i in _pair("padding", fn, p, 0)]
-    backend = resolve_backend(backend, x.device, x.dtype, x.is_contiguous(memory_format=torch.channels_last))
+    strides = [i for conv in convs for i in _pair("stride", fn, conv[1], 1)]
+    paddings = [i for conv in convs for i in _pair("padding", fn, conv[2], 0)]
+    dilations = [i for conv in convs for i in _pair("dilation", fn, conv[3] if len(conv) > 3 else 1, 1)]
+    groups = [_groups(conv) for conv in convs]
+    plain = all(d == 1 for d in dilations) and all(g == 1 for g in groups)
+    backend = resolve_backend(backend, x.device, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+                              plain_convs=plain)
+    if not plain:  # statistics in another backend's hand-on form cannot follow a fallback
+        x_stats = stats_eps = None
     if residual is not None:
-        _check_residual(fn, residual, x, weights[0], strides[:2], paddings[:2])
+        _check_residual(fn, residual, x, weights[0], strides[:2], paddings[:2], dilations[:2])
         residual = residual.to(x.dtype)
     if num_batches_tracked is not None and not (training and running_mean is not None):
         raise ValueError(f"{fn}: num_batches_tracked is counted only with running statistics in training mode")
@@ -107,12 +115,17 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     # apply() runs the backend's forward of x with these statistics next: they may be deferred to it.
     stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
                                 momentum, eps, backend, x_stats, defer=True)
-    return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, *stats, residual, strides, paddings, training, backend,
-                              stats_eps)
+    return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, *stats, residual, strides, paddings, dilations, groups,
+                              training, backend, stats_eps)
 
 
-def _check_residual(fn, residual, x, weight, stride, padding):
-    h, w = (((size + 2 * p - k) // s + 1) for size, p, k, s in zip(x.shape[2:], padding, weight.shape[2:], stride))
+def _groups(conv) -> int:
+    return conv[4] if len(conv) > 4 else 1
+
+
+def _check_residual(fn, residual, x, weight, stride, padding, dilation):
+    h, w = (((size + 2 * p - d * (k - 1) - 1) // s + 1)
+            for size, p, k, s, d in zip(x.shape[2:], padding, weight.shape[2:], stride, dilation))
     expected = (x.shape[0], weight.shape[0], h, w)
     if not isinstance(residual, Tensor) or tuple(residual.shape) != expected:
         raise ValueError(f"{fn}: residual must be a tensor of the output's shape {expected}, got "
@@ -150,10 +163,14 @@ def _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if device.type not in ("cpu", "cuda", "meta"):  # meta: shapes only (the reference and native backends, host_cost)
         raise ValueError(f"{fn}: x must be a CPU, CUDA or meta tensor, got device {device}")
     c = x.shape[1]
-    for (w, _, _), name in zip(convs, ("conv_weight", "shortcut_weight")):
-        if not isinstance(w, Tensor) or w.dim() != 4 or w.shape[1] != c:
-            raise ValueError(f"{fn}: {name} must be a 4-D (C_out, {c}, kH, kW) tensor matching x's {c} channels, "
-                             f"got shape {tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    for conv, name in zip(convs, ("conv_weight", "shortcut_weight")):
+        w, g = conv[0], _groups(conv)
+        if not _is_int(g) or g < 1 or c % g:
+            raise ValueError(f"{fn}: groups must be a positive int dividing x's {c} channels, got {g!r}")
+        if not isinstance(w, Tensor) or w.dim() != 4 or w.shape[1] != c // g or w.shape[0] % g:
+            raise ValueError(f"{fn}: {name} must be a 4-D (C_out, {c // g}, kH, kW) tensor matching x's {c} "
+                             f"channels in {g} group(s) (C_out a multiple of {g}), got shape "
+                             f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
         if w.dtype != x.dtype and not (device.type != "meta" and torch.is_autocast_enabled(device.type)):
             raise TypeError(f"{fn}: {name} must have x's dtype {x.dtype}, got {w.dtype}")
         if w.device != device:

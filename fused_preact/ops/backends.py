@@ -21,6 +21,13 @@ class Conv(NamedTuple):
     weight: torch.Tensor
     stride: tuple[int, int]
     padding: tuple[int, int]
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def plain(self) -> bool:
+        """Undilated and ungrouped: what every backend takes (see Backend.general_convs)."""
+        return self.dilation == (1, 1) and self.groups == 1
 
 
 class Backend(Protocol):
@@ -37,6 +44,10 @@ class Backend(Protocol):
 
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
         """Why supports() is False, for the error message ("" if nothing to add)."""
+
+    # Whether it takes dilated and grouped convs; "auto" and an explicit
+    # choice fall back to one that does, for that call (chain) alone.
+    general_convs: bool
 
     # Whether forward() computes an output's batch statistics in its epilogue
     # (stats_eps); a backend that would need an extra pass for them leaves
@@ -101,6 +112,7 @@ class KernelBackend:
     """
 
     epilogue_stats = False
+    general_convs = True
 
     def __init__(self, kernels: Callable[[], BnReluKernels], devices: Callable[[torch.device], bool]):
         self._kernels = kernels
@@ -132,7 +144,8 @@ class KernelBackend:
     def forward_keeping_activation(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None):
         k = self._kernels()
         a = k.bn_relu_apply(x, scale, shift)
-        outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding) for c in convs]
+        outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+                for c in convs]
         if residual is not None:
             outs[0] += residual
         if stats_eps is None:
@@ -153,7 +166,7 @@ class KernelBackend:
                 grad_weights.append(None)
                 continue
             da, dw, _ = torch.ops.aten.convolution_backward(
-                grad, a, conv.weight, None, conv.stride, conv.padding, (1, 1), False, (0, 0), 1,
+                grad, a, conv.weight, None, conv.stride, conv.padding, conv.dilation, False, (0, 0), conv.groups,
                 (needs_bn, need_w, False),
             )
             if needs_bn:
@@ -192,12 +205,18 @@ def backend_names() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, channels_last: bool = True) -> str:
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, channels_last: bool = True,
+                    plain_convs: bool = True) -> str:
     """The concrete backend name for `name` and an input of `dtype` on `device`
-    (channels_last: whether it is in that layout), or a clear error."""
+    (channels_last: whether it is in that layout), or a clear error. Where
+    some conv is dilated or grouped (plain_convs False) and `name` does not
+    take such convs, the first automatic choice that does, for this call."""
+    if name != "auto" and name in _BACKENDS and not plain_convs and not _BACKENDS[name].general_convs:
+        name = "auto"
     if name == "auto":
         return next(b for b in _AUTO_ORDER
-                    if _BACKENDS[b].supports(device, dtype) and _BACKENDS[b].automatic(device, channels_last))
+                    if _BACKENDS[b].supports(device, dtype) and _BACKENDS[b].automatic(device, channels_last)
+                    and (plain_convs or _BACKENDS[b].general_convs))
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
     if not _BACKENDS[name].supports(device, dtype):

@@ -35,10 +35,11 @@ from .backends import Conv, get_backend
 _OP = "fused_preact::bn_relu_conv2d"
 
 
-def _convs(weights: list[Tensor], strides: list[int], paddings: list[int]) -> list[Conv]:
-    # strides/paddings are flat [h0, w0, h1, w1, ...] (custom ops take flat int lists)
-    return [Conv(w, (strides[2 * i], strides[2 * i + 1]), (paddings[2 * i], paddings[2 * i + 1]))
-            for i, w in enumerate(weights)]
+def _convs(weights: list[Tensor], strides: list[int], paddings: list[int], dilations: list[int],
+           groups: list[int]) -> list[Conv]:
+    # strides/paddings/dilations are flat [h0, w0, h1, w1, ...] (custom ops take flat int lists)
+    return [Conv(w, (strides[2 * i], strides[2 * i + 1]), (paddings[2 * i], paddings[2 * i + 1]),
+                 (dilations[2 * i], dilations[2 * i + 1]), groups[i]) for i, w in enumerate(weights)]
 
 
 def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -199,7 +200,8 @@ def keep_activations():
 def _op(
     x: Tensor, conv_weights: list[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
     invstd: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], strides: list[int],
-    paddings: list[int], training: bool, backend: str, stats_eps: Optional[float],
+    paddings: list[int], dilations: list[int], groups: list[int], training: bool, backend: str,
+    stats_eps: Optional[float],
 ) -> list[Tensor]:
     """[conv(relu((x - mean) * invstd * bn_weight + bn_bias), w) for w in conv_weights],
     the BatchNorm given folded as (scale, shift) too (normalization_stats),
@@ -209,20 +211,22 @@ def _op(
 
     `training` says whether mean/invstd are x's own batch statistics (so the
     gradient of x flows through them) or constants (running statistics)."""
-    outs, stats = get_backend(backend).forward(x, scale, shift, _convs(conv_weights, strides, paddings), residual,
+    outs, stats = get_backend(backend).forward(x, scale, shift,
+                                               _convs(conv_weights, strides, paddings, dilations, groups), residual,
                                                stats_eps)
     return [*outs, *(stats or ())]
 
 
 def _op_keeping_activation(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides,
-                           paddings, training, backend, stats_eps) -> tuple[list[Tensor], Optional[Tensor]]:
+                           paddings, dilations, groups, training, backend,
+                           stats_eps) -> tuple[list[Tensor], Optional[Tensor]]:
     """_op's outputs and relu(bn(x)) (None where the backend never materialises it)."""
     impl = get_backend(backend)
     if not hasattr(impl, "forward_keeping_activation"):
         return _op(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings,
-                   training, backend, stats_eps), None
-    outs, stats, activation = impl.forward_keeping_activation(x, scale, shift, _convs(conv_weights, strides, paddings),
-                                                              residual, stats_eps)
+                   dilations, groups, training, backend, stats_eps), None
+    outs, stats, activation = impl.forward_keeping_activation(
+        x, scale, shift, _convs(conv_weights, strides, paddings, dilations, groups), residual, stats_eps)
     return [*outs, *(stats or ())], activation
 
 
@@ -238,7 +242,7 @@ def _setup_context(ctx, inputs, output, activation: Optional[Tensor] = None) -> 
     kept = () if activation is None else (activation,)
     ctx.save_for_backward(a["x"], a["mean"], a["invstd"], a["scale"], a["shift"], a["bn_weight"], a["bn_bias"],
                           *kept, *a["conv_weights"])
-    ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"], bool(kept))
+    ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"], bool(kept), a["dilations"], a["groups"])
 
 
 def _as_dtype(t: Tensor, like: Tensor) -> Tensor:
@@ -250,12 +254,13 @@ def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     each name to whether it wants one (a list for conv_weights)."""
     refuse_double_backward("bn_relu_conv2d")
     x, mean, invstd, scale, shift, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
-    strides, paddings, training, backend, kept = ctx.conf
+    strides, paddings, training, backend, kept, dilations, groups = ctx.conf
     activation = conv_weights.pop(0) if kept else None
     needs_bn = needs["x"] or needs["bn_weight"] or needs["bn_bias"]
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
         list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
-        _convs(conv_weights, strides, paddings), training, needs["conv_weights"], needs_bn, traceable, activation,
+        _convs(conv_weights, strides, paddings, dilations, groups), training, needs["conv_weights"], needs_bn,
+        traceable, activation,
     )
     # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
     grads = {"x": dx, "conv_weights": d_weights,
@@ -271,11 +276,11 @@ bn_relu_conv2d_op = torch.library.custom_op(_OP, mutates_args=())(_op)
 
 
 @bn_relu_conv2d_op.register_fake
-def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training, backend,
-      stats_eps):
+def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations, groups,
+      training, backend, stats_eps):
     a = torch.empty_like(x)
-    outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding)
-            for c in _convs(conv_weights, strides, paddings)]
+    outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
+            for c in _convs(conv_weights, strides, paddings, dilations, groups)]
     if stats_eps is not None:
         outs += get_backend(backend).stats_like(outs[0])
     return outs
@@ -330,19 +335,20 @@ class _EagerFunction(torch.autograd.Function):
         return _spread(_gradients(ctx, grad_outputs, needs, traceable=False))
 
 
-def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training,
-          backend, stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
+def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
+          groups, training, backend, stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
     first, and that output's hand-on statistics for eps=stats_eps or None),
     differentiable in x, the weights, gamma/beta and the residual; mean/invstd
     are x's batch statistics when training."""
-    args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, training,
-            backend, stats_eps)
+    args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
+            groups, training, backend, stats_eps)
+    plain = all(d == 1 for d in dilations) and all(g == 1 for g in groups)
     if torch.compiler.is_compiling():
         outs = bn_relu_conv2d_op(*args)
     elif not torch.is_grad_enabled():  # nothing to record (unit/segment recompute's first run)
         outs = _op(*args)
-    elif backend == "native" and stats_eps is None:
+    elif backend == "native" and stats_eps is None and plain:
         # The same steps in one C++ autograd function (no Python in its
         # forward or backward): csrc/bn_relu_conv_autograd.cpp.
         outs = torch.ops.fused_preact.bn_relu_conv(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift,

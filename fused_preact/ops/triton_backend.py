@@ -66,6 +66,7 @@ class TritonBackend:
         return " (CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
 
     epilogue_stats = True
+    general_convs = False  # the kernels run undilated, ungrouped convs; others fall back per call
 
     def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                          x_stats=None):
@@ -87,6 +88,7 @@ class TritonBackend:
         return stats
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
+        _check_plain(convs)
         # The hand-on statistics are the epilogue's raw partials: the next
         # layer's batch_norm_stats merges them with its own fold and update
         # in one launch, or its conv does (stats_eps, the next BatchNorm's
@@ -114,6 +116,7 @@ class TritonBackend:
 
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
                  needs_bn: bool, traceable: bool = False, activation=None):
+        _check_plain(convs)
         # activation is always None: relu(bn(x)) never exists outside the kernels here.
         used = [(g, c) for g, c in zip(grads, convs) if g is not None]
         bn_grad = needs_bn and bool(used)
@@ -143,6 +146,13 @@ class TritonBackend:
             dx = _kernels().bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat,
                                                                 training)
         return dx, grad_weights, sum_dz, sum_dz_xhat
+
+
+def _check_plain(convs) -> None:
+    """resolve_backend never hands dilated or grouped convs here (general_convs is False)."""
+    if not all(c.plain for c in convs):
+        raise ValueError("the Triton backend runs undilated, ungrouped convs only, got "
+                         f"{[(c.dilation, c.groups) for c in convs]} (dilation, groups)")
 
 
 # The statistics pass that deferred_batch_norm_stats left to the next forward.
