@@ -112,7 +112,7 @@ if [ $dry -eq 1 ]; then
   warm=(python -c "from fused_preact.triton_kernels import aot; print(len(aot.paper_layers() + aot.basic_layers()), 'layers')")
   collect=(--collect-only)
   limits="warm:30 build:60 untuned:60 tuned:60 native:60 graphs:60 inductor:60"
-  suites="unit:60 train_step:90 memory:60 op:60 train_compile:30 convert:120"
+  suites="unit:60 train_step:90 memory:60 op:60 train_compile:30 convert:180"
   select="not compile"  # inductor compiles take minutes on the CPU and are the GPU run's to measure
   compile_depth=11  # the dry run's only depth: its train_compile step runs the eager row alone
 else

@@ -4,8 +4,9 @@ written, torch.utils.checkpoint of its stages, torchvision's own
 memory_efficient DenseNet, and torch.compile at activation memory budgets
 0.5 and 0.1. torchvision densenet121 and timm resnetv2_50 at ImageNet
 sizes, pytorchcv's WRN-28-10 at CIFAR's; the CPU subset runs them small
-(64x64 images, batch 2; WRN-28-10 at batch 2) and leaves out the compiled
-providers, whose compiles take minutes there. Needs the test dependencies
+(64x64 images, batch 2; WRN-28-10 at batch 2; the dry run at 32x32, one
+round) and leaves out the compiled providers, whose compiles take minutes
+there. Needs the test dependencies
 (pip install -r requirements-test.txt); skipped without them.
 
     pytest benchmarks/test_bench_convert.py --benchmark-only --benchmark-json=out.json
@@ -18,13 +19,15 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, memory_per_image, record
 from fused_preact import convert
-from providers import COMPILE_BUDGETS, _compiled, sgd
+from providers import COMPILE_BUDGETS, _compiled, _flag, sgd
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 pytorchcv = pytest.importorskip("pytorchcv.model_provider")
 
 ON_GPU = DEVICE.type == "cuda"
+DRY = _flag("FUSED_PREACT_BENCH_DRY")  # gpu_check.sh --dry-run: 32x32 images, one round
+IMAGENET_SIZE = 224 if ON_GPU else 32 if DRY else 64
 
 
 def _densenet(memory_efficient=False):
@@ -33,9 +36,9 @@ def _densenet(memory_efficient=False):
 
 # name: (constructor, image size, batch, the stages checkpoint wraps, classes), on the GPU and on the CPU.
 NETWORKS = {
-    "densenet121": (_densenet, 224 if ON_GPU else 64, 32 if ON_GPU else 2,
+    "densenet121": (_densenet, IMAGENET_SIZE, 32 if ON_GPU else 2,
                     lambda m: [getattr(m.features, f"denseblock{i}") for i in range(1, 5)], 1000),
-    "resnetv2_50": (lambda: timm.create_model("resnetv2_50"), 224 if ON_GPU else 64, 32 if ON_GPU else 2,
+    "resnetv2_50": (lambda: timm.create_model("resnetv2_50"), IMAGENET_SIZE, 32 if ON_GPU else 2,
                     lambda m: list(m.stages), 1000),
     "wrn28_10": (lambda: pytorchcv.get_model("wrn28_10_cifar10"), 32, 128 if ON_GPU else 2,
                  lambda m: [m.features.stage1, m.features.stage2, m.features.stage3], 10),
@@ -85,6 +88,6 @@ def test_converted_training_step(benchmark, name, provider):
         if ON_GPU:
             torch.cuda.synchronize(DEVICE)
 
-    benchmark.pedantic(step, rounds=5 if ON_GPU else 2, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=5 if ON_GPU else 1 if DRY else 2, warmup_rounds=0 if DRY else 1)
     record(benchmark, f"convert|{name}, batch {batch}, {size}x{size}", provider, batch,
            memory_per_image(DEVICE, model, lambda: forward(x), batch))
