@@ -71,6 +71,8 @@ def convert(model: nn.Module, recompute: str = "bn_relu", backend: str = "auto",
         raise ValueError(f"convert: backend must be 'auto' or one of {backend_names()}, got {backend!r}")
     if not isinstance(inplace, bool):
         raise TypeError(f"convert: inplace must be True or False, got {inplace!r}")
+    if any(type(m).__reduce_ex__ is _reduce_converted for m in model.modules()):
+        raise ValueError("convert: model is converted already (in whole or in part); convert the original model")
     report = ConversionReport()
     converted = _convert(model, "", backend, inplace, report)
     converted.fused_preact_report = report

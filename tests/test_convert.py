@@ -379,6 +379,10 @@ def test_bad_arguments_are_named():
         convert(Chain(), recompute="unit")
     with pytest.raises(ValueError, match="convert: backend must be 'auto' or one of"):
         convert(Chain(), backend="cudnn")
+    with pytest.raises(ValueError, match="convert: model is converted already"):
+        convert(convert(Chain()))
+    with pytest.raises(ValueError, match="convert: model is converted already"):
+        convert(nn.Sequential(convert(Chain())))
 
 
 # ----------------------------------------------------------------------------- torch.compile
