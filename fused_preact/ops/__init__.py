@@ -100,7 +100,7 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     paddings = [i for conv in convs for i in _pair("padding", fn, conv[2], 0)]
     dilations = [i for conv in convs for i in _pair("dilation", fn, conv[3] if len(conv) > 3 else 1, 1)]
     groups = [_groups(conv) for conv in convs]
-    plain = all(d == 1 for d in dilations) and all(g == 1 for g in groups)
+    plain = bn_relu_conv.plain_convs(dilations, groups)
     backend = resolve_backend(backend, x.device, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
                               plain_convs=plain)
     if not plain:  # statistics in another backend's hand-on form cannot follow a fallback

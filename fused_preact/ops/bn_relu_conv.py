@@ -35,6 +35,12 @@ from .backends import Conv, get_backend
 _OP = "fused_preact::bn_relu_conv2d"
 
 
+def plain_convs(dilations: list[int], groups: list[int]) -> bool:
+    """Whether every conv is undilated and ungrouped: what every backend and
+    the native C++ autograd node take (see Backend.general_convs)."""
+    return all(d == 1 for d in dilations) and all(g == 1 for g in groups)
+
+
 def _convs(weights: list[Tensor], strides: list[int], paddings: list[int], dilations: list[int],
            groups: list[int]) -> list[Conv]:
     # strides/paddings/dilations are flat [h0, w0, h1, w1, ...] (custom ops take flat int lists)
@@ -343,12 +349,11 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
     are x's batch statistics when training."""
     args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
             groups, training, backend, stats_eps)
-    plain = all(d == 1 for d in dilations) and all(g == 1 for g in groups)
     if torch.compiler.is_compiling():
         outs = bn_relu_conv2d_op(*args)
     elif not torch.is_grad_enabled():  # nothing to record (unit/segment recompute's first run)
         outs = _op(*args)
-    elif backend == "native" and stats_eps is None and plain:
+    elif backend == "native" and stats_eps is None and plain_convs(dilations, groups):
         # The same steps in one C++ autograd function (no Python in its
         # forward or backward): csrc/bn_relu_conv_autograd.cpp.
         outs = torch.ops.fused_preact.bn_relu_conv(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift,
