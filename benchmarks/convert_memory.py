@@ -1,5 +1,5 @@
 """Saved-for-backward bytes per image of networks nobody here wrote, as
-written and after fused_preact.convert (the default bn_relu recompute):
+written and after fused_preact.convert in each recompute mode:
 
     python benchmarks/convert_memory.py [--out benchmarks/results/convert_memory.md]
 
@@ -33,17 +33,26 @@ def networks() -> dict:
     }
 
 
+MODES = ("bn_relu", "unit", "segment")
+
+
 def table(batch: int = 2) -> str:
-    lines = ["| network | image | eager | converted | chains fused |", "|---|---|---|---|---|"]
+    lines = ["| network | image | eager | " + " | ".join(f"converted, {m}" for m in MODES)
+             + " | chains fused | units recomputed (segments) |", "|---" * (5 + len(MODES)) + "|"]
     for name, (make, size) in networks().items():
         torch.manual_seed(0)
         model = make().to(memory_format=torch.channels_last)
-        converted = convert(copy.deepcopy(model))
         x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-        eager, fused = (saved_activation_bytes(lambda m=m: m(x), m) / batch / MiB for m in (model, converted))
-        report = converted.fused_preact_report
-        lines.append(f"| {name} | {size}x{size} | {eager:.2f} MiB | {fused:.2f} MiB ({fused / eager:.2f}x) | "
-                     f"{len(report.fused)} of {report.chains} |")
+        eager = saved_activation_bytes(lambda: model(x), model) / batch / MiB
+        cells = []
+        for mode in MODES:
+            converted = convert(copy.deepcopy(model), recompute=mode)
+            kept = saved_activation_bytes(lambda m=converted: m(x), converted) / batch / MiB
+            cells.append(f"{kept:.2f} MiB ({kept / eager:.2f}x)")
+        report = converted.fused_preact_report  # the last mode's: segments
+        units = sum(map(len, report.recomputed))
+        lines.append(f"| {name} | {size}x{size} | {eager:.2f} MiB | {' | '.join(cells)} | "
+                     f"{len(report.fused)} of {report.chains} | {units} ({len(report.recomputed)}) |")
     return "\n".join(lines)
 
 

@@ -1,12 +1,13 @@
-"""Networks nobody here wrote, converted (fused_preact.convert, bn_relu):
-training-step time and memory per image against the same network as
-written, torch.utils.checkpoint of its stages, torchvision's own
-memory_efficient DenseNet, and torch.compile at activation memory budgets
-0.5 and 0.1. torchvision densenet121 and timm resnetv2_50 at ImageNet
-sizes, pytorchcv's WRN-28-10 at CIFAR's; the CPU subset runs them small
-(64x64 images, batch 2; WRN-28-10 at batch 2; the dry run at 32x32, one
-round) and leaves out the compiled providers, whose compiles take minutes
-there. Needs the test dependencies
+"""Networks nobody here wrote, converted (fused_preact.convert) in each
+recompute mode (bn_relu; unit, segment: "converted-unit",
+"converted-segment"): training-step time and memory per image against the
+same network as written, torch.utils.checkpoint of its stages,
+torchvision's own memory_efficient DenseNet, and torch.compile at
+activation memory budgets 0.5 and 0.1. torchvision densenet121 and timm
+resnetv2_50 at ImageNet sizes, pytorchcv's WRN-28-10 at CIFAR's; the CPU
+subset runs them small (64x64 images, batch 2; WRN-28-10 at batch 2); its
+dry run (32x32, one round) leaves out the compiled providers, whose
+compiles take minutes there. Needs the test dependencies
 (pip install -r requirements-test.txt); skipped without them.
 
     pytest benchmarks/test_bench_convert.py --benchmark-only --benchmark-json=out.json
@@ -43,8 +44,10 @@ NETWORKS = {
     "wrn28_10": (lambda: pytorchcv.get_model("wrn28_10_cifar10"), 32, 128 if ON_GPU else 2,
                  lambda m: [m.features.stage1, m.features.stage2, m.features.stage3], 10),
 }
-PROVIDERS = ["eager", "converted", "memory_efficient", "checkpoint", *(
-    [p for p in COMPILE_BUDGETS if p != "compile"] if ON_GPU else [])]
+# provider: the recompute mode it converts with
+CONVERTED = {"converted": "bn_relu", "converted-unit": "unit", "converted-segment": "segment"}
+PROVIDERS = ["eager", *CONVERTED, "memory_efficient", "checkpoint", *(
+    [p for p in COMPILE_BUDGETS if p != "compile"] if not DRY else [])]
 CASES = [(n, p) for n in NETWORKS for p in PROVIDERS if p != "memory_efficient" or n == "densenet121"]
 
 
@@ -62,8 +65,8 @@ def build(name: str, provider: str):
     torch.manual_seed(0)
     model = (_densenet(memory_efficient=True) if provider == "memory_efficient" else make())
     model = model.to(DEVICE, memory_format=torch.channels_last)
-    if provider == "converted":
-        model = convert(model)
+    if provider in CONVERTED:
+        model = convert(model, recompute=CONVERTED[provider])
     elif provider == "checkpoint":
         _checkpointed(stages(model))
     if provider in COMPILE_BUDGETS:

@@ -40,13 +40,19 @@ class Left(NamedTuple):
 
 class ConversionReport:
     """What convert did: `fused` (the BatchNorms whose chains run fused, with
-    their convs), `left` (chains left as they were, with the reason) and
-    `untraced` (submodules fx could not trace, with the reason)."""
+    their convs), `left` (chains left as they were, with the reason),
+    `untraced` (submodules fx could not trace, with the reason), and under
+    recompute="unit"/"segment", `recomputed` (the units run again in
+    backward, in the groups that run together) and `not_recomputed` (units
+    left to keep what they keep, with the reason)."""
 
     def __init__(self):
         self.fused: list[tuple[str, list[str]]] = []
         self.left: list[Left] = []
         self.untraced: list[Left] = []
+        self.recomputed: list[list[str]] = []
+        self.not_recomputed: list[Left] = []
+        self.recompute = "bn_relu"  # the mode convert was asked for
 
     @property
     def chains(self) -> int:
@@ -58,6 +64,13 @@ class ConversionReport:
             text += "; left: " + ", ".join(f"{w} ({why})" for w, why in self.left)
         if self.untraced:
             text += "; not traced: " + ", ".join(f"{w} ({why})" for w, why in self.untraced)
+        if self.recompute in ("unit", "segment"):
+            units = sum(map(len, self.recomputed))
+            text += f"; {units} units recomputed in backward"
+            if units != len(self.recomputed):
+                text += f", in {len(self.recomputed)} segments"
+        if self.not_recomputed:
+            text += "; not recomputed: " + ", ".join(f"{w} ({why})" for w, why in self.not_recomputed)
         return text
 
     __repr__ = __str__
@@ -105,11 +118,14 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
                 report.left.append(Left(where, chain))
             continue
         relu_node, conv_nodes = chain
+        x = bn_node.args[0] if bn_node.op == "call_module" else _arguments(bn_node, _BATCH_NORM_ARGS)["input"]
+        cat = x if concatenates_channels(x, bn_node) else None
+        x = x if cat is None else (cat.args or (cat.kwargs["tensors"],))[0]  # the op reads the pieces
         with graph.inserting_before(conv_nodes[0]):
             if bn_node.op == "call_module":
                 bn_ref = graph.get_attr(bn_node.target)
                 conv_refs = [graph.get_attr(c.target) for c in conv_nodes]
-                fused = graph.call_function(fused_chain, (bn_node.args[0], bn_ref, conv_refs, backend))
+                fused = graph.call_function(fused_chain, (x, bn_ref, conv_refs, backend))
             else:
                 for c in conv_nodes[1:]:  # a later conv's weight and bias, read off the module before the first
                     for name in ("weight", "bias"):
@@ -120,7 +136,7 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
                 convs = [[_arguments(c, _CONV_ARGS)[name] for name in ("weight", "stride", "padding", "dilation",
                                                                        "groups", "bias")] for c in conv_nodes]
                 fused = graph.call_function(fused_functional_chain, (
-                    bn_args["input"], *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend))
+                    x, *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend))
             outs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(conv_nodes))]
         for conv, out in zip(conv_nodes, outs):
             conv.replace_all_uses_with(out)
@@ -128,11 +144,26 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
         if relu_node is not None:
             graph.erase_node(relu_node)
         graph.erase_node(bn_node)
+        if cat is not None:
+            graph.erase_node(cat)
         if report is not None:
             report.fused.append((where, [join_path(path, c.target if c.op == "call_module" else c.name)
                                          for c in conv_nodes]))
     graph.lint()
     return fx.GraphModule(root, graph)
+
+
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def concatenates_channels(node, reader: fx.Node) -> bool:
+    """Whether `node` (the input of `reader`: a BatchNorm, a unit) is
+    torch.cat(pieces, 1) that `reader` alone reads: the op then reads the
+    pieces and the concatenation is never made (a DenseNet layer's input)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _CATS:
+        return False
+    args = {**dict(zip(("tensors", "dim"), node.args)), **node.kwargs}
+    return args.get("dim", args.get("axis", 0)) in (1, -3) and list(node.users) == [reader]
 
 
 def _chain(root: nn.Module, bn_node: fx.Node):

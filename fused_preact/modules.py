@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import bn_relu_convs
-from .ops.bn_relu_conv import replaying_stats
+from .ops.bn_relu_conv import concatenated, input_shape
+from .ops.recompute_state import replaying_stats
 from .recompute import running_stats_frozen
 
 # An activation's batch statistics as a backend's epilogue hands them on to the
@@ -25,6 +26,7 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     """([conv(relu(bn(x))) for conv in convs] with `residual` added to the first,
     statistics or None), with bn's exact nn semantics (momentum=None cumulative
     averaging, track_running_stats, eval mode); fused=False runs the modules.
+    x may be a list of pieces, read as torch.cat(x, 1) (bn_relu_conv2d).
 
     Along a chain of layers, BatchNorm statistics are handed on where the
     backend computes them in the convolution's epilogue (Triton): x_stats is
@@ -46,7 +48,7 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     use_batch_stats = bn.training or bn.running_mean is None
     running = (bn.running_mean, bn.running_var) if update or not use_batch_stats else (None, None)
     if not fused:
-        a = F.relu(F.batch_norm(x, *running, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps))
+        a = F.relu(F.batch_norm(concatenated(x), *running, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps))
         outs = [conv(a) for conv in convs]
         if residual is not None:
             outs[0] = outs[0] + residual
@@ -68,7 +70,8 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     )
     crop = paddings[0][1]
     if crop is not None:
-        outs = [outs[0][:, :, crop[0]:crop[0] + x.shape[2], crop[1]:crop[1] + x.shape[3]]]
+        height, width = input_shape(x)[2:]
+        outs = [outs[0][:, :, crop[0]:crop[0] + height, crop[1]:crop[1] + width]]
     return add_biases(outs, [c.bias for c in convs]), stats
 
 

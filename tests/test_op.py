@@ -8,7 +8,8 @@ from conftest import BACKENDS, assert_close, make_layout
 from fused_preact import reference
 from fused_preact.ops import bn_relu_conv2d
 from fused_preact.dispatch_count import DispatchCounter
-from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op, keep_activations
+from fused_preact.ops.bn_relu_conv import bn_relu_conv2d_op
+from fused_preact.ops.recompute_state import keep_activations
 
 # (N, C, H, W, C_out, kernel, stride, padding)
 CASES = [

@@ -13,7 +13,8 @@ from fused_preact import FusedBNReLUConv2d, PreActResNet
 from fused_preact.memory import saved_activation_bytes
 from fused_preact import ops
 from fused_preact.ops import bn_relu_conv
-from fused_preact.ops.bn_relu_conv import StatsTape, normalization_stats
+from fused_preact.ops.bn_relu_conv import normalization_stats
+from fused_preact.ops.recompute_state import StatsTape
 from fused_preact.recompute import frozen_running_stats, recompute, running_stats_frozen
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -29,8 +29,8 @@ IntOrPair = Union[int, tuple[int, int]]
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                   running_mean: Optional[Tensor], running_var: Optional[Tensor], stride: IntOrPair = 1,
+def bn_relu_conv2d(x: Union[Tensor, list[Tensor]], conv_weight: Tensor, bn_weight: Optional[Tensor],
+                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor], stride: IntOrPair = 1,
                    padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                    backend: str = "auto", residual: Optional[Tensor] = None, shortcut_weight: Optional[Tensor] = None,
                    shortcut_padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1):
@@ -47,6 +47,9 @@ def bn_relu_conv2d(x: Tensor, conv_weight: Tensor, bn_weight: Optional[Tensor], 
     conv_weight), conv(a, shortcut_weight)), a computed once and recomputed once.
     dilation and groups: conv_weight's, as nn.Conv2d takes them (the Triton
     backend runs undilated, ungrouped convs: such a call falls back to another).
+    x may be a list of (N, C_i, H, W) tensors, read as torch.cat(x, 1) (a
+    DenseNet layer's input): autograd keeps the pieces, never their
+    concatenation, and each piece gets its own gradient.
     """
     convs = [(conv_weight, stride, padding, dilation, groups)]
     if shortcut_weight is not None:
@@ -87,6 +90,9 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
       (training with running statistics only)."""
     if not torch.compiler.is_compiling():
         _refuse_transforms(fn)
+    pieces = _pieces(fn, x)  # x as a list of pieces: checked below as their concatenation (a shape alone)
+    if pieces is not None:
+        x = _concatenation_shape(pieces)
     _check_inputs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     weights = [conv[0] for conv in convs]
     if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta has no autocast
@@ -95,15 +101,19 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         # alone); BN parameters and statistics stay float32. Unlike eager
         # autocast, the batch statistics are then those of the rounded x.
         dtype = torch.get_autocast_dtype(x.device.type)
+        if pieces is not None:
+            pieces = [p.to(dtype) if p.dtype == torch.float32 else p for p in pieces]
+            x = _concatenation_shape(pieces)
         x, *weights = (t.to(dtype) if t.dtype == torch.float32 else t for t in (x, *weights))
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) if pieces is None else \
+        all(p.is_contiguous(memory_format=torch.channels_last) for p in pieces)
     strides = [i for conv in convs for i in _pair("stride", fn, conv[1], 1)]
     paddings = [i for conv in convs for i in _pair("padding", fn, conv[2], 0)]
     dilations = [i for conv in convs for i in _pair("dilation", fn, conv[3] if len(conv) > 3 else 1, 1)]
     groups = [_groups(conv) for conv in convs]
     plain = bn_relu_conv.plain_convs(dilations, groups)
-    backend = resolve_backend(backend, x.device, x.dtype, x.is_contiguous(memory_format=torch.channels_last),
-                              plain_convs=plain)
-    if not plain:  # statistics in another backend's hand-on form cannot follow a fallback
+    backend = resolve_backend(backend, x.device, x.dtype, channels_last, plain_convs=plain)
+    if not plain or pieces is not None:  # hand-on statistics: of one tensor, in one backend's form
         x_stats = stats_eps = None
     if residual is not None:
         _check_residual(fn, residual, x, weights[0], strides[:2], paddings[:2], dilations[:2])
@@ -113,10 +123,35 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if not get_backend(backend).epilogue_stats:
         stats_eps = None
     # apply() runs the backend's forward of x with these statistics next: they may be deferred to it.
+    x = x if pieces is None else pieces
     stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
                                 momentum, eps, backend, x_stats, defer=True)
     return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, *stats, residual, strides, paddings, dilations, groups,
                               training, backend, stats_eps)
+
+
+def _pieces(fn: str, x) -> Optional[list[Tensor]]:
+    """x's pieces when x is a list or tuple of tensors (read as their
+    concatenation along channels), checked; None when x is one tensor."""
+    if not isinstance(x, (list, tuple)):
+        return None
+    if not x or not all(isinstance(p, Tensor) and p.dim() == 4 for p in x):
+        raise ValueError(f"{fn}: x must be a 4-D tensor or a non-empty list of 4-D (N, C_i, H, W) tensors, got "
+                         f"{[tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__ for p in x]}")
+    first = x[0]
+    for i, p in enumerate(x):
+        if (p.shape[0], *p.shape[2:]) != (first.shape[0], *first.shape[2:]) or p.dtype != first.dtype \
+                or p.device != first.device:
+            raise ValueError(f"{fn}: x's pieces must share N, H, W, dtype and device (they are read as one tensor "
+                             f"concatenated along channels); x[{i}] is {tuple(p.shape)} {p.dtype} on {p.device}, "
+                             f"x[0] {tuple(first.shape)} {first.dtype} on {first.device}")
+    return list(x)
+
+
+def _concatenation_shape(pieces: list[Tensor]) -> Tensor:
+    """A tensor with the pieces' concatenation's shape, dtype and device and
+    no memory of its own (a broadcast scalar), for the checks."""
+    return pieces[0].new_empty(()).expand(bn_relu_conv.input_shape(pieces))
 
 
 def _groups(conv) -> int:

@@ -19,9 +19,7 @@ the same steps as one C++ autograd function (csrc/bn_relu_conv_autograd.cpp),
 so the layer's autograd node and its backward run no Python (the argument
 checks and the statistics call before it still do). `apply` picks among them.
 """
-import contextlib
 import inspect
-import threading
 
 from typing import Optional
 
@@ -31,6 +29,7 @@ from torch import Tensor
 from .. import reference
 from ..reference import stats_dtype
 from .backends import Conv, get_backend
+from .recompute_state import current_tape, keeping_activations
 
 _OP = "fused_preact::bn_relu_conv2d"
 
@@ -71,11 +70,41 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     handed back without any pass over x (and so without any update)."""
     args = (x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, backend,
             x_stats, defer)
-    tape = getattr(_state, "tape", None)
+    compute = _pieces_stats if isinstance(x, list) else _normalization_stats
+    tape = current_tape()
     if tape is None:
-        return _normalization_stats(*args)
+        return compute(*args)
     # The layer is its input's shape and its BatchNorm's weight (None: affine-free).
-    return tape.stats((tuple(x.shape), id(bn_weight)), lambda: _normalization_stats(*args))
+    return tape.stats((input_shape(x), id(bn_weight)), lambda: compute(*args))
+
+
+def input_shape(x) -> tuple[int, ...]:
+    """x's shape; for a list of pieces, that of their concatenation along channels."""
+    if isinstance(x, Tensor):
+        return tuple(x.shape)
+    n, _, h, w = x[0].shape
+    return (n, sum(p.shape[1] for p in x), h, w)
+
+
+def concatenated(x) -> Tensor:
+    """x, or its pieces concatenated along channels (a transient copy)."""
+    return x if isinstance(x, Tensor) else torch.cat(x, 1)
+
+
+def _pieces_stats(pieces, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                  eps, backend, x_stats, defer):
+    """The statistics of the pieces' concatenation, assembled from each
+    piece's: BatchNorm's are per channel, and each channel is one piece's.
+    Each piece updates its own slice of the running statistics (a view);
+    num_batches_tracked counts once."""
+    parts, start = [], 0
+    for i, piece in enumerate(pieces):
+        channels = slice(start, start + piece.shape[1])
+        start = channels.stop
+        own = [None if v is None else v[channels] for v in (bn_weight, bn_bias, running_mean, running_var)]
+        parts.append(_normalization_stats(piece, *own, num_batches_tracked if i == 0 else None, training, momentum,
+                                          eps, backend, None, False))
+    return tuple(torch.cat(vectors) for vectors in zip(*parts))
 
 
 def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
@@ -107,100 +136,6 @@ def refuse_double_backward(what: str) -> None:
         raise RuntimeError(f"{what}: double backward (create_graph=True, e.g. a gradient penalty or a "
                            f"Hessian-vector product) is not supported; build the network with fused=False (plain "
                            f"torch.nn modules) for it")
-
-
-_state = threading.local()
-
-
-class StatsTape:
-    """The (mean, invstd, scale, shift) of every normalization_stats call of a
-    run, in call order: `recording()` appends them, `replaying()` hands them
-    back in the same order instead of computing them. A unit/segment
-    recompute's second run thus normalises with exactly the first run's
-    statistics and makes no statistics pass over its layers' inputs (4
-    per-channel vectors per layer kept, against a pass over each layer's input).
-
-    A tape recording inside another (a recompute nested in a recomputed
-    block: the inner one records during the outer one's replay) takes each
-    call's statistics from the enclosing tape, so both stay in step."""
-
-    def __init__(self, tensors=(), layers=()):
-        self.tensors: list[Tensor] = list(tensors)  # 4 per call
-        self.layers: list[tuple] = list(layers)  # per call: which layer made it (normalization_stats' key)
-        self.replay = False
-        self._next = 0
-        self._enclosing: Optional["StatsTape"] = None
-
-    @contextlib.contextmanager
-    def recording(self):
-        with self._installed(replay=False):
-            yield self
-
-    @contextlib.contextmanager
-    def replaying(self):
-        self._next = 0
-        with self._installed(replay=True):
-            yield self
-        if self._next != len(self.layers):
-            raise RuntimeError(f"StatsTape: the replayed run normalised {self._next} layers, the recorded one "
-                               f"{len(self.layers)}: a recomputed block must run the same layers again")
-
-    @contextlib.contextmanager
-    def _installed(self, replay: bool):
-        previous = getattr(_state, "tape", None)
-        self.replay, self._enclosing, _state.tape = replay, previous, self
-        try:
-            yield
-        finally:
-            _state.tape = previous
-
-    def stats(self, layer: tuple, compute) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The statistics of this call of `layer`: replaying, the next recorded
-        ones (which `layer` must have made); recording, the enclosing tape's
-        (if any) or compute()'s, recorded."""
-        if self.replay:
-            return self._take(layer)
-        result = compute() if self._enclosing is None else self._enclosing.stats(layer, compute)
-        self.tensors += result
-        self.layers.append(layer)
-        return result
-
-    def _take(self, layer: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        i = self._next
-        recorded = self.layers[i] if i < len(self.layers) else None
-        if recorded != layer:
-            what = ("the recorded run has no such layer" if recorded is None else
-                    f"its input shape {layer[0]} is not the recorded {recorded[0]}" if recorded[0] != layer[0] else
-                    f"its BatchNorm is not the recorded run's (same input shape {layer[0]})")
-            raise RuntimeError(f"StatsTape: layer {i} of the replayed run differs from the recorded run's: {what}; "
-                               f"a recomputed block must run the same layers again")
-        self._next += 1
-        return tuple(self.tensors[4 * i:4 * i + 4])
-
-
-def replaying_stats() -> bool:
-    """Whether normalization_stats hands back recorded statistics now (a recompute's second run)."""
-    tape = getattr(_state, "tape", None)
-    return tape is not None and tape.replay
-
-
-def keeping_activations() -> bool:
-    return getattr(_state, "keep", False)
-
-
-@contextlib.contextmanager
-def keep_activations():
-    """Inside (eager mode), the op keeps relu(bn(x)) for backward where its
-    backend materialises it anyway, instead of recomputing it there. For
-    recomputations that run inside backward (unit/segment recompute), where
-    what is kept lives only until that block's backward returns: one pass
-    less per layer, no lasting memory."""
-    previous = keeping_activations()
-    _state.keep = True
-    try:
-        yield
-    finally:
-        _state.keep = previous
 
 
 def _op(
@@ -244,9 +179,12 @@ def _setup_context(ctx, inputs, output, activation: Optional[Tensor] = None) -> 
     # saved_tensors_hooks (and save_on_cpu) see and may offload all of it.
     # The residual is only added: its gradient is the first output's, and
     # nothing of it is kept. activation: relu(bn(x)), kept (keep_activations).
+    # x given as pieces is kept as its pieces, never concatenated.
     a = dict(zip(ARG_NAMES, inputs))
     kept = () if activation is None else (activation,)
-    ctx.save_for_backward(a["x"], a["mean"], a["invstd"], a["scale"], a["shift"], a["bn_weight"], a["bn_bias"],
+    pieces = a["x"] if isinstance(a["x"], list) else [a["x"]]
+    ctx.num_pieces = len(pieces) if isinstance(a["x"], list) else 0
+    ctx.save_for_backward(*pieces, a["mean"], a["invstd"], a["scale"], a["shift"], a["bn_weight"], a["bn_bias"],
                           *kept, *a["conv_weights"])
     ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"], bool(kept), a["dilations"], a["groups"])
 
@@ -259,15 +197,21 @@ def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     """The gradients of the op's arguments, in ARG_NAMES order; `needs` maps
     each name to whether it wants one (a list for conv_weights)."""
     refuse_double_backward("bn_relu_conv2d")
-    x, mean, invstd, scale, shift, bn_weight, bn_bias, *conv_weights = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    pieces, num_pieces = saved[:max(ctx.num_pieces, 1)], ctx.num_pieces
+    mean, invstd, scale, shift, bn_weight, bn_bias, *conv_weights = saved[len(pieces):]
+    x = torch.cat(pieces, 1) if num_pieces else pieces[0]  # pieces: concatenated again, for this backward alone
     strides, paddings, training, backend, kept, dilations, groups = ctx.conf
     activation = conv_weights.pop(0) if kept else None
-    needs_bn = needs["x"] or needs["bn_weight"] or needs["bn_bias"]
+    needs_x = any(needs["x"]) if num_pieces else needs["x"]
+    needs_bn = needs_x or needs["bn_weight"] or needs["bn_bias"]
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
         list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
         _convs(conv_weights, strides, paddings, dilations, groups), training, needs["conv_weights"], needs_bn,
         traceable, activation,
     )
+    if num_pieces and dx is not None:  # each piece's gradient: its channels of dx
+        dx = list(dx.split([p.shape[1] for p in pieces], 1))
     # d beta = sum dz and d gamma = sum dz * xhat, in training and eval alike.
     grads = {"x": dx, "conv_weights": d_weights,
              "bn_weight": None if bn_weight is None or sum_dz_xhat is None else _as_dtype(sum_dz_xhat, bn_weight),
@@ -309,25 +253,32 @@ _WEIGHTS = ARG_NAMES.index("conv_weights")
 
 
 def _spread(args: tuple) -> tuple:
-    """The op's arguments with the conv_weights list moved to the end, one
-    argument per weight, so autograd.Function tracks each weight."""
-    return (*args[:_WEIGHTS], *args[_WEIGHTS + 1:], *args[_WEIGHTS])
+    """The op's arguments flat, so autograd.Function tracks every tensor:
+    the number of x's pieces (0: x is one tensor), x's pieces (or x), the
+    other arguments, and the conv weights, one argument each."""
+    x, pieces = args[0], args[0] if isinstance(args[0], list) else [args[0]]
+    return (len(pieces) if isinstance(x, list) else 0, *pieces, *args[1:_WEIGHTS], *args[_WEIGHTS + 1:],
+            *args[_WEIGHTS])
 
 
 def _gather(flat: tuple) -> tuple:
     """The inverse of _spread."""
-    rest = len(ARG_NAMES) - 1
-    return (*flat[:_WEIGHTS], list(flat[rest:]), *flat[_WEIGHTS:rest])
+    first = 1 + max(flat[0], 1)
+    x = list(flat[1:first]) if flat[0] else flat[1]
+    rest = first + len(ARG_NAMES) - 2
+    others = flat[first:rest]
+    return (x, *others[:_WEIGHTS - 1], list(flat[rest:]), *others[_WEIGHTS - 1:])
 
 
 class _EagerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *flat):
         args = _gather(flat)
+        run = (concatenated(args[0]), *args[1:])  # pieces: concatenated for this forward alone
         if keeping_activations():
-            outs, activation = _op_keeping_activation(*args)
+            outs, activation = _op_keeping_activation(*run)
         else:
-            outs, activation = _op(*args), None
+            outs, activation = _op(*run), None
         _setup_context(ctx, args, outs, activation)
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: its conv backward is skipped
         n = len(args[_WEIGHTS])
@@ -337,8 +288,11 @@ class _EagerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        needs = dict(zip(ARG_NAMES, _gather(ctx.needs_input_grad)))
-        return _spread(_gradients(ctx, grad_outputs, needs, traceable=False))
+        needs = dict(zip(ARG_NAMES, _gather((ctx.num_pieces, *ctx.needs_input_grad[1:]))))
+        grads = _gradients(ctx, grad_outputs, needs, traceable=False)
+        if ctx.num_pieces and grads[0] is None:
+            grads = ([None] * ctx.num_pieces, *grads[1:])
+        return (None, *_spread(grads)[1:])
 
 
 def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
@@ -346,14 +300,22 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
     """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
     first, and that output's hand-on statistics for eps=stats_eps or None),
     differentiable in x, the weights, gamma/beta and the residual; mean/invstd
-    are x's batch statistics when training."""
+    are x's batch statistics when training.
+
+    x may be a list of pieces, read as their concatenation along channels:
+    in eager mode the op keeps the pieces alone and concatenates them for
+    its forward and again for its backward (transient copies); under
+    torch.compile the graph concatenates them (a cat the partitioner may
+    recompute in backward)."""
+    if isinstance(x, list) and (torch.compiler.is_compiling() or not torch.is_grad_enabled()):
+        x = concatenated(x)
     args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
             groups, training, backend, stats_eps)
     if torch.compiler.is_compiling():
         outs = bn_relu_conv2d_op(*args)
     elif not torch.is_grad_enabled():  # nothing to record (unit/segment recompute's first run)
         outs = _op(*args)
-    elif backend == "native" and stats_eps is None and plain_convs(dilations, groups):
+    elif backend == "native" and stats_eps is None and plain_convs(dilations, groups) and isinstance(x, Tensor):
         # The same steps in one C++ autograd function (no Python in its
         # forward or backward): csrc/bn_relu_conv_autograd.cpp.
         outs = torch.ops.fused_preact.bn_relu_conv(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift,
