@@ -24,7 +24,6 @@ from typing import Callable, NamedTuple
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from .chains import concatenates_channels, join_path
@@ -109,17 +108,9 @@ def _dropout_active(node: fx.Node) -> bool:
 def recomputed_forward(forward: Callable) -> Callable:
     """A unit's forward that keeps its inputs alone and runs again in backward."""
     def recomputed(self, *args, **kwargs):
-        return _recomputed_call(self, lambda a: forward(self, *a[0], **a[1]), (args, kwargs))
+        return recompute(lambda a: forward(self, *a[0], **a[1]), (args, kwargs), self, restore_buffers=True)
     recomputed.once = forward
     return recomputed
-
-
-def _recomputed_call(module: nn.Module, run: Callable, inputs):
-    if torch.compiler.is_compiling():
-        # Dynamo traces torch.utils.checkpoint; buffer updates, being
-        # mutations, stay in the compiled forward: once.
-        return torch.utils.checkpoint.checkpoint(run, inputs, use_reentrant=False)
-    return recompute(run, inputs, module, restore_buffers=True)
 
 
 def unit_on_pieces(unit: nn.Module, pieces):
@@ -127,7 +118,7 @@ def unit_on_pieces(unit: nn.Module, pieces):
     recomputed unit (in both of its runs): the unit keeps the pieces,
     which the network keeps anyway (a DenseNet block's outputs), not it."""
     once = type(unit).forward.once
-    return _recomputed_call(unit, lambda p: once(unit, torch.cat(p, 1)), list(pieces))
+    return recompute(lambda p: once(unit, torch.cat(p, 1)), list(pieces), unit, restore_buffers=True)
 
 
 torch.fx.wrap("unit_on_pieces")
@@ -189,4 +180,4 @@ def _run_in_order(units: nn.ModuleList, x):
 
 
 def _run_recomputed(units: nn.ModuleList, x):
-    return _recomputed_call(units, functools.partial(_run_in_order, units), x)
+    return recompute(functools.partial(_run_in_order, units), x, units, restore_buffers=True)

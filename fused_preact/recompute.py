@@ -20,6 +20,7 @@ import threading
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -165,9 +166,16 @@ def recompute(run: Callable, x, module: nn.Module, restore_buffers: bool = False
     are computed in the second run, for the tensors the first run found in
     the module's parameter slots. restore_buffers: put module's buffers back
     after the second run (needed where it holds BatchNorms, or other
-    buffer-updating layers, that do not obey frozen_running_stats)."""
+    buffer-updating layers, that do not obey frozen_running_stats).
+
+    Under torch.compile it is torch.utils.checkpoint, which dynamo traces
+    (not an autograd.Function that reruns Python in backward): the compiled
+    backward recomputes the values from the kept inputs, and buffer updates
+    (running statistics), being mutations, stay in the forward graph: once."""
     if not torch.is_grad_enabled():
         return run(x)
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
     leaves, spec = tree_flatten(x)
     inputs = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
     if not inputs:

@@ -1,6 +1,9 @@
 """The networks nobody here wrote that the convert tests check, and the
 check: the converted model trains as the original with the same weights.
 Import after pytest.importorskip of torchvision, timm and pytorchcv."""
+import copy
+import io
+
 import pytorchcv.model_provider as pytorchcv
 import timm
 import torch
@@ -101,3 +104,13 @@ def assert_same_training(original, converted, shape, dtype, originals_params, ba
     with torch.no_grad():
         want = original(x)
         assert_close(converted(x), want, dtype, "eval output", scale=float(want.abs().max()))
+
+
+def saved_or_copied(model: nn.Module, how: str) -> nn.Module:
+    """model after a torch.save / torch.load round trip, or a deepcopy."""
+    if how == "deepcopy":
+        return copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

@@ -20,7 +20,8 @@ timm = pytest.importorskip("timm", reason="a test dependency: pip install -r req
 pytorchcv = pytest.importorskip("pytorchcv.model_provider", reason="a test dependency: pip install -r "
                                 "requirements-test.txt")
 
-from convert_peers import PEERS, assert_same_training, two_sgd_steps  # noqa: E402 (after the importorskips)
+# after the importorskips:
+from convert_peers import PEERS, assert_same_training, saved_or_copied, two_sgd_steps  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,19 +123,11 @@ def test_inplace_converts_the_model_itself():
 def test_a_saved_or_copied_converted_model_is_converted_again(how):
     # The generated forward is code, not state: a loaded or copied model is
     # converted again (not its class's unfused forward), the same chains.
-    import io
-
     make, shape, _ = PEERS["wrn16_10_cifar10"]
     torch.manual_seed(0)
     original = make()
     converted = convert(copy.deepcopy(original))
-    if how == "torch.save":
-        buffer = io.BytesIO()
-        torch.save(converted, buffer)
-        buffer.seek(0)
-        again = torch.load(buffer, weights_only=False)
-    else:
-        again = copy.deepcopy(converted)
+    again = saved_or_copied(converted, how)
     assert str(again.fused_preact_report) == str(converted.fused_preact_report)
     assert isinstance(again, type(original)) and list(again.state_dict()) == list(original.state_dict())
     x = torch.randn(shape)

@@ -4,7 +4,6 @@ unconverted model in float64 with the same weights (outputs, gradients and
 running statistics after two SGD steps), what each mode keeps, the units
 it finds, and the units it must not recompute."""
 import copy
-import io
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ torchvision = pytest.importorskip("torchvision", reason="a test dependency: pip 
 timm = pytest.importorskip("timm", reason="a test dependency: pip install -r requirements-test.txt")
 pytest.importorskip("pytorchcv.model_provider", reason="a test dependency: pip install -r requirements-test.txt")
 
-from convert_peers import PEERS, assert_same_training  # noqa: E402 (after the importorskips)
+from convert_peers import PEERS, assert_same_training, saved_or_copied  # noqa: E402 (after the importorskips)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,13 +129,7 @@ def test_a_saved_or_copied_model_recomputes_the_same_units(mode, how):
     make, shape, _ = PEERS["wrn16_10_cifar10"]
     torch.manual_seed(0)
     converted = convert(make(), recompute=mode)
-    if how == "torch.save":
-        buffer = io.BytesIO()
-        torch.save(converted, buffer)
-        buffer.seek(0)
-        again = torch.load(buffer, weights_only=False)
-    else:
-        again = copy.deepcopy(converted)
+    again = saved_or_copied(converted, how)
     assert str(again.fused_preact_report) == str(converted.fused_preact_report)
     assert list(again.state_dict()) == list(converted.state_dict())
     x = torch.randn(shape)

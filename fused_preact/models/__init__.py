@@ -13,6 +13,7 @@ from .registry import create_model, list_models, register_model
 from .original_resnet import ORDERINGS, ResidualUnit, ResNet
 from .shortcut_variants import ConstantScaling, DropoutShortcut, Gating
 from .imagenet_preact import IMAGENET_STAGES, ImageNetPreActResNet, ImageNetPreActUnit
+from .densenet import DenseNet, densenet_bc_100_12, densenet_bc_190_40
 
 __all__ = [
     "create_model",
@@ -35,4 +36,7 @@ __all__ = [
     "IMAGENET_STAGES",
     "ImageNetPreActUnit",
     "ImageNetPreActResNet",
+    "DenseNet",
+    "densenet_bc_100_12",
+    "densenet_bc_190_40",
 ]

@@ -11,9 +11,7 @@ import functools
 import math
 from typing import Callable, NamedTuple, Optional
 
-import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..recompute import recompute, running_stats_frozen
@@ -100,17 +98,9 @@ def run_units(units: nn.Sequential, x: Tensor, mode: str, segment_size: int,
     if mode not in ("unit", "segment"):
         return run(units, x)
     size = 1 if mode == "unit" else segment_size
-    compiling = torch.compiler.is_compiling()
     for start in range(0, len(units), size):
         group = units[start:start + size]
-        if compiling:
-            # Dynamo traces torch.utils.checkpoint (not an autograd.Function that
-            # reruns Python in backward); the compiled backward recomputes the
-            # group's values from its saved input, and the running-statistics
-            # updates, being mutations, stay in the forward graph: once.
-            x = torch.utils.checkpoint.checkpoint(functools.partial(run, group), x, use_reentrant=False)
-        else:
-            x = recompute(functools.partial(run, group), x, group)
+        x = recompute(functools.partial(run, group), x, group)
     return x
 
 

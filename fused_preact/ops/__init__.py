@@ -30,10 +30,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def bn_relu_conv2d(x: Union[Tensor, list[Tensor]], conv_weight: Tensor, bn_weight: Optional[Tensor],
-                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor], stride: IntOrPair = 1,
-                   padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                   backend: str = "auto", residual: Optional[Tensor] = None, shortcut_weight: Optional[Tensor] = None,
-                   shortcut_padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1):
+                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   stride: IntOrPair = 1, padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1,
+                   eps: float = 1e-5, backend: str = "auto", residual: Optional[Tensor] = None,
+                   shortcut_weight: Optional[Tensor] = None, shortcut_padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                   groups: int = 1):
     """conv2d(relu(batch_norm(x)), conv_weight, stride, padding) [+ residual]; see
     the module docstring.
 
@@ -123,11 +124,14 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     if not get_backend(backend).epilogue_stats:
         stats_eps = None
     # apply() runs the backend's forward of x with these statistics next: they may be deferred to it.
-    x = x if pieces is None else pieces
+    joined = None
+    if pieces is not None:  # the statistics (and the op's forward) read the pieces' concatenation, made here once
+        with torch.no_grad():
+            x = joined = torch.cat([p.detach() for p in pieces], 1)
     stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
                                 momentum, eps, backend, x_stats, defer=True)
-    return bn_relu_conv.apply(x, weights, bn_weight, bn_bias, *stats, residual, strides, paddings, dilations, groups,
-                              training, backend, stats_eps)
+    return bn_relu_conv.apply(x if pieces is None else pieces, weights, bn_weight, bn_bias, *stats, residual, strides,
+                              paddings, dilations, groups, training, backend, stats_eps, joined)
 
 
 def _pieces(fn: str, x) -> Optional[list[Tensor]]:

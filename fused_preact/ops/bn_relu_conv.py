@@ -70,12 +70,11 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     handed back without any pass over x (and so without any update)."""
     args = (x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, backend,
             x_stats, defer)
-    compute = _pieces_stats if isinstance(x, list) else _normalization_stats
     tape = current_tape()
     if tape is None:
-        return compute(*args)
+        return _normalization_stats(*args)
     # The layer is its input's shape and its BatchNorm's weight (None: affine-free).
-    return tape.stats((input_shape(x), id(bn_weight)), lambda: compute(*args))
+    return tape.stats((tuple(x.shape), id(bn_weight)), lambda: _normalization_stats(*args))
 
 
 def input_shape(x) -> tuple[int, ...]:
@@ -89,22 +88,6 @@ def input_shape(x) -> tuple[int, ...]:
 def concatenated(x) -> Tensor:
     """x, or its pieces concatenated along channels (a transient copy)."""
     return x if isinstance(x, Tensor) else torch.cat(x, 1)
-
-
-def _pieces_stats(pieces, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
-                  eps, backend, x_stats, defer):
-    """The statistics of the pieces' concatenation, assembled from each
-    piece's: BatchNorm's are per channel, and each channel is one piece's.
-    Each piece updates its own slice of the running statistics (a view);
-    num_batches_tracked counts once."""
-    parts, start = [], 0
-    for i, piece in enumerate(pieces):
-        channels = slice(start, start + piece.shape[1])
-        start = channels.stop
-        own = [None if v is None else v[channels] for v in (bn_weight, bn_bias, running_mean, running_var)]
-        parts.append(_normalization_stats(piece, *own, num_batches_tracked if i == 0 else None, training, momentum,
-                                          eps, backend, None, False))
-    return tuple(torch.cat(vectors) for vectors in zip(*parts))
 
 
 def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
@@ -252,19 +235,20 @@ bn_relu_conv2d_op.register_autograd(_op_backward, setup_context=_setup_context)
 _WEIGHTS = ARG_NAMES.index("conv_weights")
 
 
-def _spread(args: tuple) -> tuple:
+def _spread(args: tuple, joined: Optional[Tensor] = None) -> tuple:
     """The op's arguments flat, so autograd.Function tracks every tensor:
-    the number of x's pieces (0: x is one tensor), x's pieces (or x), the
-    other arguments, and the conv weights, one argument each."""
+    (the number of x's pieces (0: x is one tensor), their concatenation for
+    the forward, untracked), x's pieces (or x), the other arguments, and the
+    conv weights, one argument each."""
     x, pieces = args[0], args[0] if isinstance(args[0], list) else [args[0]]
-    return (len(pieces) if isinstance(x, list) else 0, *pieces, *args[1:_WEIGHTS], *args[_WEIGHTS + 1:],
+    return ((len(pieces) if isinstance(x, list) else 0, joined), *pieces, *args[1:_WEIGHTS], *args[_WEIGHTS + 1:],
             *args[_WEIGHTS])
 
 
 def _gather(flat: tuple) -> tuple:
-    """The inverse of _spread."""
-    first = 1 + max(flat[0], 1)
-    x = list(flat[1:first]) if flat[0] else flat[1]
+    """The inverse of _spread (less the concatenation)."""
+    first = 1 + max(flat[0][0], 1)
+    x = list(flat[1:first]) if flat[0][0] else flat[1]
     rest = first + len(ARG_NAMES) - 2
     others = flat[first:rest]
     return (x, *others[:_WEIGHTS - 1], list(flat[rest:]), *others[_WEIGHTS - 1:])
@@ -274,7 +258,8 @@ class _EagerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *flat):
         args = _gather(flat)
-        run = (concatenated(args[0]), *args[1:])  # pieces: concatenated for this forward alone
+        # Pieces: their concatenation (made for the statistics) serves this forward alone.
+        run = (flat[0][1], *args[1:]) if flat[0][0] else args
         if keeping_activations():
             outs, activation = _op_keeping_activation(*run)
         else:
@@ -288,7 +273,7 @@ class _EagerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        needs = dict(zip(ARG_NAMES, _gather((ctx.num_pieces, *ctx.needs_input_grad[1:]))))
+        needs = dict(zip(ARG_NAMES, _gather(((ctx.num_pieces, None), *ctx.needs_input_grad[1:]))))
         grads = _gradients(ctx, grad_outputs, needs, traceable=False)
         if ctx.num_pieces and grads[0] is None:
             grads = ([None] * ctx.num_pieces, *grads[1:])
@@ -296,19 +281,23 @@ class _EagerFunction(torch.autograd.Function):
 
 
 def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
-          groups, training, backend, stats_eps=None) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
+          groups, training, backend, stats_eps=None, joined=None
+          ) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
     first, and that output's hand-on statistics for eps=stats_eps or None),
     differentiable in x, the weights, gamma/beta and the residual; mean/invstd
     are x's batch statistics when training.
 
-    x may be a list of pieces, read as their concatenation along channels:
-    in eager mode the op keeps the pieces alone and concatenates them for
-    its forward and again for its backward (transient copies); under
-    torch.compile the graph concatenates them (a cat the partitioner may
-    recompute in backward)."""
-    if isinstance(x, list) and (torch.compiler.is_compiling() or not torch.is_grad_enabled()):
+    x may be a list of pieces, read as their concatenation along channels
+    (`joined`: that concatenation, made without autograd for the
+    statistics): in eager mode the op keeps the pieces alone, runs its
+    forward on `joined` and concatenates the pieces again for its backward
+    (transient copies); under torch.compile the graph concatenates them (a
+    cat the partitioner may recompute in backward)."""
+    if isinstance(x, list) and torch.compiler.is_compiling():
         x = concatenated(x)
+    elif isinstance(x, list) and not torch.is_grad_enabled():
+        x = joined
     args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
             groups, training, backend, stats_eps)
     if torch.compiler.is_compiling():
@@ -321,6 +310,6 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
         outs = torch.ops.fused_preact.bn_relu_conv(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift,
                                                    residual, strides, paddings, training, keeping_activations())
     else:
-        outs = list(_EagerFunction.apply(*_spread(args)))
+        outs = list(_EagerFunction.apply(*_spread(args, joined)))
     n = len(conv_weights)
     return outs[:n], (tuple(outs[n:]) if stats_eps is not None else None)
