@@ -127,3 +127,12 @@ def bf16_as_on_gpu(monkeypatch):
     monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
     monkeypatch.setattr(InterpreterBuilder, "cast_impl", cast_impl)
 
+
+def copy_state_in_order(source, target) -> None:
+    """source's state dict into target's, entry by entry in order: the same
+    layers in the same order under other names (a peer's weights)."""
+    ours, theirs = target.state_dict(), source.state_dict()
+    assert len(ours) == len(theirs), (len(ours), len(theirs))
+    for (name, mine), (their_name, value) in zip(ours.items(), theirs.items()):
+        assert mine.shape == value.shape, (name, their_name)
+        mine.copy_(value)

@@ -4,7 +4,7 @@ keeps for backward grows linearly with depth; the names; the trainer."""
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, copy_state_in_order
 from fused_preact import create_model, list_models
 from fused_preact.memory import saved_activation_bytes
 from fused_preact.models import DenseNet
@@ -12,15 +12,6 @@ from fused_preact.models import DenseNet
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODES = [("none", False), ("none", True), ("bn_relu", True), ("unit", True), ("segment", True), ("unit", False)]
-
-
-def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """source's state into target, entry by entry in order (the same layers in the same order, other names)."""
-    ours, theirs = target.state_dict(), source.state_dict()
-    assert len(ours) == len(theirs)
-    for (name, mine), (their_name, value) in zip(ours.items(), theirs.items()):
-        assert mine.shape == value.shape, (name, their_name)
-        mine.copy_(value)
 
 
 @pytest.mark.parametrize("recompute, fused", MODES, ids=[f"{m}-{'fused' if f else 'plain'}" for m, f in MODES])
@@ -36,7 +27,7 @@ def test_matches_pytorchcv_densenet_bc_in_float64(recompute, fused):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5), torch.nn.init.uniform_(m.bias, -0.2, 0.2)
     ours = DenseNet(40, 12, recompute=recompute, fused=fused, segment_size=4 if recompute == "segment" else None)
     ours = ours.double()
-    _copy_weights(peer, ours)
+    copy_state_in_order(peer, ours)
     assert_same_training(peer, ours, (2, 3, 32, 32), torch.float64, list(peer.named_parameters()))
 
 
@@ -76,7 +67,7 @@ def test_torchvisions_twin_is_the_same_network():
     twin = torchvision_densenet_bc(16, 4).double().eval()
     ours = DenseNet(16, 4).double().eval()
     # torchvision's stem keeps norm0/relu0/pool0 slots as Identity: the same parameters, in order.
-    _copy_weights(twin, ours)
+    copy_state_in_order(twin, ours)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert_close(ours(x), twin(x), torch.float64, "output")

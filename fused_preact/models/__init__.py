@@ -14,6 +14,7 @@ from .original_resnet import ORDERINGS, ResidualUnit, ResNet
 from .shortcut_variants import ConstantScaling, DropoutShortcut, Gating
 from .imagenet_preact import IMAGENET_STAGES, ImageNetPreActResNet, ImageNetPreActUnit
 from .densenet import DenseNet, densenet_bc_100_12, densenet_bc_190_40
+from .wide_resnet import wide_resnet, wrn16_8, wrn28_10
 
 __all__ = [
     "create_model",
@@ -39,4 +40,7 @@ __all__ = [
     "DenseNet",
     "densenet_bc_100_12",
     "densenet_bc_190_40",
+    "wide_resnet",
+    "wrn16_8",
+    "wrn28_10",
 ]

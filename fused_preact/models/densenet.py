@@ -163,19 +163,9 @@ def densenet_bc(num_classes: int = 10, depth: int = 100, growth_rate: int = 12, 
     return DenseNet(depth, growth_rate, num_classes, **kwargs)
 
 
-def _named(depth: int, growth_rate: int):
-    """densenet_bc_{depth}_{growth_rate}: the paper's configurations, by name."""
-    def family(num_classes: int = 10, **options) -> DenseNet:
-        options.setdefault("growth_rate", growth_rate)
-        return densenet_bc(num_classes, **options)
-
-    family.__name__ = "densenet_bc"
-    return fixed_depth_factory(family, depth, f"densenet_bc_{depth}_{growth_rate}")
-
-
-densenet_bc_100_12 = _named(100, 12)
-densenet_bc_190_40 = _named(190, 40)
-densenet_bc_250_24 = _named(250, 24)
+densenet_bc_100_12 = fixed_depth_factory(densenet_bc, 100, "densenet_bc_100_12", growth_rate=12)
+densenet_bc_190_40 = fixed_depth_factory(densenet_bc, 190, "densenet_bc_190_40", growth_rate=40)
+densenet_bc_250_24 = fixed_depth_factory(densenet_bc, 250, "densenet_bc_250_24", growth_rate=24)
 
 register_model("densenet_bc", densenet_bc)
 for _factory in (densenet_bc_100_12, densenet_bc_190_40, densenet_bc_250_24):

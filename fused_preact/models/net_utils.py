@@ -144,17 +144,20 @@ def check_choice(owner: str, name: str, value, choices) -> None:
         raise ValueError(f"{owner}: {name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def fixed_depth_factory(family, depth: int, name: str, default_classes: int = 10):
-    """family(num_classes, depth=depth, **options) registered as `name`; a
-    `depth` option (e.g. from a trainer's --depth) must agree with the name."""
+def fixed_depth_factory(family, depth: int, name: str, default_classes: int = 10, **defaults):
+    """family(num_classes, depth=depth, **defaults, **options) registered as
+    `name`; a `depth` option (e.g. from a trainer's --depth) must agree with
+    the name; `defaults` (a width, a growth rate) are the name's other
+    numbers, which options may override."""
     def factory(num_classes: int = default_classes, **options):
         if options.setdefault("depth", depth) != depth:
             raise ValueError(f"{name}: depth is fixed at {depth} by the name, got depth={options['depth']}; "
                              f"use the family that takes depth= instead")
-        return family(num_classes, **options)
+        return family(num_classes, **{**defaults, **options})
 
     factory.__name__ = name
-    factory.__doc__ = f"{family.__name__}(num_classes, depth={depth}, **options); depth is fixed by the name."
+    given = "".join(f", {k}={v!r}" for k, v in defaults.items())
+    factory.__doc__ = f"{family.__name__}(num_classes, depth={depth}{given}, **options); depth is fixed by the name."
     return factory
 
 

@@ -159,15 +159,19 @@ class PreActResNet(nn.Module):
     "B" (projection) for bottleneck nets; basic nets take "B" too.
     fused=False computes with the plain torch.nn modules ("bn_relu" is then
     unavailable, as it is the fused op's own recompute; default "none").
+    widen_factor: the stages' widths are 16k, 32k and 64k (the stem stays
+    16 wide): k > 1 is a Wide ResNet (wide_resnet.py).
     """
 
     __prepare_scriptable__ = refuse_jit_script  # torch.jit.script: refused in one line
 
     def __init__(self, depth: int, num_classes: int = 10, recompute: Optional[str] = None, fused: bool = True,
                  block: Optional[str] = None, shortcut: Optional[str] = None, segment_size: Optional[int] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", widen_factor: int = 1):
         super().__init__()
         block, n = cifar_units_per_stage("PreActResNet", depth, block)
+        if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
+            raise ValueError(f"PreActResNet: widen_factor must be a positive int, got {widen_factor!r}")
         shortcut = default_shortcut(block) if shortcut is None else shortcut
         recompute = check_recompute("PreActResNet", recompute, fused, segment_size)
         self.depth, self.block, self.recompute = depth, block, recompute
@@ -177,7 +181,7 @@ class PreActResNet(nn.Module):
 
         self.conv1 = nn.Conv2d(3, CIFAR_WIDTHS[0], 3, 1, 1, bias=False)
         self.units, in_planes = build_stages(
-            CIFAR_WIDTHS[0], CIFAR_WIDTHS, [n] * 3, BLOCKS[block].expansion,
+            CIFAR_WIDTHS[0], [w * widen_factor for w in CIFAR_WIDTHS], [n] * 3, BLOCKS[block].expansion,
             lambda c_in, width, stride, first, _: UNITS[block](c_in, width, stride, shortcut, use_op, backend,
                                                                 preact_shortcut=first))
         self.bn = nn.BatchNorm2d(in_planes)
