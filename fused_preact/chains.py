@@ -120,7 +120,7 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
         relu_node, conv_nodes = chain
         x = bn_node.args[0] if bn_node.op == "call_module" else _arguments(bn_node, _BATCH_NORM_ARGS)["input"]
         cat = x if concatenates_channels(x, bn_node) else None
-        x = x if cat is None else (cat.args or (cat.kwargs["tensors"],))[0]  # the op reads the pieces
+        x = x if cat is None else concatenated_pieces(cat)  # the op reads the pieces
         with graph.inserting_before(conv_nodes[0]):
             if bn_node.op == "call_module":
                 bn_ref = graph.get_attr(bn_node.target)
@@ -164,6 +164,11 @@ def concatenates_channels(node, reader: fx.Node) -> bool:
         return False
     args = {**dict(zip(("tensors", "dim"), node.args)), **node.kwargs}
     return args.get("dim", args.get("axis", 0)) in (1, -3) and list(node.users) == [reader]
+
+
+def concatenated_pieces(cat: fx.Node):
+    """The tensors argument of a torch.cat node (a list of nodes, or one node holding a list)."""
+    return cat.args[0] if cat.args else cat.kwargs["tensors"]
 
 
 def _chain(root: nn.Module, bn_node: fx.Node):

@@ -133,8 +133,7 @@ class _Conversion:
             graphs, forward = [], type(module).forward
         else:
             for graph in graphs:
-                concatenate_inside_units(graph, target, lambda m: getattr(m, "_fused_preact_options", None)
-                                         and m._fused_preact_options.role == "unit")
+                concatenate_inside_units(graph, target)
             forwards = [type(rewrite(graph, target, path, self.options.backend, self.report if i == 0 else None))
                         .forward for i, graph in enumerate(graphs)]
             forward = forwards[0] if len(forwards) == 1 else _by_mode(*forwards)
@@ -243,9 +242,10 @@ def _unconverted(module: nn.Module) -> nn.Module:
 def _reconverted(module: nn.Module, options: _Options) -> nn.Module:
     if options.role == "model":
         return convert(module, options.recompute, options.backend, True, options.segment_size)
-    plan = plan_units(module, "segment", options.segment_size) if options.role == "segments" else None
-    plan = UnitPlan({""}, {}, 1) if plan is None else UnitPlan(set(), {"": plan.segments.get("", [])},
-                                                                 plan.segment_size)
+    if options.role == "unit":
+        plan = UnitPlan({""}, {}, 1)
+    else:  # "segments": an nn.Sequential of units alone
+        plan = UnitPlan(set(), {"": [name for name, _ in module.named_children()]}, options.segment_size)
     return _convert_root(module, options._replace(role="model"), plan, True)
 
 

@@ -11,9 +11,9 @@ final BatchNorm outside any block, is not.
 "unit" keeps each unit's inputs (and its fused layers' statistics) and runs
 the unit again in backward; "segment" does so for runs of `segment_size`
 consecutive units of an nn.Sequential that holds units alone (default: the
-square root of the number of units), and for each other unit alone. Chains inside a unit are
-fused as under "bn_relu"; the second run keeps relu(bn(x)) only while the
-unit's backward runs. Buffers (the running statistics of a BatchNorm the op
+square root of the number of units), and for each other unit alone. Chains
+inside a unit are fused as under "bn_relu"; the second run keeps
+relu(bn(x)) only while the unit's backward runs. Buffers (the running statistics of a BatchNorm the op
 does not compute) are put back after the second run, so they are updated
 once. A unit that draws random numbers (dropout, RReLU, Tensor.bernoulli_)
 is not recomputed: a second run would draw others; the report names it.
@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .chains import concatenates_channels, join_path
+from .chains import concatenated_pieces, concatenates_channels, join_path
 from .models.net_utils import default_segment_size
 from .recompute import recompute
 
@@ -124,18 +124,17 @@ def unit_on_pieces(unit: nn.Module, pieces):
 torch.fx.wrap("unit_on_pieces")
 
 
-def concatenate_inside_units(graph: fx.Graph, root: nn.Module, is_unit: Callable[[nn.Module], bool]) -> None:
+def concatenate_inside_units(graph: fx.Graph, root: nn.Module) -> None:
     """Each call of a recomputed unit on torch.cat(pieces, 1) that nothing
     else reads (a DenseNet transition on its block's output) made a call of
     unit_on_pieces, so the concatenation is never kept (in place)."""
     for node in list(graph.nodes):
-        if node.op != "call_module" or not is_unit(root.get_submodule(node.target)) or len(node.args) != 1 \
-                or node.kwargs or not concatenates_channels(node.args[0], node):
+        if node.op != "call_module" or not hasattr(type(root.get_submodule(node.target)).forward, "once") \
+                or len(node.args) != 1 or node.kwargs or not concatenates_channels(node.args[0], node):
             continue
         cat = node.args[0]
         with graph.inserting_before(node):
-            call = graph.call_function(unit_on_pieces, (graph.get_attr(node.target), cat.args[0] if cat.args
-                                                        else cat.kwargs["tensors"]))
+            call = graph.call_function(unit_on_pieces, (graph.get_attr(node.target), concatenated_pieces(cat)))
         node.replace_all_uses_with(call)
         graph.erase_node(node)
         graph.erase_node(cat)
