@@ -1,6 +1,8 @@
 """Wide ResNets (fused_preact.models.wide_resnet): against pytorchcv's CIFAR
 WRN with copied weights in float64 in every recompute mode; the named nets'
 parameters are pytorchcv's; the names and their errors."""
+import math
+
 import pytest
 import torch
 
@@ -51,3 +53,14 @@ def test_names_and_errors():
         wide_resnet(shortcut="A")
     with pytest.raises(ValueError, match="PreActResNet: widen_factor must be a positive int"):
         wide_resnet(widen_factor=0)
+
+
+def test_the_trainer_trains_it(tmp_path):
+    from fused_preact.train.__main__ import run
+    from fused_preact.train.metrics import read_jsonl
+
+    run(["--preset", "quick", "--arch", "wide_resnet", "--depth", "10", "--model-arg", "widen_factor=2",
+         "--train-size", "128", "--test-size", "64", "--threads", "1", "--iters", "4", "--eval-every", "2",
+         "--recompute", "segment", "--out", str(tmp_path / "run")])
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["iter"] for r in records] == [2, 4] and all(math.isfinite(r["train_loss"]) for r in records), records
