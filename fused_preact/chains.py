@@ -6,7 +6,8 @@ A chain is a BatchNorm whose only reader is a ReLU (an nn.ReLU module,
 F.relu, torch.relu, Tensor.relu, in place or not; or the ReLU inside a
 BatchNormAct2d-style module), and whose ReLU is read by convolutions alone:
 one, or several (fan-out: the op's multi-conv form computes relu(bn(x)) once
-for all of them). Two forms:
+for all of them); or by an element-wise dropout (nn.Dropout, F.dropout) that
+convolutions alone read, which the op then applies (a Wide ResNet's). Two forms:
 - modules: an nn.BatchNorm2d (or BatchNormAct2d-style) call_module, and
   nn.Conv2d modules; it runs as `bn_relu_conv_modules` of those modules, so
   nn.BatchNorm2d's semantics (training and eval, momentum=None,
@@ -20,7 +21,7 @@ than with zeros, an unknown BatchNorm2d subclass. A conv's bias is added after t
 op (one add, which keeps nothing for backward).
 """
 import operator
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -76,20 +77,27 @@ class ConversionReport:
     __repr__ = __str__
 
 
-def fused_chain(x: torch.Tensor, bn: nn.BatchNorm2d, convs: list, backend: str) -> list:
-    """The converted graph's call for one chain: [conv(relu(bn(x))) for conv in convs]."""
-    return bn_relu_conv_modules(x, bn, convs, True, backend)[0]
+def fused_chain(x: torch.Tensor, bn: nn.BatchNorm2d, convs: list, backend: str,
+                dropout: Union[nn.Dropout, float, None] = None) -> list:
+    """The converted graph's call for one chain: [conv(dropout(relu(bn(x))))
+    for conv in convs]; dropout: an nn.Dropout (its mode read now), or a
+    functional dropout's probability as traced."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else \
+        dropout if isinstance(dropout, float) else 0.0
+    return bn_relu_conv_modules(x, bn, convs, True, backend, dropout=p)[0]
 
 
 def fused_functional_chain(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
-                           eps: float, convs: list, backend: str) -> list:
+                           eps: float, convs: list, backend: str, dropout: float = 0.0) -> list:
     """The converted graph's call for a functional chain (F.batch_norm ->
-    relu -> F.conv2d): [conv2d(relu(batch_norm(x)), w, b, stride, padding,
-    dilation, groups) for (w, stride, padding, dilation, groups, b) in convs]."""
+    relu [-> F.dropout] -> F.conv2d): [conv2d(dropout(relu(batch_norm(x))),
+    w, b, stride, padding, dilation, groups) for (w, stride, padding,
+    dilation, groups, b) in convs]; dropout: the probability as traced (0
+    where the dropout is off)."""
     from .ops import bn_relu_convs
 
     outs = bn_relu_convs("convert", x, [tuple(c[:5]) for c in convs], weight, bias, running_mean, running_var,
-                         training, momentum, eps, backend)[0]
+                         training, momentum, eps, backend, dropout=dropout)[0]
     return add_biases(outs, [c[5] for c in convs])
 
 
@@ -117,7 +125,7 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
             if report is not None:
                 report.left.append(Left(where, chain))
             continue
-        relu_node, conv_nodes = chain
+        relu_node, conv_nodes, drop_node = chain
         x = bn_node.args[0] if bn_node.op == "call_module" else _arguments(bn_node, _BATCH_NORM_ARGS)["input"]
         cat = x if concatenates_channels(x, bn_node) else None
         x = x if cat is None else concatenated_pieces(cat)  # the op reads the pieces
@@ -125,7 +133,9 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
             if bn_node.op == "call_module":
                 bn_ref = graph.get_attr(bn_node.target)
                 conv_refs = [graph.get_attr(c.target) for c in conv_nodes]
-                fused = graph.call_function(fused_chain, (x, bn_ref, conv_refs, backend))
+                drop = None if drop_node is None else graph.get_attr(drop_node.target) \
+                    if drop_node.op == "call_module" else _dropout_probability(drop_node)
+                fused = graph.call_function(fused_chain, (x, bn_ref, conv_refs, backend, drop))
             else:
                 for c in conv_nodes[1:]:  # a later conv's weight and bias, read off the module before the first
                     for name in ("weight", "bias"):
@@ -136,11 +146,14 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
                 convs = [[_arguments(c, _CONV_ARGS)[name] for name in ("weight", "stride", "padding", "dilation",
                                                                        "groups", "bias")] for c in conv_nodes]
                 fused = graph.call_function(fused_functional_chain, (
-                    x, *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend))
+                    x, *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend,
+                    0.0 if drop_node is None else _dropout_probability(drop_node)))
             outs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(conv_nodes))]
         for conv, out in zip(conv_nodes, outs):
             conv.replace_all_uses_with(out)
             graph.erase_node(conv)
+        if drop_node is not None:
+            graph.erase_node(drop_node)
         if relu_node is not None:
             graph.erase_node(relu_node)
         graph.erase_node(bn_node)
@@ -197,6 +210,8 @@ def _chain(root: nn.Module, bn_node: fx.Node):
         if not _is_relu(root, relu_node):
             return f"{_describe(root, relu_node)} follows, not ReLU"
         users = list(relu_node.users)
+    drop_node = users[0] if len(users) == 1 and _is_dropout(root, users[0]) else None
+    users = users if drop_node is None else list(drop_node.users)
     if not users:
         return "no conv follows"
     for node in users:
@@ -209,7 +224,7 @@ def _chain(root: nn.Module, bn_node: fx.Node):
             return f"{node.target} has {why}"
         if len(node.args) != 1 or node.kwargs:
             return f"{node.target} is called with more than its input"
-    return relu_node, users
+    return relu_node, users, drop_node
 
 
 # F.batch_norm's and F.conv2d's arguments in order, with their defaults.
@@ -242,6 +257,8 @@ def _functional_chain(root: nn.Module, bn_node: fx.Node):
     if not _is_relu(root, users[0]):
         return f"{_describe(root, users[0])} follows, not ReLU"
     relu_node, convs = users[0], list(users[0].users)
+    drop_node = convs[0] if len(convs) == 1 and _is_dropout(root, convs[0]) else None
+    convs = convs if drop_node is None else list(drop_node.users)
     if not convs:
         return "no conv follows"
     for node in convs:
@@ -249,7 +266,7 @@ def _functional_chain(root: nn.Module, bn_node: fx.Node):
             return _read_elsewhere(root, convs, "its activation") if len(convs) > 1 else \
                 f"{_describe(root, node)} follows, not F.conv2d"
         conv = _arguments(node, _CONV_ARGS)
-        if set(conv) != set(_CONV_ARGS) or conv["input"] is not relu_node:
+        if set(conv) != set(_CONV_ARGS) or conv["input"] is not (drop_node or relu_node):
             return "F.conv2d called with arguments it does not take here"
         for name in ("weight", "bias"):
             tensor = conv[name]
@@ -258,7 +275,37 @@ def _functional_chain(root: nn.Module, bn_node: fx.Node):
                 return f"F.conv2d's {name} is computed in forward"
         if isinstance(conv["padding"], str):
             return f"F.conv2d with padding={conv['padding']!r}"
-    return relu_node, convs
+    return relu_node, convs, drop_node
+
+
+_DROPOUT_FUNCTIONS = {F.dropout: ("input", "p", "training", "inplace"), torch.dropout: ("input", "p", "train")}
+_DROPOUT_DEFAULTS = {"p": 0.5, "training": True, "inplace": False}
+
+
+def _is_dropout(root: nn.Module, node: fx.Node) -> bool:
+    """Whether node is an element-wise dropout the op can take: an
+    nn.Dropout module (its mode read at each call), or F.dropout /
+    torch.dropout with a constant probability and mode."""
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) is nn.Dropout and len(node.args) == 1 and not node.kwargs
+    if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
+        return False
+    args = _dropout_arguments(node)
+    return set(args) <= {"input", "p", "training", "inplace"} and isinstance(args["p"], (int, float)) \
+        and 0 <= args["p"] < 1 and isinstance(args["training"], bool)
+
+
+def _dropout_arguments(node: fx.Node) -> dict:
+    args = {**_DROPOUT_DEFAULTS, **dict(zip(_DROPOUT_FUNCTIONS[node.target], node.args)), **node.kwargs}
+    if "train" in args:
+        args["training"] = args.pop("train")
+    return args
+
+
+def _dropout_probability(node: fx.Node) -> float:
+    """A functional dropout's probability as traced: 0 where it is off."""
+    args = _dropout_arguments(node)
+    return float(args["p"]) if args["training"] else 0.0
 
 
 def _is_relu(root: nn.Module, node: fx.Node) -> bool:

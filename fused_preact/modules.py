@@ -22,11 +22,14 @@ Stats = tuple[Tensor, ...]
 
 def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], fused: bool, backend: str = "auto",
                          residual: Optional[Tensor] = None, x_stats: Optional[Stats] = None,
-                         next_bn: Optional[nn.BatchNorm2d] = None) -> tuple[list[Tensor], Optional[Stats]]:
+                         next_bn: Optional[nn.BatchNorm2d] = None, dropout: float = 0.0
+                         ) -> tuple[list[Tensor], Optional[Stats]]:
     """([conv(relu(bn(x))) for conv in convs] with `residual` added to the first,
     statistics or None), with bn's exact nn semantics (momentum=None cumulative
     averaging, track_running_stats, eval mode); fused=False runs the modules.
     x may be a list of pieces, read as torch.cat(x, 1) (bn_relu_conv2d).
+    dropout: drop relu(bn(x)) with this probability before the convs (pass
+    0 where the dropout is off, in eval); on the fused path, inside the op.
 
     Along a chain of layers, BatchNorm statistics are handed on where the
     backend computes them in the convolution's epilogue (Triton): x_stats is
@@ -49,6 +52,7 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
     running = (bn.running_mean, bn.running_var) if update or not use_batch_stats else (None, None)
     if not fused:
         a = F.relu(F.batch_norm(concatenated(x), *running, bn.weight, bn.bias, use_batch_stats, momentum, bn.eps))
+        a = F.dropout(a, dropout) if dropout > 0 else a
         outs = [conv(a) for conv in convs]
         if residual is not None:
             outs[0] = outs[0] + residual
@@ -66,7 +70,7 @@ def bn_relu_conv_modules(x: Tensor, bn: nn.BatchNorm2d, convs: list[nn.Conv2d], 
                                     zip(convs, paddings)], bn.weight,
         bn.bias, *running, use_batch_stats, momentum, bn.eps, backend, residual=residual,
         x_stats=x_stats if use_batch_stats else None, stats_eps=next_bn.eps if hand_on else None,
-        num_batches_tracked=counter,
+        num_batches_tracked=counter, dropout=dropout,
     )
     crop = paddings[0][1]
     if crop is not None:

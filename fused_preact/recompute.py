@@ -96,7 +96,7 @@ class _Recompute(torch.autograd.Function):
         params = [p.detach().requires_grad_(need) for p, need in zip(saved[n:n + ctx.num_params], needs[n:])]
         # The second run's layers hold `params`, new tensors: the tape's record of each layer follows them.
         renamed = {old: id(new) for old, new in zip(ctx.param_ids, params)}
-        layers = [(shape, renamed.get(weight, weight)) for shape, weight in ctx.layers]
+        layers = [(kind, shape, renamed.get(weight, weight)) for kind, shape, weight in ctx.layers]
         tape = StatsTape(saved[n + ctx.num_params:], layers)
         autocast = contextlib.nullcontext() if ctx.autocast is None else \
             torch.autocast(ctx.autocast[0], dtype=ctx.autocast[2], enabled=ctx.autocast[1])

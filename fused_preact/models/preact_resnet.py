@@ -76,8 +76,9 @@ class _PreActUnit(nn.Module):
         (out,), stats = self._layer(x, x_stats, self.bn1, [self.conv1], self.bn2)
         return out, stats, x if self.pad_shortcut is None else zero_padded_identity(x, *self.pad_shortcut)
 
-    def _layer(self, x, x_stats, bn, convs, next_bn, residual=None):
-        return bn_relu_conv_modules(x, bn, convs, self.fused, self.backend, residual, x_stats, next_bn)
+    def _layer(self, x, x_stats, bn, convs, next_bn, residual=None, dropout=0.0):
+        return bn_relu_conv_modules(x, bn, convs, self.fused, self.backend, residual, x_stats, next_bn,
+                                    dropout if self.training else 0.0)
 
 
 class PreActBlock(_PreActUnit):
@@ -85,17 +86,20 @@ class PreActBlock(_PreActUnit):
     "A" zero-padded identity where the shape changes (the CIFAR default of
     fb.resnet.torch opts.lua line 80), "B" 1x1 projection there. preact_shortcut:
     whether the shortcut reads relu(bn1(x)) (a stage's first unit) or x;
-    default: where the shape changes (see _PreActUnit)."""
+    default: where the shape changes (see _PreActUnit). dropout: between the
+    second ReLU and conv (a Wide ResNet's), inside the op when fused."""
 
     expansion = BLOCKS["basic"].expansion
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A", fused: bool = True,
-                 backend: str = "auto", preact_shortcut: Optional[bool] = None):
+                 backend: str = "auto", preact_shortcut: Optional[bool] = None, dropout: float = 0.0):
         super().__init__()
         if shortcut not in ("A", "B"):
             raise ValueError(f"PreActBlock: shortcut must be 'A' (zero-padded identity) or 'B' (projection), "
                              f"got {shortcut!r}")
-        self.fused, self.backend = fused, backend
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"PreActBlock: dropout must be a probability in [0, 1), got {dropout!r}")
+        self.fused, self.backend, self.dropout = fused, backend, float(dropout)
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -108,7 +112,7 @@ class PreActBlock(_PreActUnit):
         for that BatchNorm) instead: see modules.bn_relu_conv_modules."""
         x_stats, next_bn = chain or (None, None)
         out, stats, residual = self._first_layer(x, x_stats)
-        (out,), stats = self._layer(out, stats, self.bn2, [self.conv2], next_bn, residual)
+        (out,), stats = self._layer(out, stats, self.bn2, [self.conv2], next_bn, residual, self.dropout)
         return out if chain is None else (out, stats)
 
 
@@ -160,20 +164,29 @@ class PreActResNet(nn.Module):
     fused=False computes with the plain torch.nn modules ("bn_relu" is then
     unavailable, as it is the fused op's own recompute; default "none").
     widen_factor: the stages' widths are 16k, 32k and 64k (the stem stays
-    16 wide): k > 1 is a Wide ResNet (wide_resnet.py).
+    16 wide): k > 1 is a Wide ResNet (wide_resnet.py). dropout: in basic
+    units, between the second ReLU and conv (WRN's), inside the fused op;
+    with unit/segment recompute it needs fused=True (the op draws the same
+    mask again in the second run; nn's dropout would draw another).
     """
 
     __prepare_scriptable__ = refuse_jit_script  # torch.jit.script: refused in one line
 
     def __init__(self, depth: int, num_classes: int = 10, recompute: Optional[str] = None, fused: bool = True,
                  block: Optional[str] = None, shortcut: Optional[str] = None, segment_size: Optional[int] = None,
-                 backend: str = "auto", widen_factor: int = 1):
+                 backend: str = "auto", widen_factor: int = 1, dropout: float = 0.0):
         super().__init__()
         block, n = cifar_units_per_stage("PreActResNet", depth, block)
         if isinstance(widen_factor, bool) or not isinstance(widen_factor, int) or widen_factor < 1:
             raise ValueError(f"PreActResNet: widen_factor must be a positive int, got {widen_factor!r}")
         shortcut = default_shortcut(block) if shortcut is None else shortcut
         recompute = check_recompute("PreActResNet", recompute, fused, segment_size)
+        if dropout and block != "basic":
+            raise ValueError(f"PreActResNet: dropout is a basic unit's (a Wide ResNet's), got dropout={dropout!r} "
+                             f"with block={block!r}")
+        if dropout and recompute in ("unit", "segment") and not fused:
+            raise ValueError(f"PreActResNet: dropout with recompute={recompute!r} needs fused=True (the op draws "
+                             f"the same mask in the second run; nn's dropout would draw another)")
         self.depth, self.block, self.recompute = depth, block, recompute
         self.segment_size = segment_size or default_segment_size(3 * n)
         # "none" means the plain modules compute everything, even in a fused net.
@@ -183,7 +196,8 @@ class PreActResNet(nn.Module):
         self.units, in_planes = build_stages(
             CIFAR_WIDTHS[0], [w * widen_factor for w in CIFAR_WIDTHS], [n] * 3, BLOCKS[block].expansion,
             lambda c_in, width, stride, first, _: UNITS[block](c_in, width, stride, shortcut, use_op, backend,
-                                                                preact_shortcut=first))
+                                                                preact_shortcut=first,
+                                                                **({"dropout": dropout} if dropout else {})))
         self.bn = nn.BatchNorm2d(in_planes)
         self.fc = nn.Linear(in_planes, check_num_classes("PreActResNet", num_classes))
         self.fused = fused

@@ -5,8 +5,8 @@ per stage (the authors' depth count), widths 16k, 32k and 64k after a
 shape changes: PreActResNet of depth 6n + 2 (this package's count), shortcut
 "B", widen_factor k.
 
-No dropout here: WRN's optional dropout sits between the second ReLU and
-conv, inside the fused chain.
+dropout=p puts WRN's dropout between each unit's second ReLU and conv,
+inside the fused op (the mask made again in backward, never kept).
 """
 from .net_utils import fixed_depth_factory
 from .preact_resnet import PreActResNet
@@ -14,7 +14,7 @@ from .registry import register_model
 
 
 def wide_resnet(num_classes: int = 10, depth: int = 28, widen_factor: int = 10, **kwargs) -> PreActResNet:
-    """WRN-depth-widen_factor (depth 6n + 4)."""
+    """WRN-depth-widen_factor (depth 6n + 4); dropout=p as its authors' (0.3 on CIFAR)."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
         raise ValueError(f"wide_resnet: depth must be 6n+4 with n >= 1, got {depth!r}")
     for fixed in ("block", "shortcut"):

@@ -22,6 +22,7 @@ from torch import Tensor
 from .backends import backend_names, get_backend, register_backend, resolve_backend
 from . import bn_relu_conv
 from .bn_relu_conv import normalization_stats
+from .dropout import draw_seed
 
 __all__ = ["bn_relu_conv2d", "backend_names", "register_backend"]
 
@@ -34,7 +35,7 @@ def bn_relu_conv2d(x: Union[Tensor, list[Tensor]], conv_weight: Tensor, bn_weigh
                    stride: IntOrPair = 1, padding: IntOrPair = 0, training: bool = True, momentum: float = 0.1,
                    eps: float = 1e-5, backend: str = "auto", residual: Optional[Tensor] = None,
                    shortcut_weight: Optional[Tensor] = None, shortcut_padding: IntOrPair = 0, dilation: IntOrPair = 1,
-                   groups: int = 1):
+                   groups: int = 1, dropout: float = 0.0):
     """conv2d(relu(batch_norm(x)), conv_weight, stride, padding) [+ residual]; see
     the module docstring.
 
@@ -51,12 +52,17 @@ def bn_relu_conv2d(x: Union[Tensor, list[Tensor]], conv_weight: Tensor, bn_weigh
     x may be a list of (N, C_i, H, W) tensors, read as torch.cat(x, 1) (a
     DenseNet layer's input): autograd keeps the pieces, never their
     concatenation, and each piece gets its own gradient.
+    dropout: in training, relu(bn(x)) is dropped with this probability (and
+    the rest scaled by 1 / (1 - dropout)) before the convs, as nn.Dropout
+    there would; the mask is made again in backward from a seed, never kept
+    (ops/dropout.py). The Triton backend does not drop out: such a call falls
+    back to another.
     """
     convs = [(conv_weight, stride, padding, dilation, groups)]
     if shortcut_weight is not None:
         convs.append((shortcut_weight, stride, shortcut_padding))
     outs, _ = bn_relu_convs("bn_relu_conv2d", x, convs, bn_weight, bn_bias, running_mean, running_var, training,
-                            momentum, eps, backend, residual=residual)
+                            momentum, eps, backend, residual=residual, dropout=dropout if training else 0.0)
     return outs[0] if shortcut_weight is None else tuple(outs)
 
 
@@ -74,7 +80,7 @@ def _pair(name: str, fn: str, v: IntOrPair, minimum: int) -> tuple[int, int]:
 
 
 def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, backend,
-                  residual=None, x_stats=None, stats_eps=None, num_batches_tracked=None):
+                  residual=None, x_stats=None, stats_eps=None, num_batches_tracked=None, dropout=0.0):
     """Checked entry shared by the public functions and the nn modules: `convs`
     is a list of (weight, stride, padding[, dilation, groups]) reading
     relu(bn(x)); `fn` names the caller in error messages. Returns (outputs, stats):
@@ -88,7 +94,9 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
       stats = the first output's statistics for a next BatchNorm with that
       eps, to hand on as its x_stats (else None: the next layer computes them);
     - num_batches_tracked: incremented with the running statistics' update
-      (training with running statistics only)."""
+      (training with running statistics only);
+    - dropout: the probability of dropping relu(bn(x)) before the convs, in
+      any mode (the caller passes 0 where its dropout is off)."""
     if not torch.compiler.is_compiling():
         _refuse_transforms(fn)
     pieces = _pieces(fn, x)  # x as a list of pieces: checked below as their concatenation (a shape alone)
@@ -112,7 +120,9 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     paddings = [i for conv in convs for i in _pair("padding", fn, conv[2], 0)]
     dilations = [i for conv in convs for i in _pair("dilation", fn, conv[3] if len(conv) > 3 else 1, 1)]
     groups = [_groups(conv) for conv in convs]
-    plain = bn_relu_conv.plain_convs(dilations, groups)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{fn}: dropout must be a probability in [0, 1), got {dropout!r}")
+    plain = bn_relu_conv.plain_convs(dilations, groups) and dropout == 0  # what every backend takes
     backend = resolve_backend(backend, x.device, x.dtype, channels_last, plain_convs=plain)
     if not plain or pieces is not None:  # hand-on statistics: of one tensor, in one backend's form
         x_stats = stats_eps = None
@@ -130,8 +140,9 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
             x = joined = torch.cat([p.detach() for p in pieces], 1)
     stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
                                 momentum, eps, backend, x_stats, defer=True)
+    seed = draw_seed(x.device, tuple(x.shape), bn_weight) if dropout > 0 else None
     return bn_relu_conv.apply(x if pieces is None else pieces, weights, bn_weight, bn_bias, *stats, residual, strides,
-                              paddings, dilations, groups, training, backend, stats_eps, joined)
+                              paddings, dilations, groups, training, backend, stats_eps, joined, float(dropout), seed)
 
 
 def _pieces(fn: str, x) -> Optional[list[Tensor]]:

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Optional, Protocol
 import torch
 
 from .. import _extension, reference
+from .dropout import Dropout
 from .kernel_tables import REFERENCE, BnReluKernels, native
 from .triton_backend import TritonBackend
 
@@ -45,8 +46,9 @@ class Backend(Protocol):
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
         """Why supports() is False, for the error message ("" if nothing to add)."""
 
-    # Whether it takes dilated and grouped convs; "auto" and an explicit
-    # choice fall back to one that does, for that call (chain) alone.
+    # Whether it takes dilated and grouped convs, and dropout (forward's and
+    # backward's `dropout`); "auto" and an explicit choice fall back to one
+    # that does, for that call (chain) alone.
     general_convs: bool
 
     # Whether forward() computes an output's batch statistics in its epilogue
@@ -67,13 +69,14 @@ class Backend(Protocol):
         (its epilogue; opaque to callers), so no pass reads x for them."""
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, convs: list["Conv"],
-                residual: Optional[torch.Tensor] = None, stats_eps: Optional[float] = None
+                residual: Optional[torch.Tensor] = None, stats_eps: Optional[float] = None,
+                dropout: Optional[Dropout] = None
                 ) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, torch.Tensor]]]:
         """(one output per conv, conv(relu(z)), `residual` added to the first;
         the first output's statistics for a next BatchNorm with eps=stats_eps,
         in the backend's own hand-on form (a list of tensors shaped as
         stats_like says, for batch_norm_stats' x_stats), or None when stats_eps
-        is None)."""
+        is None). dropout: relu(z) times dropout.mask(relu(z)) feeds the convs."""
 
     def stats_like(self, out: torch.Tensor) -> list[torch.Tensor]:
         """Empty tensors shaped like forward's hand-on statistics of output
@@ -82,14 +85,15 @@ class Backend(Protocol):
     def backward(self, grads: list[Optional[torch.Tensor]], x: torch.Tensor, mean: torch.Tensor,
                  invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, convs: list["Conv"],
                  training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False,
-                 activation: Optional[torch.Tensor] = None
+                 activation: Optional[torch.Tensor] = None, dropout: Optional[Dropout] = None
                  ) -> tuple[Optional[torch.Tensor], list[Optional[torch.Tensor]], Optional[torch.Tensor],
                             Optional[torch.Tensor]]:
         """(dx, [dW per conv], sum_dz, sum_dz_xhat). needs_bn: x, gamma or beta
         wants a gradient (else dx and the sums are None); traceable: the call is
         traced with fake tensors (torch.compile), so only ops with fake
         implementations may run; activation: relu(z) when forward kept it
-        (else recomputed where needed).
+        (else recomputed where needed; with forward's dropout applied);
+        dropout: forward's, whose mask backward makes again.
 
     A backend that materialises relu(z) in forward may also offer
     `forward_keeping_activation(x, scale, shift, convs, residual, stats_eps)
@@ -138,12 +142,13 @@ class KernelBackend:
     def stats_like(self, out):
         return [out.new_empty((out.shape[1],), dtype=reference.stats_dtype(out)) for _ in range(2)]
 
-    def forward(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None):
-        return self.forward_keeping_activation(x, scale, shift, convs, residual, stats_eps)[:2]
+    def forward(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None, dropout=None):
+        return self.forward_keeping_activation(x, scale, shift, convs, residual, stats_eps, dropout)[:2]
 
-    def forward_keeping_activation(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None):
+    def forward_keeping_activation(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None,
+                                   dropout=None):
         k = self._kernels()
-        a = k.bn_relu_apply(x, scale, shift)
+        a = _dropped(k.bn_relu_apply(x, scale, shift), dropout)
         outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
                 for c in convs]
         if residual is not None:
@@ -154,12 +159,14 @@ class KernelBackend:
         return outs, tuple(k.batch_norm_stats(outs[0], None, None, None, None, None, 0.0, stats_eps)[:2]), a
 
     def backward(self, grads: list[Optional[torch.Tensor]], x, mean, invstd, scale, shift, convs: list[Conv],
-                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False, activation=None):
+                 training: bool, needs_weight: list[bool], needs_bn: bool, traceable: bool = False, activation=None,
+                 dropout=None):
         k = self._kernels()
         # The conv weight gradient needs relu(bn(x)) (kept, or recomputed and
         # freed on return); the input gradient reads only its input's shape.
         wanted = [need_w and grad is not None for grad, need_w in zip(grads, needs_weight)]
-        a = x if not any(wanted) else activation if activation is not None else k.bn_relu_apply(x, scale, shift)
+        a = x if not any(wanted) else activation if activation is not None else \
+            _dropped(k.bn_relu_apply(x, scale, shift), dropout)
         grad_act, grad_weights = None, []
         for grad, conv, need_w in zip(grads, convs, wanted):
             if grad is None:
@@ -174,8 +181,13 @@ class KernelBackend:
             grad_weights.append(dw)
         if grad_act is None:  # nothing upstream of the convolutions wants a gradient
             return None, grad_weights, None, None
+        grad_act = _dropped(grad_act, dropout)  # through the dropout: the same mask
         dx, sum_dz, sum_dz_xhat = k.bn_relu_backward(grad_act, x, mean, invstd, scale, shift, training)
         return dx, grad_weights, sum_dz, sum_dz_xhat
+
+
+def _dropped(t: torch.Tensor, dropout: Optional[Dropout]) -> torch.Tensor:
+    return t if dropout is None else t * dropout.mask(t)
 
 
 def _native_supports(device: torch.device) -> bool:
@@ -209,8 +221,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, channel
                     plain_convs: bool = True) -> str:
     """The concrete backend name for `name` and an input of `dtype` on `device`
     (channels_last: whether it is in that layout), or a clear error. Where
-    some conv is dilated or grouped (plain_convs False) and `name` does not
-    take such convs, the first automatic choice that does, for this call."""
+    some conv is dilated or grouped, or the call drops out (plain_convs
+    False) and `name` does not take such calls, the first automatic choice
+    that does, for this call."""
     if name != "auto" and name in _BACKENDS and not plain_convs and not _BACKENDS[name].general_convs:
         name = "auto"
     if name == "auto":

@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import reference
 from ..reference import stats_dtype
 from .backends import Conv, get_backend
+from .dropout import Dropout
 from .recompute_state import current_tape, keeping_activations
 
 _OP = "fused_preact::bn_relu_conv2d"
@@ -74,7 +75,7 @@ def normalization_stats(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     if tape is None:
         return _normalization_stats(*args)
     # The layer is its input's shape and its BatchNorm's weight (None: affine-free).
-    return tape.stats((tuple(x.shape), id(bn_weight)), lambda: _normalization_stats(*args))
+    return tape.stats(("stats", tuple(x.shape), id(bn_weight)), lambda: _normalization_stats(*args))
 
 
 def input_shape(x) -> tuple[int, ...]:
@@ -125,7 +126,7 @@ def _op(
     x: Tensor, conv_weights: list[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
     invstd: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], strides: list[int],
     paddings: list[int], dilations: list[int], groups: list[int], training: bool, backend: str,
-    stats_eps: Optional[float],
+    stats_eps: Optional[float], dropout: float = 0.0, dropout_seed: Optional[Tensor] = None,
 ) -> list[Tensor]:
     """[conv(relu((x - mean) * invstd * bn_weight + bn_bias), w) for w in conv_weights],
     the BatchNorm given folded as (scale, shift) too (normalization_stats),
@@ -134,27 +135,35 @@ def _op(
     backend's hand-on form (Backend.forward).
 
     `training` says whether mean/invstd are x's own batch statistics (so the
-    gradient of x flows through them) or constants (running statistics)."""
+    gradient of x flows through them) or constants (running statistics).
+    dropout > 0: relu(...) is dropped with that probability before the convs,
+    the mask made from dropout_seed (ops/dropout.py)."""
     outs, stats = get_backend(backend).forward(x, scale, shift,
                                                _convs(conv_weights, strides, paddings, dilations, groups), residual,
-                                               stats_eps)
+                                               stats_eps, _dropout(dropout, dropout_seed))
     return [*outs, *(stats or ())]
 
 
 def _op_keeping_activation(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides,
-                           paddings, dilations, groups, training, backend,
-                           stats_eps) -> tuple[list[Tensor], Optional[Tensor]]:
-    """_op's outputs and relu(bn(x)) (None where the backend never materialises it)."""
+                           paddings, dilations, groups, training, backend, stats_eps, dropout=0.0,
+                           dropout_seed=None) -> tuple[list[Tensor], Optional[Tensor]]:
+    """_op's outputs and relu(bn(x)) (dropped out, where dropout; None where
+    the backend never materialises it)."""
     impl = get_backend(backend)
     if not hasattr(impl, "forward_keeping_activation"):
         return _op(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings,
-                   dilations, groups, training, backend, stats_eps), None
+                   dilations, groups, training, backend, stats_eps, dropout, dropout_seed), None
     outs, stats, activation = impl.forward_keeping_activation(
-        x, scale, shift, _convs(conv_weights, strides, paddings, dilations, groups), residual, stats_eps)
+        x, scale, shift, _convs(conv_weights, strides, paddings, dilations, groups), residual, stats_eps,
+        _dropout(dropout, dropout_seed))
     return [*outs, *(stats or ())], activation
 
 
 ARG_NAMES = tuple(inspect.signature(_op).parameters)
+
+
+def _dropout(p: float, seed: Optional[Tensor]) -> Optional[Dropout]:
+    return Dropout(p, seed) if p > 0 else None
 
 
 def _setup_context(ctx, inputs, output, activation: Optional[Tensor] = None) -> None:
@@ -167,9 +176,12 @@ def _setup_context(ctx, inputs, output, activation: Optional[Tensor] = None) -> 
     kept = () if activation is None else (activation,)
     pieces = a["x"] if isinstance(a["x"], list) else [a["x"]]
     ctx.num_pieces = len(pieces) if isinstance(a["x"], list) else 0
+    # A dropout keeps its seed (8 bytes): backward makes the same mask again.
+    seed = (a["dropout_seed"],) if a["dropout"] > 0 else ()
     ctx.save_for_backward(*pieces, a["mean"], a["invstd"], a["scale"], a["shift"], a["bn_weight"], a["bn_bias"],
-                          *kept, *a["conv_weights"])
-    ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"], bool(kept), a["dilations"], a["groups"])
+                          *kept, *seed, *a["conv_weights"])
+    ctx.conf = (a["strides"], a["paddings"], a["training"], a["backend"], bool(kept), a["dilations"], a["groups"],
+                a["dropout"])
 
 
 def _as_dtype(t: Tensor, like: Tensor) -> Tensor:
@@ -184,14 +196,15 @@ def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     pieces, num_pieces = saved[:max(ctx.num_pieces, 1)], ctx.num_pieces
     mean, invstd, scale, shift, bn_weight, bn_bias, *conv_weights = saved[len(pieces):]
     x = torch.cat(pieces, 1) if num_pieces else pieces[0]  # pieces: concatenated again, for this backward alone
-    strides, paddings, training, backend, kept, dilations, groups = ctx.conf
+    strides, paddings, training, backend, kept, dilations, groups, p = ctx.conf
     activation = conv_weights.pop(0) if kept else None
+    dropout = _dropout(p, conv_weights.pop(0) if p > 0 else None)
     needs_x = any(needs["x"]) if num_pieces else needs["x"]
     needs_bn = needs_x or needs["bn_weight"] or needs["bn_bias"]
     dx, d_weights, sum_dz, sum_dz_xhat = get_backend(backend).backward(
         list(grad_outputs[:len(conv_weights)]), x, mean, invstd, scale, shift,
         _convs(conv_weights, strides, paddings, dilations, groups), training, needs["conv_weights"], needs_bn,
-        traceable, activation,
+        traceable, activation, dropout,
     )
     if num_pieces and dx is not None:  # each piece's gradient: its channels of dx
         dx = list(dx.split([p.shape[1] for p in pieces], 1))
@@ -210,7 +223,7 @@ bn_relu_conv2d_op = torch.library.custom_op(_OP, mutates_args=())(_op)
 
 @bn_relu_conv2d_op.register_fake
 def _(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations, groups,
-      training, backend, stats_eps):
+      training, backend, stats_eps, dropout=0.0, dropout_seed=None):
     a = torch.empty_like(x)
     outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
             for c in _convs(conv_weights, strides, paddings, dilations, groups)]
@@ -281,7 +294,7 @@ class _EagerFunction(torch.autograd.Function):
 
 
 def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
-          groups, training, backend, stats_eps=None, joined=None
+          groups, training, backend, stats_eps=None, joined=None, dropout=0.0, dropout_seed=None
           ) -> tuple[list[Tensor], Optional[tuple[Tensor, Tensor]]]:
     """([conv(relu(bn(x)), w) for w in conv_weights] with `residual` added to the
     first, and that output's hand-on statistics for eps=stats_eps or None),
@@ -299,12 +312,13 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
     elif isinstance(x, list) and not torch.is_grad_enabled():
         x = joined
     args = (x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, residual, strides, paddings, dilations,
-            groups, training, backend, stats_eps)
+            groups, training, backend, stats_eps, dropout, dropout_seed)
     if torch.compiler.is_compiling():
         outs = bn_relu_conv2d_op(*args)
     elif not torch.is_grad_enabled():  # nothing to record (unit/segment recompute's first run)
         outs = _op(*args)
-    elif backend == "native" and stats_eps is None and plain_convs(dilations, groups) and isinstance(x, Tensor):
+    elif backend == "native" and stats_eps is None and plain_convs(dilations, groups) and isinstance(x, Tensor) \
+            and dropout == 0:
         # The same steps in one C++ autograd function (no Python in its
         # forward or backward): csrc/bn_relu_conv_autograd.cpp.
         outs = torch.ops.fused_preact.bn_relu_conv(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift,

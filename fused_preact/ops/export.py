@@ -23,12 +23,12 @@ from .bn_relu_conv import _convs
 def bn_relu_conv2d_decomposed(x: Tensor, conv_weights: list[Tensor], bn_weight, bn_bias, mean, invstd,
                               scale: Tensor, shift: Tensor, residual, strides: list[int], paddings: list[int],
                               dilations: list[int], groups: list[int], training: bool, backend: str,
-                              stats_eps) -> list[Tensor]:
+                              stats_eps, dropout: float = 0.0, dropout_seed=None) -> list[Tensor]:
     """fused_preact.bn_relu_conv2d's outputs from aten ops (its arguments, in its order)."""
-    if stats_eps is not None:
-        raise NotImplementedError("fused_preact.bn_relu_conv2d hands BatchNorm statistics on to the next layer in "
-                                  "training mode, which has no standard-operator form: export the model in eval "
-                                  "mode (model.eval())")
+    if stats_eps is not None or dropout > 0:
+        raise NotImplementedError("fused_preact.bn_relu_conv2d hands BatchNorm statistics on to the next layer, or "
+                                  "drops out, in training mode, which has no standard-operator form here: export "
+                                  "the model in eval mode (model.eval())")
     a = reference.bn_relu_apply(x, scale, shift)
     outs = [F.conv2d(a, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
             for c in _convs(conv_weights, strides, paddings, dilations, groups)]

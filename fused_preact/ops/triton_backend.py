@@ -87,8 +87,8 @@ class TritonBackend:
         _pending.fold = fold
         return stats
 
-    def forward(self, x, scale, shift, convs, residual=None, stats_eps=None):
-        _check_plain(convs)
+    def forward(self, x, scale, shift, convs, residual=None, stats_eps=None, dropout=None):
+        _check_plain(convs, dropout)
         # The hand-on statistics are the epilogue's raw partials: the next
         # layer's batch_norm_stats merges them with its own fold and update
         # in one launch, or its conv does (stats_eps, the next BatchNorm's
@@ -115,8 +115,8 @@ class TritonBackend:
         return [out.new_empty((stats_partials(out), out.shape[1]), dtype=torch.float32) for _ in range(3)]
 
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
-                 needs_bn: bool, traceable: bool = False, activation=None):
-        _check_plain(convs)
+                 needs_bn: bool, traceable: bool = False, activation=None, dropout=None):
+        _check_plain(convs, dropout)
         # activation is always None: relu(bn(x)) never exists outside the kernels here.
         used = [(g, c) for g, c in zip(grads, convs) if g is not None]
         bn_grad = needs_bn and bool(used)
@@ -148,11 +148,11 @@ class TritonBackend:
         return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
-def _check_plain(convs) -> None:
-    """resolve_backend never hands dilated or grouped convs here (general_convs is False)."""
-    if not all(c.plain for c in convs):
-        raise ValueError("the Triton backend runs undilated, ungrouped convs only, got "
-                         f"{[(c.dilation, c.groups) for c in convs]} (dilation, groups)")
+def _check_plain(convs, dropout=None) -> None:
+    """resolve_backend never hands dilated or grouped convs, or dropout, here (general_convs is False)."""
+    if not all(c.plain for c in convs) or dropout is not None:
+        raise ValueError("the Triton backend runs undilated, ungrouped convs without dropout only, got "
+                         f"{[(c.dilation, c.groups) for c in convs]} (dilation, groups), dropout {dropout}")
 
 
 # The statistics pass that deferred_batch_norm_stats left to the next forward.
