@@ -108,3 +108,24 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "peak_bandwidth_bytes_per_s": _peak_bandwidth(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def time_training_step(benchmark, model, forward, size: int, batch: int, classes: int, group: str, provider: str,
+                       rounds: int, warmup_rounds: int) -> None:
+    """Time an SGD step of `model` (run by `forward`) on a random batch of
+    size x size images, and record it with its memory per image."""
+    from providers import sgd
+
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    x = torch.randn(batch, 3, size, size, device=DEVICE, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), device=DEVICE, generator=gen)
+    opt = sgd(model)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(forward(x), y).backward()
+        opt.step()
+        synchronize(DEVICE)
+
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup_rounds)
+    record(benchmark, group, provider, batch, memory_per_image(DEVICE, model, lambda: forward(x), batch))

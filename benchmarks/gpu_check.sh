@@ -112,7 +112,7 @@ if [ $dry -eq 1 ]; then
   warm=(python -c "from fused_preact.triton_kernels import aot; print(len(aot.paper_layers() + aot.basic_layers()), 'layers')")
   collect=(--collect-only)
   limits="warm:30 build:60 untuned:60 tuned:60 native:60 graphs:60 inductor:60"
-  suites="unit:60 train_step:90 memory:60 op:60 train_compile:30 convert:180"
+  suites="unit:60 train_step:90 memory:60 op:60 train_compile:30 convert:180 wide_dense:120"
   select="not compile"  # inductor compiles take minutes on the CPU and are the GPU run's to measure
   compile_depth=11  # the dry run's only depth: its train_compile step runs the eager row alone
 else
@@ -128,11 +128,11 @@ else
   esac
   collect=()
   limits="warm:200 build:350 untuned:60 tuned:90 native:30 graphs:25 inductor:30"
-  suites="unit:20 train_step:45 memory:20 op:20 train_compile:20 convert:30"
+  suites="unit:20 train_step:45 memory:20 op:20 train_compile:20 convert:15 wide_dense:15"
   select=""
   compile_depth=110  # providers.sizes_for("cuda").max_compile_depth
   # What these stop at their limit keeps: warm's compiled kernels, the benchmarks' finished providers.
-  partial_ok="warm bench_unit bench_train_step bench_memory bench_op bench_train_compile bench_convert"
+  partial_ok="warm bench_unit bench_train_step bench_memory bench_op bench_train_compile bench_convert bench_wide_dense"
 fi
 limit() { local pair; for pair in $limits; do [ "${pair%%:*}" = "$1" ] && echo "${pair##*:}"; done; }
 

@@ -2,7 +2,7 @@
 memory against depth, and (optionally) the README's performance section.
 The tables: the training step (time and memory per provider against eager),
 memory against depth, host work per step (launch counts), one unit, one layer,
-converted networks.
+converted networks, the Wide ResNet and DenseNet-BC.
 
     python benchmarks/report.py benchmarks/results/cpu.json [more.json ...] --out-dir benchmarks/results [--readme README.md]
 """
@@ -38,7 +38,7 @@ def _ratio(row, key):
 
 
 def group_table(rows, kind):
-    """One markdown table per group of `kind` ('op', 'unit', 'train', 'convert' or 'memory')."""
+    """One markdown table per group of `kind` ('op', 'unit', 'train', 'convert', 'nets' or 'memory')."""
     out = []
     groups = sorted({r["group"] for r in rows if r["group"].split("|")[0] == kind},
                     key=lambda g: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)])
@@ -159,7 +159,8 @@ def report(meta, rows, source):
                 ("Host work per step", launch_table(rows)),
                 ("One pre-activation bottleneck unit (forward + backward)", group_table(rows, "unit")),
                 ("One BN→ReLU→conv layer", group_table(rows, "op")),
-                ("Converted networks (fused_preact.convert)", group_table(rows, "convert"))]
+                ("Converted networks (fused_preact.convert)", group_table(rows, "convert")),
+                ("Wide ResNet and DenseNet-BC", group_table(rows, "nets"))]
     return "\n".join(head + provider_legend(rows) + [line for title, table in sections if table
                                                      for line in [f"### {title}", "", *table]])
 

@@ -16,11 +16,10 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import DEVICE, memory_per_image, record
+from conftest import DEVICE, time_training_step
 from fused_preact import convert
-from providers import COMPILE_BUDGETS, _compiled, _flag, sgd
+from providers import COMPILE_BUDGETS, _compiled, _flag
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -78,19 +77,5 @@ def build(name: str, provider: str):
 def test_converted_training_step(benchmark, name, provider):
     _, size, batch, _, classes = NETWORKS[name]
     model, forward = build(name, provider)
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    x = torch.randn(batch, 3, size, size, device=DEVICE, generator=gen).contiguous(
-        memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), device=DEVICE, generator=gen)
-    opt = sgd(model)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(x), y).backward()
-        opt.step()
-        if ON_GPU:
-            torch.cuda.synchronize(DEVICE)
-
-    benchmark.pedantic(step, rounds=5 if ON_GPU else 1 if DRY else 2, warmup_rounds=0 if DRY else 1)
-    record(benchmark, f"convert|{name}, batch {batch}, {size}x{size}", provider, batch,
-           memory_per_image(DEVICE, model, lambda: forward(x), batch))
+    time_training_step(benchmark, model, forward, size, batch, classes, f"convert|{name}, batch {batch}, {size}x{size}",
+                       provider, rounds=5 if ON_GPU else 1 if DRY else 2, warmup_rounds=0 if DRY else 1)
