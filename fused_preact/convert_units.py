@@ -15,8 +15,10 @@ square root of the number of units), and for each other unit alone. Chains
 inside a unit are fused as under "bn_relu"; the second run keeps
 relu(bn(x)) only while the unit's backward runs. Buffers (the running statistics of a BatchNorm the op
 does not compute) are put back after the second run, so they are updated
-once. A unit that draws random numbers (dropout, RReLU, Tensor.bernoulli_)
-is not recomputed: a second run would draw others; the report names it.
+once. A dropout fused into a chain is the op's, whose seed the second run
+replays; a unit that draws random numbers outside the op (an unfused
+dropout, RReLU, Tensor.bernoulli_) is not recomputed: a second run would
+draw others; the report names it.
 """
 import functools
 from typing import Callable, NamedTuple
