@@ -160,6 +160,10 @@ def _op_keeping_activation(x, conv_weights, bn_weight, bn_bias, mean, invstd, sc
 
 
 ARG_NAMES = tuple(inspect.signature(_op).parameters)
+# The trailing arguments' defaults: a caller (or torch.library, which may drop
+# arguments equal to their defaults) may leave them out.
+_DEFAULTS = {name: p.default for name, p in inspect.signature(_op).parameters.items()
+             if p.default is not inspect.Parameter.empty}
 
 
 def _dropout(p: float, seed: Optional[Tensor]) -> Optional[Dropout]:
@@ -172,7 +176,7 @@ def _setup_context(ctx, inputs, output, activation: Optional[Tensor] = None) -> 
     # The residual is only added: its gradient is the first output's, and
     # nothing of it is kept. activation: relu(bn(x)), kept (keep_activations).
     # x given as pieces is kept as its pieces, never concatenated.
-    a = dict(zip(ARG_NAMES, inputs))
+    a = {**_DEFAULTS, **dict(zip(ARG_NAMES, inputs))}
     kept = () if activation is None else (activation,)
     pieces = a["x"] if isinstance(a["x"], list) else [a["x"]]
     ctx.num_pieces = len(pieces) if isinstance(a["x"], list) else 0
@@ -237,7 +241,8 @@ def _op_backward(ctx, grad_outputs):
     n = len(ctx.conf[0]) // 2  # strides: a pair per conv
     if not isinstance(needs["conv_weights"], (list, tuple)):
         needs["conv_weights"] = [needs["conv_weights"]] * n
-    return _gradients(ctx, grad_outputs, needs, traceable=True)
+    # One gradient per input the op was called with (defaulted ones may be left out).
+    return _gradients(ctx, grad_outputs, needs, traceable=True)[:len(ctx.needs_input_grad)]
 
 
 bn_relu_conv2d_op.register_autograd(_op_backward, setup_context=_setup_context)
