@@ -134,7 +134,7 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
                 bn_ref = graph.get_attr(bn_node.target)
                 conv_refs = [graph.get_attr(c.target) for c in conv_nodes]
                 drop = None if drop_node is None else graph.get_attr(drop_node.target) \
-                    if drop_node.op == "call_module" else _dropout_probability(drop_node)
+                    if drop_node.op == "call_module" else dropout_probability(drop_node)
                 fused = graph.call_function(fused_chain, (x, bn_ref, conv_refs, backend, drop))
             else:
                 for c in conv_nodes[1:]:  # a later conv's weight and bias, read off the module before the first
@@ -147,7 +147,7 @@ def rewrite(graph: fx.Graph, root: nn.Module, path: str, backend: str,
                                                                        "groups", "bias")] for c in conv_nodes]
                 fused = graph.call_function(fused_functional_chain, (
                     x, *(bn_args[name] for name in _BATCH_NORM_ARGS[1:]), convs, backend,
-                    0.0 if drop_node is None else _dropout_probability(drop_node)))
+                    0.0 if drop_node is None else dropout_probability(drop_node)))
             outs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(conv_nodes))]
         for conv, out in zip(conv_nodes, outs):
             conv.replace_all_uses_with(out)
@@ -278,7 +278,11 @@ def _functional_chain(root: nn.Module, bn_node: fx.Node):
     return relu_node, convs, drop_node
 
 
-_DROPOUT_FUNCTIONS = {F.dropout: ("input", "p", "training", "inplace"), torch.dropout: ("input", "p", "train")}
+# Functional dropouts and their arguments in order; the chain takes the element-wise ones.
+DROPOUT_FUNCTIONS = {**{f: ("input", "p", "training", "inplace") for f in (
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)},
+    torch.dropout: ("input", "p", "train")}
+_ELEMENTWISE_DROPOUTS = (F.dropout, torch.dropout)
 _DROPOUT_DEFAULTS = {"p": 0.5, "training": True, "inplace": False}
 
 
@@ -288,7 +292,7 @@ def _is_dropout(root: nn.Module, node: fx.Node) -> bool:
     torch.dropout with a constant probability and mode."""
     if node.op == "call_module":
         return type(root.get_submodule(node.target)) is nn.Dropout and len(node.args) == 1 and not node.kwargs
-    if node.op != "call_function" or node.target not in _DROPOUT_FUNCTIONS:
+    if node.op != "call_function" or node.target not in _ELEMENTWISE_DROPOUTS:
         return False
     args = _dropout_arguments(node)
     return set(args) <= {"input", "p", "training", "inplace"} and isinstance(args["p"], (int, float)) \
@@ -296,14 +300,14 @@ def _is_dropout(root: nn.Module, node: fx.Node) -> bool:
 
 
 def _dropout_arguments(node: fx.Node) -> dict:
-    args = {**_DROPOUT_DEFAULTS, **dict(zip(_DROPOUT_FUNCTIONS[node.target], node.args)), **node.kwargs}
+    args = {**_DROPOUT_DEFAULTS, **dict(zip(DROPOUT_FUNCTIONS[node.target], node.args)), **node.kwargs}
     if "train" in args:
         args["training"] = args.pop("train")
     return args
 
 
-def _dropout_probability(node: fx.Node) -> float:
-    """A functional dropout's probability as traced: 0 where it is off."""
+def dropout_probability(node: fx.Node) -> float:
+    """A functional dropout's probability (of DROPOUT_FUNCTIONS) as traced: 0 where it is off."""
     args = _dropout_arguments(node)
     return float(args["p"]) if args["training"] else 0.0
 

@@ -167,9 +167,9 @@ class _Conversion:
             target._modules[name] = self.convert(child, join_path(path, name))
         random = {name for name, _ in target.named_children() if join_path(path, name) in self.random}
         steps = segment_steps(target, self.plan.segments[path], random, self.plan.segment_size)
+        names = {id(m): n for n, m in target.named_children()}
         for step in steps:
             if isinstance(step, nn.ModuleList):
-                names = {id(m): n for n, m in target.named_children()}
                 self.report.recomputed.append([join_path(path, names[id(m)]) for m in step])
         converted = _with_forward(target, run_segments, self.options._replace(
             role="segments", segment_size=self.plan.segment_size))

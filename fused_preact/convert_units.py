@@ -28,14 +28,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .chains import concatenated_pieces, concatenates_channels, join_path
+from .chains import DROPOUT_FUNCTIONS, concatenated_pieces, concatenates_channels, dropout_probability, join_path
 from .models.net_utils import default_segment_size
 from .recompute import recompute
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
-_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-_RANDOM_FUNCTIONS = {*_DROPOUTS, F.rrelu, torch.dropout, torch.bernoulli, torch.rand, torch.rand_like, torch.randn,
+_RANDOM_FUNCTIONS = {*DROPOUT_FUNCTIONS, F.rrelu, torch.bernoulli, torch.rand, torch.rand_like, torch.randn,
                      torch.randn_like, torch.randint, torch.randint_like, torch.randperm, torch.multinomial,
                      torch.normal, torch.poisson}
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_",
@@ -93,18 +92,11 @@ def draws_random(module: nn.Module, graphs: list[fx.Graph]) -> bool:
                 if getattr(m, "p", 1) != 0:
                     return True
             elif node.op == "call_function" and node.target in _RANDOM_FUNCTIONS:
-                if node.target not in _DROPOUTS or _dropout_active(node):
+                if node.target not in DROPOUT_FUNCTIONS or dropout_probability(node) > 0:
                     return True
             elif node.op == "call_method" and node.target in _RANDOM_METHODS:
                 return True
     return False
-
-
-def _dropout_active(node: fx.Node) -> bool:
-    """Whether a traced F.dropout-style call drops (p and training as traced)."""
-    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-    return p != 0 and training is not False
 
 
 def recomputed_forward(forward: Callable) -> Callable:

@@ -58,15 +58,15 @@ class DenseBlock(nn.ModuleList):
 
     def __init__(self, layers: list[DenseLayer], recompute: str = "bn_relu", segment_size: int = 1):
         super().__init__(layers)
-        self.recompute, self.segment_size = recompute, segment_size
+        size = {"unit": 1, "segment": segment_size}.get(recompute)
+        # The groups recomputed together (a plain list: the layers stay registered here alone).
+        self.groups = [] if size is None else [nn.ModuleList(layers[i:i + size]) for i in range(0, len(layers), size)]
 
     def forward(self, features: Features) -> list[Tensor]:
         features = list(features) if isinstance(features, (list, tuple)) else [features]
-        size = {"unit": 1, "segment": self.segment_size}.get(self.recompute)
-        if size is None:
+        if not self.groups:
             return _grow(self, features, keep_input=True)
-        for start in range(0, len(self), size):
-            group = self[start:start + size]
+        for group in self.groups:
             features = features + recompute(functools.partial(_grow, group, keep_input=False), features, group)
         return features
 

@@ -137,7 +137,7 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     joined = None
     if pieces is not None:  # the statistics (and the op's forward) read the pieces' concatenation, made here once
         with torch.no_grad():
-            x = joined = torch.cat([p.detach() for p in pieces], 1)
+            x = joined = torch.cat(pieces, 1)
     stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
                                 momentum, eps, backend, x_stats, defer=True)
     seed = draw_seed(x.device, tuple(x.shape), bn_weight) if dropout > 0 else None

@@ -148,7 +148,7 @@ class KernelBackend:
     def forward_keeping_activation(self, x, scale, shift, convs: list[Conv], residual=None, stats_eps=None,
                                    dropout=None):
         k = self._kernels()
-        a = _dropped(k.bn_relu_apply(x, scale, shift), dropout)
+        a = _masked(k.bn_relu_apply(x, scale, shift), None if dropout is None else dropout.mask(x))
         outs = [torch.nn.functional.conv2d(a, c.weight, None, c.stride, c.padding, c.dilation, c.groups)
                 for c in convs]
         if residual is not None:
@@ -165,8 +165,9 @@ class KernelBackend:
         # The conv weight gradient needs relu(bn(x)) (kept, or recomputed and
         # freed on return); the input gradient reads only its input's shape.
         wanted = [need_w and grad is not None for grad, need_w in zip(grads, needs_weight)]
+        mask = None if dropout is None else dropout.mask(x)  # made once: for relu(z) and for its gradient
         a = x if not any(wanted) else activation if activation is not None else \
-            _dropped(k.bn_relu_apply(x, scale, shift), dropout)
+            _masked(k.bn_relu_apply(x, scale, shift), mask)
         grad_act, grad_weights = None, []
         for grad, conv, need_w in zip(grads, convs, wanted):
             if grad is None:
@@ -181,13 +182,13 @@ class KernelBackend:
             grad_weights.append(dw)
         if grad_act is None:  # nothing upstream of the convolutions wants a gradient
             return None, grad_weights, None, None
-        grad_act = _dropped(grad_act, dropout)  # through the dropout: the same mask
+        grad_act = _masked(grad_act, mask)  # through the dropout: the same mask
         dx, sum_dz, sum_dz_xhat = k.bn_relu_backward(grad_act, x, mean, invstd, scale, shift, training)
         return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
-def _dropped(t: torch.Tensor, dropout: Optional[Dropout]) -> torch.Tensor:
-    return t if dropout is None else t * dropout.mask(t)
+def _masked(t: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if mask is None else t * mask
 
 
 def _native_supports(device: torch.device) -> bool:
