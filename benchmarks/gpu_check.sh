@@ -109,7 +109,7 @@ if [ $dry -eq 1 ]; then
   # (their CPU runs are the main suite's job), the benchmarks at tiny sizes.
   export TRITON_INTERPRET=1 FUSED_PREACT_BENCH_DRY=1
   build=(python -c "import fused_preact._extension as e; e.load(); print('extension loads')")
-  warm=(python -c "from fused_preact.triton_kernels import aot; print(len(aot.paper_layers() + aot.basic_layers()), 'layers')")
+  warm=(python -c "from fused_preact.triton_kernels import aot_layers as a; print(len(a.paper_layers() + a.basic_layers()), 'layers')")
   collect=(--collect-only)
   limits="warm:30 build:60 untuned:60 tuned:60 native:60 graphs:60 inductor:60"
   suites="unit:60 train_step:90 memory:60 op:60 train_compile:30 convert:180 wide_dense:120"

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import BACKENDS, assert_close, make_layout
 from fused_preact.ops import bn_relu_conv2d
@@ -91,6 +92,61 @@ def test_autograd_keeps_the_pieces_and_never_their_concatenation(backend):
         p.untyped_storage().data_ptr() for p in pieces)
     y.sum().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in pieces)
+
+
+class _Concatenations(TorchDispatchMode):
+    """Records the ATen cats, clones and copies that read one of `pieces`
+    into other memory (the interpreter copies a CPU argument back onto
+    itself after a launch: not a read into other memory)."""
+
+    def __init__(self, pieces):
+        super().__init__()
+        self.storages = {p.untyped_storage().data_ptr() for p in pieces}
+        self.reads = []
+
+    def _piece(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.storages
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func.overloadpacket
+        if (op in (torch.ops.aten.cat, torch.ops.aten.clone)
+                and any(self._piece(t) for t in torch.utils._pytree.tree_leaves(args))) or \
+                (op is torch.ops.aten.copy_ and self._piece(args[1]) and not self._piece(args[0])):
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif("triton" not in ALL_BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("training", [True, False])
+def test_triton_reads_the_pieces_in_place(training):
+    """No cat or copy reads a piece in forward or backward; the pieces may
+    lie anywhere (the second below the first in memory, other layouts,
+    views with offsets), and each one's gradient is still its own."""
+    torch.manual_seed(0)
+    n, h, w = 2, 5, 6
+    block = torch.randn(n, 14, h, w, device=DEVICE)
+    pieces = [block[:, 9:],  # above the next piece in the same storage
+              block[:, :9].contiguous(memory_format=torch.channels_last),
+              torch.randn(n, 3, h, w, device=DEVICE)]
+    pieces = [p.detach().requires_grad_() for p in pieces]
+    c = sum(p.shape[1] for p in pieces)
+    weight = torch.randn(7, c, 3, 3, device=DEVICE) * 0.2
+    gamma, beta = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    running = (torch.randn(c, device=DEVICE), torch.rand(c, device=DEVICE) + 0.5)
+    conv = dict(stride=1, padding=1)
+    y_ref = bn_relu_conv2d(pieces, weight, gamma, beta, *(r.clone() for r in running), training=training,
+                           backend="reference", **conv)
+    g = torch.randn_like(y_ref)
+    want = torch.autograd.grad(y_ref, pieces, g)
+    with _Concatenations(pieces) as reads:
+        y = bn_relu_conv2d(pieces, weight, gamma, beta, *(r.clone() for r in running), training=training,
+                           backend="triton", **conv)
+        got = torch.autograd.grad(y, pieces, g)
+    assert reads.reads == []
+    assert_close(y, y_ref, torch.float32, "output", scale=float(y_ref.detach().abs().max()))
+    for i, (a, b, p) in enumerate(zip(got, want, pieces)):
+        assert a.shape == p.shape
+        assert_close(a, b, torch.float32, f"d piece {i}", scale=float(b.abs().max()) + 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

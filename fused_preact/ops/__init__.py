@@ -51,7 +51,9 @@ def bn_relu_conv2d(x: Union[Tensor, list[Tensor]], conv_weight: Tensor, bn_weigh
     backend runs undilated, ungrouped convs: such a call falls back to another).
     x may be a list of (N, C_i, H, W) tensors, read as torch.cat(x, 1) (a
     DenseNet layer's input): autograd keeps the pieces, never their
-    concatenation, and each piece gets its own gradient.
+    concatenation, and each piece gets its own gradient. The Triton kernels
+    read the pieces in place; the other backends concatenate them for the
+    call's forward and again for its backward (transient copies).
     dropout: in training, relu(bn(x)) is dropped with this probability (and
     the rest scaled by 1 / (1 - dropout)) before the convs, as nn.Dropout
     there would; the mask is made again in backward from a seed, never kept
@@ -135,9 +137,9 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
         stats_eps = None
     # apply() runs the backend's forward of x with these statistics next: they may be deferred to it.
     joined = None
-    if pieces is not None:  # the statistics (and the op's forward) read the pieces' concatenation, made here once
+    if pieces is not None:  # the statistics (and the op's forward) read the pieces as the backend joins them, once
         with torch.no_grad():
-            x = joined = torch.cat(pieces, 1)
+            x = joined = bn_relu_conv.join_pieces(pieces, backend)
     stats = normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training,
                                 momentum, eps, backend, x_stats, defer=True)
     seed = draw_seed(x.device, tuple(x.shape), bn_weight) if dropout > 0 else None

@@ -56,6 +56,12 @@ class Backend(Protocol):
     # them to the next layer's batch_norm_stats instead.
     epilogue_stats: bool
 
+    def join(self, pieces: list[torch.Tensor]):
+        """x given as pieces along channels (same N, H, W), in the form this
+        backend's batch_norm_stats, forward and backward take it: their
+        concatenation (a transient copy), or what its kernels read the pieces
+        through in place."""
+
     def batch_norm_stats(self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                          num_batches_tracked: Optional[torch.Tensor], momentum: float, eps: float,
@@ -117,6 +123,9 @@ class KernelBackend:
 
     epilogue_stats = False
     general_convs = True
+
+    def join(self, pieces):
+        return torch.cat(pieces, 1)
 
     def __init__(self, kernels: Callable[[], BnReluKernels], devices: Callable[[torch.device], bool]):
         self._kernels = kernels

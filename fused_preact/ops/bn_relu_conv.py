@@ -91,6 +91,14 @@ def concatenated(x) -> Tensor:
     return x if isinstance(x, Tensor) else torch.cat(x, 1)
 
 
+def join_pieces(pieces: list[Tensor], backend: str):
+    """x's pieces as `backend` reads them (Backend.join: their concatenation,
+    or a form its kernels read in place; a concatenation for a backend
+    without join)."""
+    join = getattr(get_backend(backend), "join", None)
+    return torch.cat(pieces, 1) if join is None else join(pieces)
+
+
 def _normalization_stats(x, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, training, momentum,
                          eps, backend, x_stats, defer):
     stats = stats_dtype(x)
@@ -199,8 +207,8 @@ def _gradients(ctx, grad_outputs, needs: dict, traceable: bool) -> tuple:
     saved = ctx.saved_tensors
     pieces, num_pieces = saved[:max(ctx.num_pieces, 1)], ctx.num_pieces
     mean, invstd, scale, shift, bn_weight, bn_bias, *conv_weights = saved[len(pieces):]
-    x = torch.cat(pieces, 1) if num_pieces else pieces[0]  # pieces: concatenated again, for this backward alone
     strides, paddings, training, backend, kept, dilations, groups, p = ctx.conf
+    x = join_pieces(list(pieces), backend) if num_pieces else pieces[0]  # pieces: joined again, for this backward alone
     activation = conv_weights.pop(0) if kept else None
     dropout = _dropout(p, conv_weights.pop(0) if p > 0 else None)
     needs_x = any(needs["x"]) if num_pieces else needs["x"]
@@ -253,9 +261,9 @@ bn_relu_conv2d_op.register_autograd(_op_backward, setup_context=_setup_context)
 _WEIGHTS = ARG_NAMES.index("conv_weights")
 
 
-def _spread(args: tuple, joined: Optional[Tensor] = None) -> tuple:
+def _spread(args: tuple, joined=None) -> tuple:
     """The op's arguments flat, so autograd.Function tracks every tensor:
-    (the number of x's pieces (0: x is one tensor), their concatenation for
+    (the number of x's pieces (0: x is one tensor), the pieces joined for
     the forward, untracked), x's pieces (or x), the other arguments, and the
     conv weights, one argument each."""
     x, pieces = args[0], args[0] if isinstance(args[0], list) else [args[0]]
@@ -307,11 +315,12 @@ def apply(x, conv_weights, bn_weight, bn_bias, mean, invstd, scale, shift, resid
     are x's batch statistics when training.
 
     x may be a list of pieces, read as their concatenation along channels
-    (`joined`: that concatenation, made without autograd for the
-    statistics): in eager mode the op keeps the pieces alone, runs its
-    forward on `joined` and concatenates the pieces again for its backward
-    (transient copies); under torch.compile the graph concatenates them (a
-    cat the partitioner may recompute in backward)."""
+    (`joined`: the pieces as the backend reads them, join_pieces, made
+    without autograd for the statistics): in eager mode the op keeps the
+    pieces alone, runs its forward on `joined` and joins the pieces again
+    for its backward (transient copies, except on the Triton backend, whose
+    kernels read the pieces in place); under torch.compile the graph
+    concatenates them (a cat the partitioner may recompute in backward)."""
     if isinstance(x, list) and torch.compiler.is_compiling():
         x = concatenated(x)
     elif isinstance(x, list) and not torch.is_grad_enabled():

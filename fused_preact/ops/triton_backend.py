@@ -68,6 +68,12 @@ class TritonBackend:
     epilogue_stats = True
     general_convs = False  # the kernels run undilated, ungrouped convs; others fall back per call
 
+    def join(self, pieces):
+        # Read in place: every kernel that reads x takes its pieces' table.
+        from ..triton_kernels.pieces import Pieces
+
+        return Pieces(pieces)
+
     def batch_norm_stats(self, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                          x_stats=None):
         stats_op = triton_batch_norm_stats if torch.compiler.is_compiling() else _batch_norm_stats
@@ -200,6 +206,8 @@ def _summed_together(grads, convs, wanted: list[bool], used, x, mean, invstd, sc
 def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):
     """(dx, sum dz, sum dz*xhat) when the convs' strides differ: each conv's
     input gradient from PyTorch, summed, then BN-ReLU backward in tensor ops."""
+    if not isinstance(x, torch.Tensor):  # Pieces: this rare path (no DenseNet takes it) concatenates them
+        x = x.joined()
     grad_act = sum(torch.ops.aten.convolution_backward(
         g, x, c.weight, None, c.stride, c.padding, (1, 1), False, (0, 0), 1, (True, False, False))[0]
         for g, c in used)

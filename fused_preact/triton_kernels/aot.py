@@ -35,6 +35,8 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from . import SUPPORTED_DTYPES, batch_stats, bn_relu_backward, conv_dgrad, conv_forward, conv_wgrad
+from .aot_layers import BATCH, NETS
+from .pieces import Pieces
 
 # Largest shared memory one block may opt in to (bytes): H100 227 KiB, A100 163 KiB.
 SHARED_LIMIT = {90: 232448, 80: 166912}
@@ -42,41 +44,6 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 MODES = [("fp32-tf32", torch.float32, True), ("fp32-ieee", torch.float32, False), ("fp16", torch.float16, False),
          ("bf16", torch.bfloat16, False)]
 MODE_NAMES = [name for name, _, _ in MODES]
-BATCH = 128
-
-
-def paper_layers():
-    """(name, input channels, input size, [(K, kernel, stride, padding)], residual) of every distinct
-    BN-ReLU-conv of a CIFAR bottleneck net (ResNet-164, -1001); a stage's first unit runs conv1 and its
-    projection as one launch."""
-    layers = []
-    in_ch, size = 16, 32
-    for stage, width in enumerate((16, 32, 64)):
-        stride = 1 if stage == 0 else 2
-        layers.append((f"s{stage + 1}.first.conv1+proj", in_ch, size,
-                       [(width, 1, stride, 0), (4 * width, 1, stride, 0)], False))
-        size //= stride
-        layers.append((f"s{stage + 1}.conv2", width, size, [(width, 3, 1, 1)], False))
-        layers.append((f"s{stage + 1}.conv3", width, size, [(4 * width, 1, 1, 0)], True))
-        layers.append((f"s{stage + 1}.inner.conv1", 4 * width, size, [(width, 1, 1, 0)], False))
-        in_ch = 4 * width
-    return layers
-
-
-def basic_layers():
-    """The same for a CIFAR basic net (ResNet-110, shortcut A): two 3x3 convs
-    per unit (the second with the residual), the first of a stage strided."""
-    layers, in_ch, size = [], 16, 32
-    for stage, width in enumerate((16, 32, 64)):
-        if stage:
-            layers.append((f"b{stage + 1}.first.conv1", in_ch, size, [(width, 3, 2, 1)], False))
-            size //= 2
-        layers.append((f"b{stage + 1}.conv", width, size, [(width, 3, 1, 1)], True))
-        in_ch = width
-    return layers
-
-
-NETS = {"bottleneck": paper_layers, "basic": basic_layers}
 
 
 class OfflineDriver:
@@ -107,6 +74,7 @@ class OfflineDriver:
 
 def _check_without_device(x, name="x"):
     """check_activation's checks except the device: these CPU tensors are never read."""
+    x = x.first if isinstance(x, Pieces) else x
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}: a 4-D float32/float16/bfloat16 tensor expected")
 
@@ -166,9 +134,18 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
     from ..ops.backends import Conv, get_backend
 
     backend = get_backend("triton")
-    for name, c_in, size, convs, has_residual in layers:
+
+    def activation(c_in, batch, size):
+        """x [batch, c_in, size, size] channels_last, or Pieces of such tensors for a tuple c_in."""
+        parts = [torch.empty(batch, c, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                 for c in (c_in if isinstance(c_in, tuple) else (c_in,))]
+        return Pieces(parts) if isinstance(c_in, tuple) else parts[0]
+
+    for name, channels, size, convs, has_residual in layers:
         on_layer(name)
-        x = torch.empty(BATCH, c_in, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x = activation(channels, BATCH, size)
+        pieces = isinstance(x, Pieces)  # the op hands on no statistics partials for pieces
+        c_in = x.shape[1]
         vec = torch.ones(c_in)
         weights = [torch.empty(k_out, c_in, k, k, dtype=dtype).contiguous(memory_format=torch.channels_last)
                    for k_out, k, _, _ in convs]
@@ -177,8 +154,9 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
         grads = [torch.empty(BATCH, k_out, out_size, out_size, dtype=dtype)
                  .contiguous(memory_format=torch.channels_last) for k_out, _, _, _ in convs]
         running, counter = [torch.zeros(c_in), torch.ones(c_in)], torch.zeros((), dtype=torch.int64)
-        partials = backend.stats_like(x)  # as a conv epilogue hands them on
-        for handed_on in (None, partials):  # a statistics pass, or the merge of an epilogue's partials
+        partials = None if pieces else backend.stats_like(x)  # as a conv epilogue hands them on
+        # A statistics pass, or the merge of an epilogue's partials.
+        for handed_on in (None,) if pieces else (None, partials):
             backend.batch_norm_stats(x, vec, vec, *running, counter, 0.1, 1e-5, handed_on)
         for residual in ([None, grads[0]] if has_residual else [None]):
             for stats_eps in (None, 1e-5):
@@ -187,9 +165,9 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
         # The same layer small enough (batch 1, 32x32: the most partials and rows
         # it is done for) that the conv merges its input's statistics in its
         # loader (LoaderFold) and reads its weights in place; and in place alone.
-        small = torch.empty(1, c_in, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        small = activation(channels, 1, 32)
         stats, fold = batch_stats.batch_norm_stats(small, vec, vec, *running, counter, 0.1, 1e-5,
-                                                   tuple(backend.stats_like(small)), defer=True)
+                                                   None if pieces else tuple(backend.stats_like(small)), defer=True)
         assert fold is not None, "the small layer is past the loader merge's bounds"
         pads = [(p, p) for _, _, _, p in convs]
         conv_forward.conv_forward(small, stats[2], stats[3], weights, convs[0][2], pads, stats=True, raw_stats=True,

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (cdiv, check_activation, device_of, launcher, needs_int64, next_power_of_2, reduction_groups,
-                     two_pass)
+from .common import (activation_args, cdiv, check_activation, device_of, launcher, needs_int64, next_power_of_2,
+                     piece_offsets, reduction_groups, two_pass)
 
 
 @triton.jit
@@ -129,10 +129,10 @@ def loader_fold(cnt_ptr, mean_ptr, m2_ptr, P, C, cols, col_ok, eps, w_ptr, b_ptr
 
 @triton.jit
 def _partial_stats_kernel(
-    x_ptr, cnt_ptr, mean_ptr, m2_ptr,
-    C, L, SEGS, SEG, OUTER1,
+    x_ptr, table_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    C, L, SEGS, SEG, OUTER1, H, W,
     s_outer0, s_outer1, s_inner, s_c,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, PIECES: tl.constexpr,
 ):
     # Partial p = (outer index a, segment of the inner run); a = (a0, a1) with a1 < OUTER1.
     p = tl.program_id(0)
@@ -160,7 +160,12 @@ def _partial_stats_kernel(
         if IDX64:
             rows = rows.to(tl.int64)
         ok = row_ok[:, None] & col_ok[None, :]
-        v = tl.load(x_ptr + base + rows[:, None] * s_inner + cols[None, :] * s_c, mask=ok, other=0.0)
+        if PIECES:  # one run over (N, H, W); x's channels from their pieces, in place
+            offs = piece_offsets(table_ptr, C, (rows // (H * W))[:, None], ((rows // W) % H)[:, None],
+                                 (rows % W)[:, None], cols[None, :], col_ok[None, :], IDX64)
+        else:
+            offs = base + rows[:, None] * s_inner + cols[None, :] * s_c
+        v = tl.load(x_ptr + offs, mask=ok, other=0.0)
         v = v.to(tl.float32)
         # This tile's (count, mean, M2) by the corrected two-pass method.
         n_b = tl.sum(row_ok.to(tl.float32), axis=0)
@@ -239,10 +244,15 @@ def _row_view(x: torch.Tensor):
     return merged
 
 
-def _stats_partials(x: torch.Tensor):
-    """Launch the partial-statistics kernel; returns the three [P, C] buffers."""
-    C = x.shape[1]
-    (o0, so0), (o1, so1), (L, s_inner) = _row_view(x)
+def _stats_partials(x):
+    """Launch the partial-statistics kernel on x (a tensor or Pieces);
+    returns the three [P, C] buffers."""
+    N, C, H, W = x.shape
+    x_arg, table, pieces = activation_args(x)
+    if pieces:  # one run; each channel's strides come from the table
+        (o0, so0), (o1, so1), (L, s_inner) = (1, 0), (1, 0), (N * H * W, 0)
+    else:
+        (o0, so0), (o1, so1), (L, s_inner) = _row_view(x)
     s_c = x.stride(1)
     outer = o0 * o1
     # Tile: wide along whichever axis is contiguous in memory, ~2K elements.
@@ -263,8 +273,8 @@ def _stats_partials(x: torch.Tensor):
     mean = torch.empty_like(cnt)
     m2 = torch.empty_like(cnt)
     _partial_stats_kernel[(P, cblocks)](
-        x, cnt, mean, m2, C, L, segs, seg, o1, so0, so1, s_inner, s_c,
-        BLOCK_R=block_r, BLOCK_C=block_c, IDX64=needs_int64(x), num_warps=4,
+        x_arg, table, cnt, mean, m2, C, L, segs, seg, o1, H, W, so0, so1, s_inner, s_c,
+        BLOCK_R=block_r, BLOCK_C=block_c, IDX64=needs_int64(x), PIECES=pieces, num_warps=4,
     )
     return cnt, mean, m2
 

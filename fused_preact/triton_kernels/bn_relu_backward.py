@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, channel_vector, check_activation, device_of, launcher, sm_count
+from .common import (activation_args, cdiv, channel_vector, check_activation, device_of, empty_activation, launcher,
+                     piece_offsets, sm_count)
 
 
 @triton.jit
@@ -34,10 +35,10 @@ def _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_n, s_c, s_h, s_w, SAME: tl
 
 @triton.jit
 def _input_grad_kernel(
-    dz_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
+    dz_ptr, x_ptr, table_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
     numel, N, C, H, W, inv_m,
     so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn, s_xc, s_xh, s_xw,
-    TRAINING: tl.constexpr, DZ_SAME: tl.constexpr, X_SAME: tl.constexpr,
+    TRAINING: tl.constexpr, DZ_SAME: tl.constexpr, X_SAME: tl.constexpr, PIECES: tl.constexpr,
     INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -51,8 +52,11 @@ def _input_grad_kernel(
                  mask=ok, other=0.0).to(tl.float32)
     if TRAINING:
         # The batch statistics depend on x: subtract dz's projection on 1 and xhat.
-        xv = tl.load(x_ptr + _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_xn, s_xc, s_xh, s_xw, X_SAME),
-                     mask=ok, other=0.0).to(tl.float32)
+        if PIECES:  # x's channels from their pieces, in place
+            x_offs = piece_offsets(table_ptr, C, (i // so_n) % N, (i // so_h) % H, (i // so_w) % W, c, ok, INT64)
+        else:
+            x_offs = _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_xn, s_xc, s_xh, s_xw, X_SAME)
+        xv = tl.load(x_ptr + x_offs, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + c, mask=ok, other=0.0)
         invstd = tl.load(invstd_ptr + c, mask=ok, other=0.0)
         sum_dz = tl.load(sum_dz_ptr + c, mask=ok, other=0.0)
@@ -77,9 +81,10 @@ def _block(numel: int, device: torch.device) -> int:
 
 
 @launcher(lambda dz, x, *args, **kwargs: device_of(x))
-def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+def bn_relu_input_grad(dz: torch.Tensor, x, mean: torch.Tensor, invstd: torch.Tensor,
                        scale: torch.Tensor, sum_dz, sum_dz_xhat, training: bool) -> torch.Tensor:
-    """dx of BN -> ReLU given dz (see the module docstring), in x's dtype and layout.
+    """dx of BN -> ReLU given dz (see the module docstring), in x's dtype and
+    layout; x may be Pieces (dx is then their concatenation's gradient).
 
     training: mean/invstd are x's batch statistics (sum_dz and sum_dz_xhat, fp32
     [C], are then required); otherwise they are constants and the sums are
@@ -100,7 +105,7 @@ def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, in
     else:  # unused by the kernel: any pointer will do
         mean = invstd = sum_dz = sum_dz_xhat = scale
 
-    dx = torch.empty_like(x)  # dense, in x's memory format (preserve_format)
+    dx = empty_activation(x)  # dense, in x's memory format (preserve_format)
     n, c, h, w = x.shape
     numel = x.numel()
     if numel == 0:
@@ -108,11 +113,12 @@ def bn_relu_input_grad(dz: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, in
     # Size-1 dimensions' strides are arbitrary: compare only the others.
     same = [all(t.stride(d) == dx.stride(d) for d in range(4) if x.shape[d] > 1) for t in (dz, x)]
     block = _block(numel, x.device)
+    x_arg, table, pieces = activation_args(x)
     _input_grad_kernel[(cdiv(numel, block),)](
-        dz, x, dx, mean, invstd, scale, sum_dz, sum_dz_xhat,
+        dz, x_arg, table, dx, mean, invstd, scale, sum_dz, sum_dz_xhat,
         numel, n, c, h, w, 1.0 / (numel // c),
         *dx.stride(), *dz.stride(), *x.stride(),
-        TRAINING=bool(training), DZ_SAME=same[0], X_SAME=same[1],
+        TRAINING=bool(training), DZ_SAME=same[0], X_SAME=same[1] and not pieces, PIECES=pieces,
         INT64=numel >= 2**31, BLOCK=block, num_warps=4,
     )
     return dx

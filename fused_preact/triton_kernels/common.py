@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from . import SUPPORTED_DTYPES, dense_format, interpreting, launches_on, tuning
+from .pieces import Pieces
 
 INT32_MAX = 2**31 - 1
 
@@ -41,6 +42,27 @@ def bn_relu(x, scale, shift, valid):
     z = x.to(tl.float32) * scale + shift
     # ~(z <= 0) rather than z > 0: NaN propagates, as in torch.relu.
     return tl.where(valid & ~(z <= 0.0), z, 0.0)
+
+
+@triton.jit
+def piece_offsets(table_ptr, C, n, h, w, c, c_ok, IDX64: tl.constexpr):
+    """Offsets (int64) from the first piece's pointer of x[n, c, h, w], x
+    given as pieces (pieces.py: the table's rows are each channel's offset
+    and its piece's N, H, W strides); n, h, w, c broadcast against each
+    other (rows [:, None] and channels [None, :] for a tile). The offset
+    between pieces, separate allocations, may pass 2**31; the offset within
+    a piece is int32 unless IDX64 (a piece of 2**31 elements or more)."""
+    t = table_ptr + c
+    off = tl.load(t, mask=c_ok, other=0)
+    s_n = tl.load(t + C, mask=c_ok, other=0)
+    s_h = tl.load(t + 2 * C, mask=c_ok, other=0)
+    s_w = tl.load(t + 3 * C, mask=c_ok, other=0)
+    if IDX64:
+        inside = n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w
+    else:
+        inside = (n.to(tl.int32) * s_n.to(tl.int32) + h.to(tl.int32) * s_h.to(tl.int32)
+                  + w.to(tl.int32) * s_w.to(tl.int32)).to(tl.int64)
+    return off + inside
 
 
 @triton.jit
@@ -160,10 +182,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def needs_int64(*tensors: torch.Tensor) -> bool:
-    """Whether an element offset of one of `tensors` can pass 2**31 - 1 (one
-    past the largest offset its strides reach), so the kernel must index in
-    64 bits."""
+def needs_int64(*tensors) -> bool:
+    """Whether an element offset of one of `tensors` (or of Pieces' tensors)
+    can pass 2**31 - 1 (one past the largest offset its strides reach), so
+    the kernel must index in 64 bits."""
+    tensors = [p for t in tensors for p in (t.tensors if isinstance(t, Pieces) else (t,))]
     return max(1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) for t in tensors) > INT32_MAX
 
 
@@ -175,6 +198,13 @@ def pair(v, name: str, minimum: int = 0) -> tuple[int, int]:
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in v)):
         raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {v!r}")
     return tuple(v)
+
+
+def per_weight(v, count: int, name: str, minimum: int) -> list[tuple[int, int]]:
+    """One (h, w) pair per weight: a shared pair/int, or a list with one per weight."""
+    if isinstance(v, (tuple, list)) and len(v) == count and all(isinstance(i, (tuple, list)) for i in v):
+        return [pair(p, f"{name}[{i}]", minimum) for i, p in enumerate(v)]
+    return [pair(v, name, minimum)] * count
 
 
 def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -189,9 +219,26 @@ def conv_output_format(x: torch.Tensor, weights) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def activation_args(x) -> tuple:
+    """(x's pointer, piece table, PIECES) as a kernel that reads x takes them:
+    for Pieces, the first piece and its table; for a tensor, x itself, any
+    pointer for the unused table, and PIECES off."""
+    if isinstance(x, Pieces):
+        return x.first, x.table, True
+    return x, x, False
+
+
+def empty_activation(x) -> torch.Tensor:
+    """An empty tensor of x's shape, dtype and layout (dense): x's gradient's."""
+    return x.new_dense() if isinstance(x, Pieces) else torch.empty_like(x)
+
+
 def check_activation(x, name: str = "x") -> None:
-    """A 4-D float32/float16/bfloat16 tensor with data, on a device the kernels
-    run on: CUDA, or the CPU under the interpreter."""
+    """A 4-D float32/float16/bfloat16 tensor with data (or Pieces of such
+    tensors), on a device the kernels run on: CUDA, or the CPU under the
+    interpreter."""
+    if isinstance(x, Pieces):  # same N, H, W, dtype and device throughout (Pieces checks)
+        x = x.first
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:

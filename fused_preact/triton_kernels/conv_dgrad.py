@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, cdiv, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
-                     filling_first, launcher, next_power_of_2, pair, sm_count, sum_partials, PROGRAMS_PER_SM)
+from .common import (Partials, activation_args, cdiv, channel_vector, check_activation, conv_out_size, device_of,
+                     dot_precision, empty_activation, filling_first, launcher, needs_int64, next_power_of_2, pair,
+                     piece_offsets, sm_count, sum_partials, PROGRAMS_PER_SM)
 
 
 
@@ -72,12 +73,12 @@ def _accumulate_conv(acc, dy_ptr, w_ptr, n64, i, j, row_ok, offs_c, c_ok, qh, qw
 
 @triton.jit
 def _dgrad_kernel(
-    dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, x_ptr, dz_ptr, part_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, x_ptr, table_ptr, dz_ptr, part_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
     N, C, H, W, Hq, Wq, sh, sw, num_m_tiles,
     K1, R1, S1, ph1, pw1, Ho1, Wo1, s_dy1n, s_dy1k, s_dy1h, s_dy1w, s_w1k, s_w1c, s_w1r, s_w1s,
     K2, R2, S2, ph2, pw2, Ho2, Wo2, s_dy2n, s_dy2k, s_dy2h, s_dy2w, s_w2k, s_w2c, s_w2r, s_w2s,
     s_xn, s_xc, s_xh, s_xw, s_zn, s_zc, s_zh, s_zw,
-    HAS_SECOND: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SECOND: tl.constexpr, PIECES: tl.constexpr, PIECES_IDX64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Channel tiles of one row tile are neighbouring programs: they share the dy rows in L2.
@@ -111,8 +112,12 @@ def _dgrad_kernel(
 
     # Epilogue: the ReLU mask and xhat recomputed from x.
     mask = row_ok[:, None] & c_ok[None, :]
-    xv = tl.load(x_ptr + (n64 * s_xn + h * s_xh + w * s_xw)[:, None] + offs_c[None, :] * s_xc,
-                 mask=mask, other=0.0).to(tl.float32)
+    if PIECES:  # x's channels from their pieces, in place
+        x_offs = piece_offsets(table_ptr, C, n64[:, None], h[:, None], w[:, None], offs_c[None, :], c_ok[None, :],
+                               PIECES_IDX64)
+    else:
+        x_offs = (n64 * s_xn + h * s_xh + w * s_xw)[:, None] + offs_c[None, :] * s_xc
+    xv = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + offs_c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + offs_c, mask=c_ok, other=0.0)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
@@ -184,7 +189,7 @@ def _prune_dgrad(configs, named_args, **kwargs):
     return filling_first(kept, lambda cf: row_tiles * cdiv(c, cf.kwargs["BLOCK_N"]), device) or configs[:1]
 
 
-_dgrad = tuning.Tuned(_dgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2"],
+_dgrad = tuning.Tuned(_dgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2", "PIECES"],
                       prune=_prune_dgrad)
 
 
@@ -236,14 +241,14 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
     n, c, h, w = x.shape
     finish = lambda sums: (sums[:c], sums[c:])  # noqa: E731
     if x.numel() == 0:  # nothing to launch
-        return torch.zeros_like(x), Partials(torch.zeros((1, 2 * c), device=x.device), torch.float32, finish)
+        return empty_activation(x).zero_(), Partials(torch.zeros((1, 2 * c), device=x.device), torch.float32, finish)
     sh, sw = convs[0][2]
     hq, wq = cdiv(h, sh), cdiv(w, sw)  # rows of the largest phase
     rows = n * hq * wq
     block_m = _block_m(rows, sh * sw, c, x.device)
     num_m_tiles = cdiv(rows, block_m)
     tiles = sh * sw * num_m_tiles
-    dz = torch.empty_like(x)
+    dz = empty_activation(x)  # x's layout; for Pieces, their concatenation's
     partials = torch.empty((tiles, 2 * c), dtype=torch.float32, device=x.device)
 
     def conv_args(grad, weight, stride, padding):
@@ -252,11 +257,13 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
 
     first = convs[0]
     second = convs[1] if len(convs) == 2 else convs[0]  # unused unless HAS_SECOND
+    x_arg, table, pieces = activation_args(x)
     _dgrad[lambda meta: (tiles * cdiv(c, meta["BLOCK_N"]),)](
-        first[0], first[1], second[0], second[1], x, dz, partials, mean, invstd, scale, shift,
+        first[0], first[1], second[0], second[1], x_arg, table, dz, partials, mean, invstd, scale, shift,
         n, c, h, w, hq, wq, sh, sw, num_m_tiles,
         *conv_args(*first), *conv_args(*second),
         *x.stride(), *dz.stride(),
-        HAS_SECOND=len(convs) == 2, PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
+        HAS_SECOND=len(convs) == 2, PIECES=pieces, PIECES_IDX64=pieces and needs_int64(x),
+        PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
     )
     return dz, Partials(partials, torch.float32, finish)

@@ -24,14 +24,12 @@ may pick, so the buffer layout, and which kernel writes which row, is the same f
 every config: no row is left stale by a benchmark run of another config, and nothing
 needs zeroing or restoring.
 
-Layout: loads and stores go through strides. For channels_last x the reduction tile is
-contiguous along C (coalesced, vectorised: triton specialises the unit stride). NCHW
-x works but its loads are not coalesced along C: channels_last is the fast layout.
-A GEMM of few rows or few outputs reads its weights in place (K-major, no
-copy) where they are contiguous along C; a large one copies them into a matrix
-contiguous along the outputs (_weight_operands).
-Outputs take the layout PyTorch's convolution gives (channels_last when x or a weight
-is), which is what the op's fake implementation promises torch.compile.
+Layout: loads and stores go through strides (x given as Pieces: through their
+table). channels_last x is the fast layout: the reduction tile is contiguous along C.
+A GEMM of few rows or few outputs reads its weights in place where they are
+contiguous along C; a large one copies them into a matrix contiguous along the
+outputs (_weight_operands). Outputs take the layout PyTorch's convolution gives
+(channels_last when x or a weight is), as the op's fake implementation promises.
 """
 from typing import Optional, Sequence
 
@@ -41,8 +39,9 @@ import triton.language as tl
 
 from . import SUPPORTED_DTYPES, tuning
 from .batch_stats import LoaderFold, loader_fold, loader_fold_args, merge_partials, store_fold
-from .common import (bn_relu, cdiv, channel_vector, check_activation, conv_output_format, device_of, dot_precision,
-                     filling_first, launcher, needs_int64, next_power_of_2, pair, sm_count, two_pass, PROGRAMS_PER_SM)
+from .common import (activation_args, bn_relu, cdiv, channel_vector, check_activation, conv_output_format, device_of,
+                     dot_precision, filling_first, launcher, needs_int64, next_power_of_2, per_weight,
+                     piece_offsets, sm_count, two_pass, PROGRAMS_PER_SM)
 
 
 def _configs(shapes):
@@ -93,14 +92,14 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    x_ptr, table_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
     M, C, H, W, HO, WO, K0, K1,
     sxn, sxc, sxh, sxw, swk, swc, swr, sws, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, srn, src, srh, srw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
     xcnt_ptr, xmean_ptr, xm2_ptr, P_X, bn_w_ptr, bn_b_ptr, bn_mean_ptr, bn_invstd_ptr, rm_ptr, rv_ptr, nbt_ptr,
     eps, momentum, unbias,
     R: tl.constexpr, S: tl.constexpr, HAS_OUT1: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr,
-    RPP: tl.constexpr, IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    RPP: tl.constexpr, IDX64: tl.constexpr, PIECES: tl.constexpr, PRECISION: tl.constexpr,
     MERGE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
     HAS_COUNTER: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -178,7 +177,12 @@ def _conv_fwd_kernel(
         pos_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         c_ok = c < C
         ok = pos_ok[:, None] & c_ok[None, :]
-        xv = tl.load(x_ptr + (x_row + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc, mask=ok, other=0.0)
+        if PIECES:  # x's channels from their pieces, in place
+            x_offs = piece_offsets(table_ptr, C, n[:, None], ih[:, None], iw[:, None], c[None, :], c_ok[None, :],
+                                   IDX64)
+        else:
+            x_offs = (x_row + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc
+        xv = tl.load(x_ptr + x_offs, mask=ok, other=0.0)
         if MERGE:
             if cblocks == 1:
                 sc, sh = sc_first, sh_first
@@ -227,23 +231,17 @@ def _conv_fwd_kernel(
 # Benchmarking runs each config many times: the running-statistics update and
 # the batch count (MERGE) must take effect once, in the real run.
 _conv_fwd = tuning.Tuned(_conv_fwd_kernel, CONFIGS,
-                         key=["M", "C", "K0", "K1", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc", "MERGE"],
+                         key=["M", "C", "K0", "K1", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc", "MERGE",
+                              "PIECES"],
                          prune=_prune, restore=["rm_ptr", "rv_ptr", "nbt_ptr"])
 
 
 # ----------------------------------------------------------------------------- host
 
 
-def _per_weight(v, count: int, name: str, minimum: int) -> list[tuple[int, int]]:
-    """One (h, w) pair per weight: a shared pair/int, or a list with one per weight."""
-    if isinstance(v, (tuple, list)) and len(v) == count and all(isinstance(i, (tuple, list)) for i in v):
-        return [pair(p, f"{name}[{i}]", minimum) for i, p in enumerate(v)]
-    return [pair(v, name, minimum)] * count
-
-
 @launcher(lambda x, *args, **kwargs: device_of(x))
 def conv_forward(
-    x: torch.Tensor,
+    x,
     scale: torch.Tensor,
     shift: torch.Tensor,
     weights: Sequence[torch.Tensor],
@@ -256,7 +254,7 @@ def conv_forward(
 ) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]:
     """outs[i] = conv2d(relu(x * scale + shift), weights[i], stride, padding), fused.
 
-    x [N, C, H, W] fp32/fp16/bf16, any strides; scale, shift fp32 [C]; weights[i]
+    x [N, C, H, W] fp32/fp16/bf16, any strides, or Pieces; scale, shift fp32 [C]; weights[i]
     [K_i, C, R_i, S_i] in x's dtype. stride/padding: an int or (h, w) pair shared by all
     weights, or a list with one pair per weight (paddings may differ, strides may not).
     residual (outs[0]'s shape, any strides) is added to outs[0]. stats=True also returns
@@ -284,11 +282,11 @@ def conv_forward(
             raise TypeError(f"weights[{i}] must have x's dtype {x.dtype}, got {w.dtype}")
         if w.device != x.device:
             raise ValueError(f"weights[{i}] must be on x's device {x.device}, got {w.device}")
-    strides = _per_weight(stride, len(weights), "stride", 1)
+    strides = per_weight(stride, len(weights), "stride", 1)
     if len(set(strides)) != 1:
         raise ValueError(f"stride must be the same for all weights (they share one GEMM's rows), got {strides}")
     (st_h, st_w) = strides[0]
-    pads = _per_weight(padding, len(weights), "padding", 0)
+    pads = per_weight(padding, len(weights), "padding", 0)
 
     shapes = []
     for i, (w, (ph, pw)) in enumerate(zip(weights, pads)):
@@ -383,16 +381,17 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
         cnt = mean = m2 = scale  # never touched: STATS is off
     idx64 = needs_int64(x, *outs, res)
     merge_args, merge_flags = loader_fold_args(fold)
+    x_arg, table, pieces = activation_args(x)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"])  # noqa: E731
                          * (cdiv(K0, meta["BLOCK_N"]) + cdiv(K1, meta["BLOCK_N"])),)
     _conv_fwd[grid](
-        x, scale, shift, w0, w1, outs[0], out1, res, cnt, mean, m2,
+        x_arg, table, scale, shift, w0, w1, outs[0], out1, res, cnt, mean, m2,
         M, C, H, W, HO, WO, K0, K1,
         *x.stride(), *w_strides, *outs[0].stride(), *out1.stride(), *res.stride(),
         stride[0], stride[1], pad[0], pad[1], *merge_args,
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
-        RPP=tuning.sizing.rows_per_partial, IDX64=idx64, PRECISION=dot_precision(x.dtype), MERGE=fold is not None,
-        **merge_flags,
+        RPP=tuning.sizing.rows_per_partial, IDX64=idx64, PIECES=pieces, PRECISION=dot_precision(x.dtype),
+        MERGE=fold is not None, **merge_flags,
     )
     if not stats:
         return None

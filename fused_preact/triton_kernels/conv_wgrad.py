@@ -29,18 +29,20 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, bn_relu, cdiv, channel_vector, check_activation, conv_out_size, device_of, dot_precision,
-                     launcher, next_power_of_2, pair, sm_count, sum_partials)
+from .common import (Partials, activation_args, bn_relu, cdiv, channel_vector, check_activation, conv_out_size,
+                     device_of, dot_precision, launcher, needs_int64, next_power_of_2, pair, piece_offsets, sm_count,
+                     sum_partials)
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _wgrad_kernel(
-    dy_ptr, x_ptr, scale_ptr, shift_ptr, part_ptr,
+    dy_ptr, x_ptr, table_ptr, scale_ptr, shift_ptr, part_ptr,
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, L, chunk,
     s_dyn, s_dyk, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wk, s_wc, s_wr, s_ws,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    PIECES: tl.constexpr, PIECES_IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # Axis 0: output tiles, K tiles fastest so that programs reading the same
     # x columns (one channel tile at one tap) run together and share them in L2.
@@ -77,8 +79,12 @@ def _wgrad_kernel(
         h = ho * sh - ph + r
         w = wo * sw - pw + s
         inside = l_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        xv = tl.load(x_ptr + (n64 * s_xn + h * s_xh + w * s_xw)[:, None] + offs_c[None, :] * s_xc,
-                     mask=inside[:, None] & c_ok[None, :], other=0.0)
+        if PIECES:  # x's channels from their pieces, in place
+            x_offs = piece_offsets(table_ptr, C, n64[:, None], h[:, None], w[:, None], offs_c[None, :],
+                                   c_ok[None, :], PIECES_IDX64)
+        else:
+            x_offs = (n64 * s_xn + h * s_xh + w * s_xw)[:, None] + offs_c[None, :] * s_xc
+        xv = tl.load(x_ptr + x_offs, mask=inside[:, None] & c_ok[None, :], other=0.0)
         a = bn_relu(xv, scale, shift, inside[:, None]).to(x_ptr.dtype.element_ty)
         acc = tl.dot(g.to(a.dtype), a, acc, input_precision=PRECISION)
 
@@ -126,7 +132,7 @@ def _prune_wgrad(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_wgrad = tuning.Tuned(_wgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "K", "R", "S", "sh", "sw", "chunk"],
+_wgrad = tuning.Tuned(_wgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "K", "R", "S", "sh", "sw", "chunk", "PIECES"],
                       prune=_prune_wgrad)
 
 
@@ -197,10 +203,11 @@ def conv_wgrad_partials(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
         return Partials(torch.zeros((1, k * c * r * s), device=x.device), out_dtype, finish)
     split, chunk = _split(L, cdiv(k, 64) * cdiv(c, 64) * r * s, x.device)
     partials = torch.empty((split, k * c * r * s), dtype=torch.float32, device=x.device)
+    x_arg, table, pieces = activation_args(x)
     _wgrad[lambda meta: (cdiv(k, meta["BLOCK_M"]) * cdiv(c, meta["BLOCK_N"]) * r * s, split)](
-        grad, x, scale, shift, partials,
+        grad, x_arg, table, scale, shift, partials,
         n, c, h, w, k, r, s, ho, wo, stride[0], stride[1], padding[0], padding[1], L, chunk,
         *grad.stride(), *x.stride(), *w_strides,
-        PRECISION=dot_precision(x.dtype),
+        PIECES=pieces, PIECES_IDX64=pieces and needs_int64(x), PRECISION=dot_precision(x.dtype),
     )
     return Partials(partials, out_dtype, finish)
