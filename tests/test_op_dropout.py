@@ -4,6 +4,7 @@ nn.Dropout's distribution, p=0 and eval are bit-identical to no dropout,
 gradcheck, a unit/segment recompute drops the same elements, torch.compile,
 and convert fuses BN -> ReLU -> Dropout -> Conv."""
 import copy
+import os
 
 import pytest
 import torch
@@ -33,21 +34,69 @@ def _seed_drawn_after(global_seed: int) -> torch.Tensor:
     return torch.randint(0, 1 << 62, (1,), dtype=torch.int64)
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
-def test_backward_uses_forwards_mask(backend):
-    # "triton" does not drop out: the call falls back to another backend.
-    x, w, g, b = _problem()
-    running = (torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64))
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton runs here in the interpreter (TRITON_INTERPRET=1, as the test command
+# sets it), in float32 (its kernels take no float64), on the CPU.
+BACKEND_DTYPES = [(b, torch.float64) for b in BACKENDS] + ([("triton", torch.float32)] if INTERPRET else [])
+
+
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=[b for b, _ in BACKEND_DTYPES])
+@pytest.mark.parametrize("pieces", [False, True], ids=["tensor", "pieces"])
+def test_backward_uses_forwards_mask(backend, dtype, pieces):
+    x, w, g, b = (t.detach().to(dtype).requires_grad_() for t in _problem())
+    running = (torch.zeros(5, dtype=g.dtype), torch.ones(5, dtype=g.dtype))
     torch.manual_seed(7)
-    y = bn_relu_conv2d(x, w, g, b, *running, padding=1, dropout=0.3, backend=backend)
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, g, b)]
+    inputs = [x[:, :2], x[:, 2:]] if pieces else x  # the mask indexes the pieces' concatenation
+    y = bn_relu_conv2d(inputs, w, g, b, *running, padding=1, dropout=0.3, backend=backend)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, g, b)]
     a = F.relu(F.batch_norm(leaves[0], None, None, leaves[2], leaves[3], True))
     want = F.conv2d(a * Dropout(0.3, _seed_drawn_after(7)).mask(a), leaves[1], padding=1)
-    assert_close(y, want, torch.float64, "output", scale=float(want.detach().abs().max()))
+    assert_close(y, want, dtype, "output", scale=float(want.detach().abs().max()))
     grad = torch.randn_like(want)
-    for name, got, expected in zip("xwgb", torch.autograd.grad(y, (x, w, g, b), grad),
+    for name, got, expected in zip("xwgb", torch.autograd.grad(y, (x, w, g, b), grad.to(dtype)),
                                    torch.autograd.grad(want, leaves, grad)):
-        assert_close(got, expected, torch.float64, f"d{name}", scale=float(expected.abs().max()) + 1)
+        assert_close(got, expected, dtype, f"d{name}", scale=float(expected.abs().max()) + 1)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
+def test_triton_kernels_make_the_masks_mask_bit_for_bit():
+    """With scale 1 and shift 0 on a positive x, the conv's loader, wgrad's
+    loader and dgrad's epilogue each apply exactly ops/dropout.py's mask: a
+    1x1 identity conv shows forward's, and dW / dx show backward's."""
+    from fused_preact.triton_kernels import conv_dgrad, conv_forward, conv_wgrad
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 6, 5, 7) + 1.0  # relu(x * 1 + 0) = x: nothing clipped
+    ones, zeros = torch.ones(6), torch.zeros(6)
+    eye = torch.eye(6).view(6, 6, 1, 1)
+    drop = Dropout(0.4, _seed_drawn_after(9))
+    mask = drop.mask(x)
+    y = conv_forward.conv_forward(x, ones, zeros, [eye], dropout=drop)[0][0]
+    assert torch.equal(y == 0, mask == 0)
+    torch.testing.assert_close(y, x * mask)
+    dy = torch.rand_like(x) + 1.0
+    dz = conv_dgrad.conv_dgrad([dy], [eye], [(1, 1)], [(0, 0)], x, zeros, ones, ones, zeros, dropout=drop)[0]
+    torch.testing.assert_close(dz, dy * mask)
+    dw = conv_wgrad.conv_wgrad(dy, x, ones, zeros, eye.shape, 1, 0, torch.float32, dropout=drop)
+    torch.testing.assert_close(dw, torch.einsum("nkhw,nchw->kc", dy, x * mask).view_as(eye))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
+def test_triton_dropout_under_torch_compile_matches_eager():
+    """The traceable path (the triton_weight_grad / triton_input_grad ops) takes the dropout too."""
+    x, w, g, b = (t.detach().float().requires_grad_() for t in _problem())
+
+    def f(x):
+        return bn_relu_conv2d(x, w, g, b, None, None, padding=1, dropout=0.3, backend="triton")
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    outs = []
+    for fn in (f, compiled):
+        torch.manual_seed(2)
+        y = fn(x)
+        outs.append((y.detach(), *torch.autograd.grad(y.square().sum(), (x, w))))
+    for name, got, want in zip(("output", "dx", "dw"), outs[1], outs[0]):
+        assert_close(got, want, torch.float32, name, scale=float(want.abs().max()))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

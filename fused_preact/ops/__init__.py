@@ -57,8 +57,8 @@ def bn_relu_conv2d(x: Union[Tensor, list[Tensor]], conv_weight: Tensor, bn_weigh
     dropout: in training, relu(bn(x)) is dropped with this probability (and
     the rest scaled by 1 / (1 - dropout)) before the convs, as nn.Dropout
     there would; the mask is made again in backward from a seed, never kept
-    (ops/dropout.py). The Triton backend does not drop out: such a call falls
-    back to another.
+    (ops/dropout.py; every backend makes the same mask, the Triton kernels
+    in their loaders and dgrad's epilogue).
     """
     convs = [(conv_weight, stride, padding, dilation, groups)]
     if shortcut_weight is not None:
@@ -124,7 +124,7 @@ def bn_relu_convs(fn, x, convs, bn_weight, bn_bias, running_mean, running_var, t
     groups = [_groups(conv) for conv in convs]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{fn}: dropout must be a probability in [0, 1), got {dropout!r}")
-    plain = bn_relu_conv.plain_convs(dilations, groups) and dropout == 0  # what every backend takes
+    plain = bn_relu_conv.plain_convs(dilations, groups)  # what every backend takes
     backend = resolve_backend(backend, x.device, x.dtype, channels_last, plain_convs=plain)
     if not plain or pieces is not None:  # hand-on statistics: of one tensor, in one backend's form
         x_stats = stats_eps = None

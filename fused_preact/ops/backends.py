@@ -46,9 +46,9 @@ class Backend(Protocol):
     def missing_hint(self, device: torch.device, dtype: torch.dtype) -> str:
         """Why supports() is False, for the error message ("" if nothing to add)."""
 
-    # Whether it takes dilated and grouped convs, and dropout (forward's and
-    # backward's `dropout`); "auto" and an explicit choice fall back to one
-    # that does, for that call (chain) alone.
+    # Whether it takes dilated and grouped convs; "auto" and an explicit
+    # choice fall back to one that does, for that call (chain) alone. Every
+    # backend takes dropout (forward's and backward's `dropout`).
     general_convs: bool
 
     # Whether forward() computes an output's batch statistics in its epilogue
@@ -231,9 +231,8 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, channel
                     plain_convs: bool = True) -> str:
     """The concrete backend name for `name` and an input of `dtype` on `device`
     (channels_last: whether it is in that layout), or a clear error. Where
-    some conv is dilated or grouped, or the call drops out (plain_convs
-    False) and `name` does not take such calls, the first automatic choice
-    that does, for this call."""
+    some conv is dilated or grouped (plain_convs False) and `name` does not
+    take such convs, the first automatic choice that does, for this call."""
     if name != "auto" and name in _BACKENDS and not plain_convs and not _BACKENDS[name].general_convs:
         name = "auto"
     if name == "auto":

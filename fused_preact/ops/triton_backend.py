@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .dropout import Dropout
 from ..triton_kernels import SUPPORTED_DTYPES, dense_format, interpreting, launches_on
 
 
@@ -94,7 +95,7 @@ class TritonBackend:
         return stats
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None, dropout=None):
-        _check_plain(convs, dropout)
+        _check_plain(convs)
         # The hand-on statistics are the epilogue's raw partials: the next
         # layer's batch_norm_stats merges them with its own fold and update
         # in one launch, or its conv does (stats_eps, the next BatchNorm's
@@ -109,7 +110,7 @@ class TritonBackend:
             results, group_stats = conv_forward(
                 x, scale, shift, [c.weight for c in group], group[0].stride, group[0].padding,
                 residual=residual if index == 0 else None, stats=stats_eps is not None and index == 0, raw_stats=True,
-                fold=fold if index == 0 else None,
+                fold=fold if index == 0 else None, dropout=dropout,
             )
             outs += results
             stats = stats or group_stats
@@ -122,7 +123,7 @@ class TritonBackend:
 
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
                  needs_bn: bool, traceable: bool = False, activation=None, dropout=None):
-        _check_plain(convs, dropout)
+        _check_plain(convs)
         # activation is always None: relu(bn(x)) never exists outside the kernels here.
         used = [(g, c) for g, c in zip(grads, convs) if g is not None]
         bn_grad = needs_bn and bool(used)
@@ -134,19 +135,19 @@ class TritonBackend:
         if traceable:
             # Called from the torch.library op's backward, which AOT autograd
             # traces with fake tensors: go through the ops below, one per step.
-            grad_weights = [triton_weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding) if want else None
-                            for g, c, want in zip(grads, convs, wanted)]
+            grad_weights = [triton_weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding, *_traced(dropout))
+                            if want else None for g, c, want in zip(grads, convs, wanted)]
         else:
             grad_weights, dz_and_sums = _summed_together(grads, convs, wanted, used, x, mean, invstd, scale, shift,
-                                                         bn_grad and one_gemm)
+                                                         bn_grad and one_gemm, dropout)
         if not bn_grad:
             return None, grad_weights, None, None
         if not one_gemm:
-            dx, sum_dz, sum_dz_xhat = _input_grad_per_conv(used, x, mean, invstd, scale, shift, training)
+            dx, sum_dz, sum_dz_xhat = _input_grad_per_conv(used, x, mean, invstd, scale, shift, training, dropout)
         elif traceable:
             dx, sum_dz, sum_dz_xhat = triton_input_grad(
                 [g for g, _ in used], [c.weight for _, c in used], [i for _, c in used for i in c.stride],
-                [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training)
+                [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training, *_traced(dropout))
         else:
             dz, (sum_dz, sum_dz_xhat) = dz_and_sums
             dx = _kernels().bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat,
@@ -154,11 +155,11 @@ class TritonBackend:
         return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
-def _check_plain(convs, dropout=None) -> None:
-    """resolve_backend never hands dilated or grouped convs, or dropout, here (general_convs is False)."""
-    if not all(c.plain for c in convs) or dropout is not None:
-        raise ValueError("the Triton backend runs undilated, ungrouped convs without dropout only, got "
-                         f"{[(c.dilation, c.groups) for c in convs]} (dilation, groups), dropout {dropout}")
+def _check_plain(convs) -> None:
+    """resolve_backend never hands dilated or grouped convs here (general_convs is False)."""
+    if not all(c.plain for c in convs):
+        raise ValueError("the Triton backend runs undilated, ungrouped convs only, got "
+                         f"{[(c.dilation, c.groups) for c in convs]} (dilation, groups)")
 
 
 # The statistics pass that deferred_batch_norm_stats left to the next forward.
@@ -184,26 +185,35 @@ def _finish_pending():
         fold.finish()
 
 
-def _summed_together(grads, convs, wanted: list[bool], used, x, mean, invstd, scale, shift, dgrad: bool):
+def _traced(dropout) -> tuple:
+    """dropout as the traceable ops take it: (p, seed), or (0.0, None)."""
+    return (0.0, None) if dropout is None else (dropout.p, dropout.seed)
+
+
+def _untraced(p: float, seed) -> Optional[Dropout]:
+    return None if p == 0 else Dropout(p, seed)
+
+
+def _summed_together(grads, convs, wanted: list[bool], used, x, mean, invstd, scale, shift, dgrad: bool, dropout):
     """([dW per conv or None], (dz, (sum_dz, sum_dz_xhat)) or None): the weight
     gradients' and (when `dgrad`) the dgrad's launches, then their partial sums
     in one launch per reduction level instead of one per buffer."""
     kernels = _kernels()
     jobs = [kernels.conv_wgrad.conv_wgrad_partials(g, x, scale, shift, c.weight.shape, c.stride, c.padding,
-                                                   c.weight.dtype, dense_format(c.weight)) if want else None
+                                                   c.weight.dtype, dense_format(c.weight), dropout) if want else None
             for g, c, want in zip(grads, convs, wanted)]
     dz = None
     if dgrad:
         dz, sums = kernels.conv_dgrad.conv_dgrad_partials(
             [g for g, _ in used], [c.weight for _, c in used], [c.stride for _, c in used],
-            [c.padding for _, c in used], x, mean, invstd, scale, shift)
+            [c.padding for _, c in used], x, mean, invstd, scale, shift, dropout)
         jobs.append(sums)
     results = iter(kernels.common.sum_partials([j for j in jobs if j is not None]))
     finished = [None if j is None else next(results) for j in jobs]
     return finished[:len(convs)], ((dz, finished[-1]) if dgrad else None)
 
 
-def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):
+def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training, dropout):
     """(dx, sum dz, sum dz*xhat) when the convs' strides differ: each conv's
     input gradient from PyTorch, summed, then BN-ReLU backward in tensor ops."""
     if not isinstance(x, torch.Tensor):  # Pieces: this rare path (no DenseNet takes it) concatenates them
@@ -211,6 +221,8 @@ def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training):
     grad_act = sum(torch.ops.aten.convolution_backward(
         g, x, c.weight, None, c.stride, c.padding, (1, 1), False, (0, 0), 1, (True, False, False))[0]
         for g, c in used)
+    if dropout is not None:  # through the dropout: forward's mask
+        grad_act = grad_act * dropout.mask(grad_act)
     sums = reference.bn_relu_backward_reduce(grad_act, x, mean, invstd, scale, shift)
     dx = reference.bn_relu_backward_input(grad_act, x, mean, invstd, scale, shift,
                                           *(sums if training else (None, None)))
@@ -223,18 +235,19 @@ def _batch_norm_stats(x, weight, bias, running_mean, running_var, num_batches_tr
                                                    momentum, eps, None if partials[0] is None else partials)
 
 
-def _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training):
+def _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training, dropout):
     kernels = _kernels()
     pairs = [(strides[i], strides[i + 1]) for i in range(0, len(strides), 2)]
     pads = [(paddings[i], paddings[i + 1]) for i in range(0, len(paddings), 2)]
-    dz, sum_dz, sum_dz_xhat = kernels.conv_dgrad.conv_dgrad(grads, weights, pairs, pads, x, mean, invstd, scale, shift)
+    dz, sum_dz, sum_dz_xhat = kernels.conv_dgrad.conv_dgrad(grads, weights, pairs, pads, x, mean, invstd, scale, shift,
+                                                            dropout)
     dx = kernels.bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat, training)
     return dx, sum_dz, sum_dz_xhat
 
 
-def _weight_grad(grad, x, scale, shift, weight, stride, padding):
+def _weight_grad(grad, x, scale, shift, weight, stride, padding, dropout):
     return _kernels().conv_wgrad.conv_wgrad(grad, x, scale, shift, weight.shape, tuple(stride), tuple(padding),
-                                            weight.dtype, dense_format(weight))
+                                            weight.dtype, dense_format(weight), dropout)
 
 
 # The same steps as torch.library ops with fake implementations, for graphs
@@ -264,31 +277,34 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
 @torch.library.custom_op("fused_preact::triton_input_grad", mutates_args=())
 def triton_input_grad(grads: list[torch.Tensor], weights: list[torch.Tensor], strides: list[int],
                       paddings: list[int], x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-                      scale: torch.Tensor, shift: torch.Tensor,
-                      training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, sum dz, sum dz*xhat) of BN -> ReLU -> the convs, from their output
-    gradients: dgrad with the ReLU mask and the sums in its epilogue, then one
-    elementwise pass for dx. strides/paddings are flat [h0, w0, h1, w1, ...]."""
-    dx, sum_dz, sum_dz_xhat = _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training)
+                      scale: torch.Tensor, shift: torch.Tensor, training: bool, dropout_p: float = 0.0,
+                      dropout_seed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, sum dz, sum dz*xhat) of BN -> ReLU (-> dropout) -> the convs, from
+    their output gradients: dgrad with the ReLU and dropout masks and the sums
+    in its epilogue, then one elementwise pass for dx. strides/paddings are
+    flat [h0, w0, h1, w1, ...]."""
+    dx, sum_dz, sum_dz_xhat = _input_grad(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training,
+                                          _untraced(dropout_p, dropout_seed))
     # The two sums are views of one buffer; outputs of an op may not alias.
     return dx, sum_dz, sum_dz_xhat.clone()
 
 
 @triton_input_grad.register_fake
-def _(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training):
+def _(grads, weights, strides, paddings, x, mean, invstd, scale, shift, training, dropout_p=0.0, dropout_seed=None):
     return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
 
 
 @torch.library.custom_op("fused_preact::triton_weight_grad", mutates_args=())
 def triton_weight_grad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                       weight: torch.Tensor, stride: list[int], padding: list[int]) -> torch.Tensor:
-    """dW of conv(relu(x * scale + shift), weight) from the output gradient,
-    the activation recomputed in the GEMM's operand loader."""
-    return _weight_grad(grad, x, scale, shift, weight, stride, padding)
+                       weight: torch.Tensor, stride: list[int], padding: list[int], dropout_p: float = 0.0,
+                       dropout_seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dW of conv(relu(x * scale + shift) (dropped out), weight) from the
+    output gradient, the activation recomputed in the GEMM's operand loader."""
+    return _weight_grad(grad, x, scale, shift, weight, stride, padding, _untraced(dropout_p, dropout_seed))
 
 
 @triton_weight_grad.register_fake
-def _(grad, x, scale, shift, weight, stride, padding):
+def _(grad, x, scale, shift, weight, stride, padding, dropout_p=0.0, dropout_seed=None):
     # The weight's own layout, which AccumulateGrad keeps without a copy.
     return torch.empty_like(weight, memory_format=dense_format(weight))
 

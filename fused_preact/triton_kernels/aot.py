@@ -132,6 +132,7 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
     """The Triton backend's statistics, forward and backward launches for
     every layer; on_layer(name) before each layer's launches."""
     from ..ops.backends import Conv, get_backend
+    from ..ops.dropout import Dropout
 
     backend = get_backend("triton")
 
@@ -141,8 +142,9 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
                  for c in (c_in if isinstance(c_in, tuple) else (c_in,))]
         return Pieces(parts) if isinstance(c_in, tuple) else parts[0]
 
-    for name, channels, size, convs, has_residual in layers:
+    for name, channels, size, convs, has_residual, *p in layers:
         on_layer(name)
+        dropout = Dropout(p[0], torch.zeros(1, dtype=torch.int64)) if p else None
         x = activation(channels, BATCH, size)
         pieces = isinstance(x, Pieces)  # the op hands on no statistics partials for pieces
         c_in = x.shape[1]
@@ -160,8 +162,8 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
             backend.batch_norm_stats(x, vec, vec, *running, counter, 0.1, 1e-5, handed_on)
         for residual in ([None, grads[0]] if has_residual else [None]):
             for stats_eps in (None, 1e-5):
-                backend.forward(x, vec, vec, specs, residual, stats_eps)
-        backend.backward(grads, x, vec, vec, vec, vec, specs, True, [True] * len(specs), True)
+                backend.forward(x, vec, vec, specs, residual, stats_eps, dropout)
+        backend.backward(grads, x, vec, vec, vec, vec, specs, True, [True] * len(specs), True, dropout=dropout)
         # The same layer small enough (batch 1, 32x32: the most partials and rows
         # it is done for) that the conv merges its input's statistics in its
         # loader (LoaderFold) and reads its weights in place; and in place alone.
@@ -171,8 +173,9 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
         assert fold is not None, "the small layer is past the loader merge's bounds"
         pads = [(p, p) for _, _, _, p in convs]
         conv_forward.conv_forward(small, stats[2], stats[3], weights, convs[0][2], pads, stats=True, raw_stats=True,
-                                  fold=fold)
-        conv_forward.conv_forward(small, vec, vec, weights, convs[0][2], pads, stats=True, raw_stats=True)
+                                  fold=fold, dropout=dropout)
+        conv_forward.conv_forward(small, vec, vec, weights, convs[0][2], pads, stats=True, raw_stats=True,
+                                  dropout=dropout)
 
 
 def _tool(name: str):

@@ -1,5 +1,7 @@
 """The layers whose Triton kernels aot.py compiles ahead of time: every
-distinct BN-ReLU-conv of the CIFAR nets at the paper's batch, per net."""
+distinct BN-ReLU-conv of the CIFAR nets at the paper's batch, per net, as
+(name, input channels, input size, [(K, kernel, stride, padding)], residual)
+and, where the layer drops out, its dropout p."""
 
 BATCH = 128
 
@@ -49,4 +51,11 @@ def dense_layers():
     return layers
 
 
-NETS = {"bottleneck": paper_layers, "basic": basic_layers, "dense": dense_layers}
+def wide_layers():
+    """The same for WRN-28-10 with dropout: each stage's inner 3x3 conv2
+    (residual added) drops its input out (a sixth entry, p)."""
+    return [(f"w{stage + 1}.conv2", width, size, [(width, 3, 1, 1)], True, 0.3)
+            for stage, (width, size) in enumerate(((160, 32), (320, 16), (640, 8)))]
+
+
+NETS = {"bottleneck": paper_layers, "basic": basic_layers, "dense": dense_layers, "wide": wide_layers}

@@ -3,6 +3,7 @@ corrected two-pass moments (device functions), the argument checks, conv
 geometry and index-width rules, the device guard of every launcher (host),
 and the fixed-order reduction that every multi-program sum goes through."""
 import functools
+import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -63,6 +64,33 @@ def piece_offsets(table_ptr, C, n, h, w, c, c_ok, IDX64: tl.constexpr):
         inside = (n.to(tl.int32) * s_n.to(tl.int32) + h.to(tl.int32) * s_h.to(tl.int32)
                   + w.to(tl.int32) * s_w.to(tl.int32)).to(tl.int64)
     return off + inside
+
+
+@triton.jit
+def dropout_kept(seed_ptr, index, threshold):
+    """Where the op's dropout keeps element `index` (its int64 index in the
+    activation's logical NCHW order) of the call whose seed is at seed_ptr:
+    SplitMix64 of (seed, index), the hash ops/dropout.py computes in tensor
+    ops, bit for bit; its top 53 bits, as an integer u53, keep the element
+    where u53 / 2**53 >= p, that is u53 >= threshold = ceil(p * 2**53)
+    (dropout_args), exactly and without float64."""
+    z = tl.load(seed_ptr).to(tl.uint64) + (index.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return (z >> 11) >= threshold.to(tl.uint64)
+
+
+@triton.jit
+def dropped(a, n, c, h, w, C, H, W, seed_ptr, threshold, scale, DROPOUT: tl.constexpr):
+    """a (fp32, of the activation's element [n, c, h, w], broadcast) through
+    the op's dropout: 0 where dropout_kept drops it, a * scale (1 / (1 - p))
+    where it keeps it; a itself without DROPOUT. Forward's loader applies it
+    to relu(z), backward to relu(z)'s gradient: the same mask, made again."""
+    if DROPOUT:
+        index = ((n.to(tl.int64) * C + c) * H + h) * W + w
+        a = tl.where(dropout_kept(seed_ptr, index, threshold), a * scale, 0.0)
+    return a
 
 
 @triton.jit
@@ -226,6 +254,30 @@ def activation_args(x) -> tuple:
     if isinstance(x, Pieces):
         return x.first, x.table, True
     return x, x, False
+
+
+def check_dropout(dropout, x) -> None:
+    """dropout: None, or (p in (0, 1), a one-element int64 seed on x's device)."""
+    if dropout is None:
+        return
+    p, seed = dropout
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout's p must be in (0, 1), got {p!r}")
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or \
+            seed.device != x.device:
+        raise ValueError(f"dropout's seed must be a one-element int64 tensor on x's device {x.device}, got "
+                         f"{getattr(seed, 'dtype', type(seed).__name__)}")
+
+
+def dropout_args(dropout, dummy: torch.Tensor) -> tuple:
+    """(seed pointer, threshold, 1 / (1 - p)) of a kernel that drops out, for
+    `dropout` = (p, seed: int64 [1] on the device) or None (then any pointer,
+    and DROPOUT off: nothing is read). The threshold of dropout_kept:
+    p * 2**53 is exact in float64, and the kept u53 are the integers >= it."""
+    if dropout is None:
+        return dummy, 0, 1.0
+    p, seed = dropout
+    return seed, math.ceil(p * 2.0 ** 53), 1.0 / (1.0 - p)
 
 
 def empty_activation(x) -> torch.Tensor:

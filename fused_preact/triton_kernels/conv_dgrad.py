@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, activation_args, cdiv, channel_vector, check_activation, conv_out_size, device_of,
-                     dot_precision, empty_activation, filling_first, launcher, needs_int64, next_power_of_2, pair,
-                     piece_offsets, sm_count, sum_partials, PROGRAMS_PER_SM)
+from .common import (Partials, activation_args, cdiv, channel_vector, check_activation, check_dropout,
+                     conv_out_size, device_of, dot_precision, dropout_args, dropped, empty_activation, filling_first,
+                     launcher, needs_int64, next_power_of_2, pair, piece_offsets, sm_count, sum_partials,
+                     PROGRAMS_PER_SM)
 
 
 
@@ -73,12 +74,14 @@ def _accumulate_conv(acc, dy_ptr, w_ptr, n64, i, j, row_ok, offs_c, c_ok, qh, qw
 
 @triton.jit
 def _dgrad_kernel(
-    dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, x_ptr, table_ptr, dz_ptr, part_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, x_ptr, table_ptr, dz_ptr, drop_seed_ptr, drop_threshold, drop_scale,
+    part_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
     N, C, H, W, Hq, Wq, sh, sw, num_m_tiles,
     K1, R1, S1, ph1, pw1, Ho1, Wo1, s_dy1n, s_dy1k, s_dy1h, s_dy1w, s_w1k, s_w1c, s_w1r, s_w1s,
     K2, R2, S2, ph2, pw2, Ho2, Wo2, s_dy2n, s_dy2k, s_dy2h, s_dy2w, s_w2k, s_w2c, s_w2r, s_w2s,
     s_xn, s_xc, s_xh, s_xw, s_zn, s_zc, s_zh, s_zw,
-    HAS_SECOND: tl.constexpr, PIECES: tl.constexpr, PIECES_IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SECOND: tl.constexpr, PIECES: tl.constexpr, PIECES_IDX64: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Channel tiles of one row tile are neighbouring programs: they share the dy rows in L2.
@@ -110,7 +113,7 @@ def _dgrad_kernel(
                                K2, R2, S2, ph2, pw2, Ho2, Wo2,
                                s_dy2n, s_dy2k, s_dy2h, s_dy2w, s_w2k, s_w2c, s_w2r, s_w2s, PRECISION, BLOCK_K)
 
-    # Epilogue: the ReLU mask and xhat recomputed from x.
+    # Epilogue: the ReLU mask (and dropout's) and xhat recomputed from x.
     mask = row_ok[:, None] & c_ok[None, :]
     if PIECES:  # x's channels from their pieces, in place
         x_offs = piece_offsets(table_ptr, C, n64[:, None], h[:, None], w[:, None], offs_c[None, :], c_ok[None, :],
@@ -126,7 +129,9 @@ def _dgrad_kernel(
     # dz is stored in x's dtype (as eager stores the conv's input gradient) and
     # the sums are taken of that rounded value, so that dx's correction terms
     # are exactly the sums of the dz that dx reads.
-    dz = tl.where(mask & (z > 0.0), acc, 0.0).to(dz_ptr.dtype.element_ty)
+    dz = tl.where(mask & (z > 0.0), acc, 0.0)
+    dz = dropped(dz, n64[:, None], offs_c[None, :], h[:, None], w[:, None], C, H, W, drop_seed_ptr, drop_threshold,
+                 drop_scale, DROPOUT).to(dz_ptr.dtype.element_ty)
     tl.store(dz_ptr + (n64 * s_zn + h * s_zh + w * s_zw)[:, None] + offs_c[None, :] * s_zc, dz, mask=mask)
     dzf = dz.to(tl.float32)
     xhat = (xv - mean[None, :]) * invstd[None, :]
@@ -189,7 +194,8 @@ def _prune_dgrad(configs, named_args, **kwargs):
     return filling_first(kept, lambda cf: row_tiles * cdiv(c, cf.kwargs["BLOCK_N"]), device) or configs[:1]
 
 
-_dgrad = tuning.Tuned(_dgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2", "PIECES"],
+_dgrad = tuning.Tuned(_dgrad_kernel, CONFIGS,
+                      key=["N", "C", "H", "W", "sh", "sw", "K1", "R1", "K2", "R2", "PIECES", "DROPOUT"],
                       prune=_prune_dgrad)
 
 
@@ -207,24 +213,27 @@ def _block_m(rows: int, phases: int, c: int, device: torch.device) -> int:
 @launcher(lambda grads, weights, strides, paddings, x, *args, **kwargs: device_of(x))
 def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor], strides: list[tuple[int, int]],
                paddings: list[tuple[int, int]], x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-               scale: torch.Tensor, shift: torch.Tensor):
+               scale: torch.Tensor, shift: torch.Tensor, dropout=None):
     """(dz, sum_dz, sum_dz_xhat) of BN -> ReLU -> conv_i (see the module docstring).
 
     grads[i] is dy of conv i (weights[i], strides[i], paddings[i]), or None when
     that output has no gradient; at most two convs, which must share the stride.
-    dz has x's shape, dtype and layout (empty_like); the sums are fp32 [C]."""
-    dz, sums = conv_dgrad_partials(grads, weights, strides, paddings, x, mean, invstd, scale, shift)
+    dz has x's shape, dtype and layout (empty_like); the sums are fp32 [C].
+    dropout: forward's (p, seed), whose mask the epilogue makes again."""
+    dz, sums = conv_dgrad_partials(grads, weights, strides, paddings, x, mean, invstd, scale, shift, dropout)
     return (dz, *sum_partials([sums])[0])
 
 
 @launcher(lambda grads, weights, strides, paddings, x, *args, **kwargs: device_of(x))
 def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
                         strides: list[tuple[int, int]], paddings: list[tuple[int, int]], x: torch.Tensor,
-                        mean: torch.Tensor, invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+                        mean: torch.Tensor, invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        dropout=None):
     """(dz, the sums' partials): conv_dgrad without its sum launch; sum_partials
     finishes the partials into (sum_dz, sum_dz_xhat), together with other
     buffers' sums."""
     check_activation(x)
+    check_dropout(dropout, x)
     if not (len(grads) == len(weights) == len(strides) == len(paddings)) or not 1 <= len(grads) <= 2:
         raise ValueError(f"grads, weights, strides and paddings must be lists of one or two entries each, got "
                          f"lengths {len(grads)}, {len(weights)}, {len(strides)}, {len(paddings)}")
@@ -259,11 +268,13 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
     second = convs[1] if len(convs) == 2 else convs[0]  # unused unless HAS_SECOND
     x_arg, table, pieces = activation_args(x)
     _dgrad[lambda meta: (tiles * cdiv(c, meta["BLOCK_N"]),)](
-        first[0], first[1], second[0], second[1], x_arg, table, dz, partials, mean, invstd, scale, shift,
+        first[0], first[1], second[0], second[1], x_arg, table, dz, *dropout_args(dropout, scale), partials, mean,
+        invstd, scale, shift,
         n, c, h, w, hq, wq, sh, sw, num_m_tiles,
         *conv_args(*first), *conv_args(*second),
         *x.stride(), *dz.stride(),
         HAS_SECOND=len(convs) == 2, PIECES=pieces, PIECES_IDX64=pieces and needs_int64(x),
+        DROPOUT=dropout is not None,
         PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
     )
     return dz, Partials(partials, torch.float32, finish)

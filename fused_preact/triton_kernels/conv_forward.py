@@ -39,9 +39,9 @@ import triton.language as tl
 
 from . import SUPPORTED_DTYPES, tuning
 from .batch_stats import LoaderFold, loader_fold, loader_fold_args, merge_partials, store_fold
-from .common import (activation_args, bn_relu, cdiv, channel_vector, check_activation, conv_output_format, device_of,
-                     dot_precision, filling_first, launcher, needs_int64, next_power_of_2, per_weight,
-                     piece_offsets, sm_count, two_pass, PROGRAMS_PER_SM)
+from .common import (activation_args, bn_relu, cdiv, channel_vector, check_activation, check_dropout,
+                     conv_output_format, device_of, dot_precision, dropout_args, dropped, filling_first, launcher,
+                     needs_int64, next_power_of_2, per_weight, piece_offsets, sm_count, two_pass, PROGRAMS_PER_SM)
 
 
 def _configs(shapes):
@@ -97,9 +97,9 @@ def _conv_fwd_kernel(
     sxn, sxc, sxh, sxw, swk, swc, swr, sws, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, srn, src, srh, srw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
     xcnt_ptr, xmean_ptr, xm2_ptr, P_X, bn_w_ptr, bn_b_ptr, bn_mean_ptr, bn_invstd_ptr, rm_ptr, rv_ptr, nbt_ptr,
-    eps, momentum, unbias,
+    eps, momentum, unbias, drop_seed_ptr, drop_threshold, drop_scale,
     R: tl.constexpr, S: tl.constexpr, HAS_OUT1: tl.constexpr, HAS_RES: tl.constexpr, STATS: tl.constexpr,
-    RPP: tl.constexpr, IDX64: tl.constexpr, PIECES: tl.constexpr, PRECISION: tl.constexpr,
+    RPP: tl.constexpr, IDX64: tl.constexpr, PIECES: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     MERGE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
     HAS_COUNTER: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -193,7 +193,9 @@ def _conv_fwd_kernel(
             sc = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
             sh = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
         # Padding and out-of-range lanes are zeros of the activation (`ok`).
-        a = bn_relu(xv, sc[None, :], sh[None, :], ok).to(x_ptr.dtype.element_ty)
+        a = bn_relu(xv, sc[None, :], sh[None, :], ok)
+        a = dropped(a, n[:, None], c[None, :], ih[:, None], iw[:, None], C, H, W, drop_seed_ptr, drop_threshold,
+                    drop_scale, DROPOUT).to(x_ptr.dtype.element_ty)
         # The weight tile [BLOCK_K channels, BLOCK_N outputs] of tap (r, s), through
         # strides: a weight in place, or the copied matrix (_weight_operands).
         b = tl.load(w_cols + (r * swr + s * sws + c * swc)[:, None], mask=c_ok[:, None] & col_ok[None, :],
@@ -232,7 +234,7 @@ def _conv_fwd_kernel(
 # the batch count (MERGE) must take effect once, in the real run.
 _conv_fwd = tuning.Tuned(_conv_fwd_kernel, CONFIGS,
                          key=["M", "C", "K0", "K1", "R", "S", "STRIDE_H", "STRIDE_W", "sxc", "swc", "MERGE",
-                              "PIECES"],
+                              "PIECES", "DROPOUT"],
                          prune=_prune, restore=["rm_ptr", "rv_ptr", "nbt_ptr"])
 
 
@@ -251,6 +253,7 @@ def conv_forward(
     stats: bool = False,
     raw_stats: bool = False,
     fold: Optional[LoaderFold] = None,
+    dropout: Optional[tuple[float, torch.Tensor]] = None,
 ) -> tuple[list[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]:
     """outs[i] = conv2d(relu(x * scale + shift), weights[i], stride, padding), fused.
 
@@ -258,17 +261,19 @@ def conv_forward(
     [K_i, C, R_i, S_i] in x's dtype. stride/padding: an int or (h, w) pair shared by all
     weights, or a list with one pair per weight (paddings may differ, strides may not).
     residual (outs[0]'s shape, any strides) is added to outs[0]. stats=True also returns
-    (mean, biased var) fp32 [K_0] of outs[0] as stored; with raw_stats, the
-    unmerged partials instead (count, mean, M2, each [stats_partials(outs[0]), K_0],
-    for merge_partials or batch_norm_stats' handed-on path: no merge launch here). Outputs are channels_last when x
-    is, else NCHW-contiguous. No host synchronisation: capturable in a CUDA graph once
-    the autotuner has seen the shape (its first call benchmarks configs).
+    (mean, biased var) fp32 [K_0] of outs[0] as stored; with raw_stats, the unmerged
+    partials (count, mean, M2, each [stats_partials(outs[0]), K_0]) instead. Outputs
+    are channels_last when x is, else NCHW-contiguous. No host synchronisation.
     fold: x's BatchNorm statistics pass left to this call (batch_norm_stats with
     defer=True): scale and shift are then its empty outputs, which the first
     launch computes from x's partials in its loader and writes, with mean,
     invstd and the running update, before any later launch reads them.
+    dropout: (p, seed: int64 [1] on x's device): relu(...) dropped out
+    before the convs, the mask hashed from (seed, element) in the loader
+    (common.dropout_kept, ops/dropout.py's mask bit for bit).
     """
     check_activation(x)
+    check_dropout(dropout, x)
     N, C, H, W = x.shape
     scale, shift = channel_vector(scale, "scale", x), channel_vector(shift, "shift", x)
     weights = list(weights)
@@ -320,19 +325,16 @@ def conv_forward(
         first = idx[0] == 0
         moments_i = _launch(x, scale, shift, [weights[i] for i in idx], [outs[i] for i in idx],
                             (st_h, st_w), pads[idx[0]], residual if first else None, stats and first, raw_stats,
-                            fold if n_launch == 0 else None)
+                            fold if n_launch == 0 else None, dropout)
         if first:
             moments = moments_i
     return outs, moments
 
 
-# Where the weights are read in place rather than copied (one launch less a
-# layer, on layers bound by launches): GEMMs of at most this many rows, whose
-# few row tiles leave occupancy beside the point, and GEMMs of at most this
-# many outputs, whose tiles are at most 64 wide. There the in-place read
-# costs about the registers of the copy on sm_90 (-18%..+25% over the GPU
-# configs, triton 3.6 and 3.8; the same shared memory), where 128-wide tiles
-# cost up to 73% more (triton 3.6), so wider GEMMs keep the copy.
+# Where the weights are read in place, not copied (one launch less a layer):
+# GEMMs of few rows (few row tiles: occupancy is beside the point) or few
+# outputs (tiles at most 64 wide, where the in-place read costs about the
+# copy's registers on sm_90, -18%..+25%; 128-wide tiles cost up to 73% more).
 IN_PLACE_WEIGHT_MAX_ROWS = 4096
 IN_PLACE_WEIGHT_MAX_OUTPUTS = 64
 
@@ -365,7 +367,7 @@ def stats_partials(out: torch.Tensor) -> int:
     return cdiv(out.shape[0] * out.shape[2] * out.shape[3], tuning.sizing.rows_per_partial)
 
 
-def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, fold):
+def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, fold, dropout):
     N, C, H, W = x.shape
     _, K0, HO, WO = outs[0].shape
     R, S = ws[0].shape[2:]
@@ -388,10 +390,10 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
         x_arg, table, scale, shift, w0, w1, outs[0], out1, res, cnt, mean, m2,
         M, C, H, W, HO, WO, K0, K1,
         *x.stride(), *w_strides, *outs[0].stride(), *out1.stride(), *res.stride(),
-        stride[0], stride[1], pad[0], pad[1], *merge_args,
+        stride[0], stride[1], pad[0], pad[1], *merge_args, *dropout_args(dropout, scale),
         R=R, S=S, HAS_OUT1=len(outs) > 1, HAS_RES=residual is not None, STATS=stats,
         RPP=tuning.sizing.rows_per_partial, IDX64=idx64, PIECES=pieces, PRECISION=dot_precision(x.dtype),
-        MERGE=fold is not None, **merge_flags,
+        MERGE=fold is not None, DROPOUT=dropout is not None, **merge_flags,
     )
     if not stats:
         return None

@@ -29,19 +29,19 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, activation_args, bn_relu, cdiv, channel_vector, check_activation, conv_out_size,
-                     device_of, dot_precision, launcher, needs_int64, next_power_of_2, pair, piece_offsets, sm_count,
-                     sum_partials)
+from .common import (Partials, activation_args, bn_relu, cdiv, channel_vector, check_activation, check_dropout,
+                     conv_out_size, device_of, dot_precision, dropout_args, dropped, launcher, needs_int64,
+                     next_power_of_2, pair, piece_offsets, sm_count, sum_partials)
 
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _wgrad_kernel(
-    dy_ptr, x_ptr, table_ptr, scale_ptr, shift_ptr, part_ptr,
+    dy_ptr, x_ptr, table_ptr, scale_ptr, shift_ptr, part_ptr, drop_seed_ptr, drop_threshold, drop_scale,
     N, C, H, W, K, R, S, Ho, Wo, sh, sw, ph, pw, L, chunk,
     s_dyn, s_dyk, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wk, s_wc, s_wr, s_ws,
-    PIECES: tl.constexpr, PIECES_IDX64: tl.constexpr, PRECISION: tl.constexpr,
+    PIECES: tl.constexpr, PIECES_IDX64: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # Axis 0: output tiles, K tiles fastest so that programs reading the same
@@ -85,7 +85,9 @@ def _wgrad_kernel(
         else:
             x_offs = (n64 * s_xn + h * s_xh + w * s_xw)[:, None] + offs_c[None, :] * s_xc
         xv = tl.load(x_ptr + x_offs, mask=inside[:, None] & c_ok[None, :], other=0.0)
-        a = bn_relu(xv, scale, shift, inside[:, None]).to(x_ptr.dtype.element_ty)
+        a = bn_relu(xv, scale, shift, inside[:, None])
+        a = dropped(a, n64[:, None], offs_c[None, :], h[:, None], w[:, None], C, H, W, drop_seed_ptr, drop_threshold,
+                    drop_scale, DROPOUT).to(x_ptr.dtype.element_ty)
         acc = tl.dot(g.to(a.dtype), a, acc, input_precision=PRECISION)
 
     # Partial dW of this chunk, laid out like dW itself (the s_w* strides of a
@@ -132,7 +134,8 @@ def _prune_wgrad(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_wgrad = tuning.Tuned(_wgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "K", "R", "S", "sh", "sw", "chunk", "PIECES"],
+_wgrad = tuning.Tuned(_wgrad_kernel, CONFIGS, key=["N", "C", "H", "W", "K", "R", "S", "sh", "sw", "chunk", "PIECES",
+                                                      "DROPOUT"],
                       prune=_prune_wgrad)
 
 
@@ -154,23 +157,25 @@ def _split(L: int, out_tiles: int, device: torch.device) -> tuple[int, int]:
 @launcher(lambda grad, x, *args, **kwargs: device_of(x))
 def conv_wgrad(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight_shape,
                stride, padding, out_dtype: torch.dtype,
-               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+               memory_format: torch.memory_format = torch.contiguous_format, dropout=None) -> torch.Tensor:
     """dW (`weight_shape` = (K, C, R, S), `out_dtype`, in `memory_format`:
     contiguous or channels_last, the weight's own, so that autograd
     accumulates it into .grad without a copy) of conv2d(relu(x * scale +
     shift), W, stride, padding) given its output's gradient `grad` (see the
-    module docstring). Deterministic."""
+    module docstring). Deterministic. dropout: forward's (p, seed), whose
+    mask the loader makes again (conv_forward's)."""
     return sum_partials([conv_wgrad_partials(grad, x, scale, shift, weight_shape, stride, padding, out_dtype,
-                                             memory_format)])[0]
+                                             memory_format, dropout)])[0]
 
 
 @launcher(lambda grad, x, *args, **kwargs: device_of(x))
 def conv_wgrad_partials(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight_shape,
                         stride, padding, out_dtype: torch.dtype,
-                        memory_format: torch.memory_format = torch.contiguous_format) -> Partials:
+                        memory_format: torch.memory_format = torch.contiguous_format, dropout=None) -> Partials:
     """conv_wgrad's launch without its sum: the chunks' partial dW, which
     sum_partials finishes into dW, together with other buffers' sums."""
     check_activation(x)
+    check_dropout(dropout, x)
     stride, padding = pair(stride, "stride", 1), pair(padding, "padding")
     if min(stride) < 1 or min(padding) < 0:
         raise ValueError(f"stride must be >= 1 and padding >= 0, got {stride} and {padding}")
@@ -205,9 +210,10 @@ def conv_wgrad_partials(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor
     partials = torch.empty((split, k * c * r * s), dtype=torch.float32, device=x.device)
     x_arg, table, pieces = activation_args(x)
     _wgrad[lambda meta: (cdiv(k, meta["BLOCK_M"]) * cdiv(c, meta["BLOCK_N"]) * r * s, split)](
-        grad, x_arg, table, scale, shift, partials,
+        grad, x_arg, table, scale, shift, partials, *dropout_args(dropout, scale),
         n, c, h, w, k, r, s, ho, wo, stride[0], stride[1], padding[0], padding[1], L, chunk,
         *grad.stride(), *x.stride(), *w_strides,
-        PIECES=pieces, PIECES_IDX64=pieces and needs_int64(x), PRECISION=dot_precision(x.dtype),
+        PIECES=pieces, PIECES_IDX64=pieces and needs_int64(x), DROPOUT=dropout is not None,
+        PRECISION=dot_precision(x.dtype),
     )
     return Partials(partials, out_dtype, finish)
