@@ -81,24 +81,6 @@ def test_triton_kernels_make_the_masks_mask_bit_for_bit():
     torch.testing.assert_close(dw, torch.einsum("nkhw,nchw->kc", dy, x * mask).view_as(eye))
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels run on the CPU under TRITON_INTERPRET=1")
-def test_triton_dropout_under_torch_compile_matches_eager():
-    """The traceable path (the triton_weight_grad / triton_input_grad ops) takes the dropout too."""
-    x, w, g, b = (t.detach().float().requires_grad_() for t in _problem())
-
-    def f(x):
-        return bn_relu_conv2d(x, w, g, b, None, None, padding=1, dropout=0.3, backend="triton")
-
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    outs = []
-    for fn in (f, compiled):
-        torch.manual_seed(2)
-        y = fn(x)
-        outs.append((y.detach(), *torch.autograd.grad(y.square().sum(), (x, w))))
-    for name, got, want in zip(("output", "dx", "dw"), outs[1], outs[0]):
-        assert_close(got, want, torch.float32, name, scale=float(want.abs().max()))
-
-
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_the_mask_is_nn_dropouts_distribution(p):
     like = torch.empty(200_000, dtype=torch.float32)
@@ -156,20 +138,25 @@ def test_a_recompute_drops_the_same_elements_as_the_first_run(recompute):
         assert_close(a, b, torch.float64, f"grad {name}", scale=float(b.abs().max()) + 1)
 
 
-def test_torch_compile_matches_eager():
-    x, w, g, b = _problem()
+COMPILED = [("reference", torch.float64)] + ([("triton", torch.float32)] if INTERPRET else [])
+
+
+@pytest.mark.parametrize("backend, dtype", COMPILED, ids=[b for b, _ in COMPILED])
+def test_torch_compile_matches_eager(backend, dtype):
+    """Triton's traceable path (the triton_weight_grad / triton_input_grad ops) takes the dropout too."""
+    x, w, g, b = (t.detach().to(dtype).requires_grad_() for t in _problem())
 
     def f(x):
-        return bn_relu_conv2d(x, w, g, b, None, None, padding=1, dropout=0.3, backend="reference")
+        return bn_relu_conv2d(x, w, g, b, None, None, padding=1, dropout=0.3, backend=backend)
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     outs = []
     for fn in (f, compiled):
         torch.manual_seed(2)
         y = fn(x)
-        outs.append((y.detach(), torch.autograd.grad(y.square().sum(), x)[0]))
-    assert_close(outs[1][0], outs[0][0], torch.float64, "output", scale=float(outs[0][0].abs().max()))
-    assert_close(outs[1][1], outs[0][1], torch.float64, "dx", scale=float(outs[0][1].abs().max()))
+        outs.append((y.detach(), *torch.autograd.grad(y.square().sum(), (x, w))))
+    for name, got, want in zip(("output", "dx", "dw"), outs[1], outs[0]):
+        assert_close(got, want, dtype, name, scale=float(want.abs().max()))
 
 
 class DropoutChain(nn.Module):

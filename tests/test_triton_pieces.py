@@ -37,6 +37,14 @@ def test_the_table_holds_each_channels_offset_and_its_pieces_strides():
     assert min(want[0]) < 0  # the second piece lies below the first
 
 
+def test_the_table_written_by_kernels_for_a_cuda_graph_capture_is_the_same():
+    from fused_preact.triton_kernels.pieces import _device_table, _host_table
+
+    for layout in ("nchw", "channels_last"):
+        pieces = _pieces(layout) + [torch.randn(2, 1, 5, 6)]
+        assert torch.equal(_device_table(pieces), _host_table(pieces))
+
+
 def test_a_table_is_built_once_for_pieces_where_they_were():
     pieces = _pieces("channels_last")
     assert Pieces(pieces).table is Pieces(list(pieces)).table

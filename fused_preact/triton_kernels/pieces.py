@@ -12,9 +12,9 @@ the GPU (and the interpreter's) takes like any other.
 
 Tables are cached by the pieces' addresses and strides, so a layer whose
 pieces sit where they sat in the last step builds none. On CUDA a table is
-copied from pinned memory without blocking the host; one made while a
-CUDA graph is captured stays cached (with its pinned source) for as long as
-the process runs, since the graph's replays read it.
+copied from pinned memory without blocking the host; while a CUDA graph is
+captured, kernels write it instead (no host memory may be read then), and
+it stays cached for as long as the process runs: the graph's replays read it.
 """
 from collections import OrderedDict
 from typing import Sequence
@@ -89,44 +89,64 @@ class Pieces:
 def _table_of(tensors: list[torch.Tensor]) -> torch.Tensor:
     key = (tensors[0].device, tensors[0].dtype,
            *((t.data_ptr(), t.shape[1], *t.stride()) for t in tensors))
-    table = _tables.get(key)
-    if table is not None:
-        _tables.move_to_end(key)
-        return table
-    table = _captured.get(key)
-    if table is not None:
-        return table[0]
-    host = _host_table(tensors)
     device = tensors[0].device
-    if device.type != "cuda":
-        table = host.to(device)
-    else:
-        host = host.pin_memory()
-        table = host.to(device, non_blocking=True)
-        if torch.cuda.is_current_stream_capturing():
-            _captured[key] = (table, host)  # replays read it: neither may be freed or reused
-            return table
-    _tables[key] = table
-    if len(_tables) > _CACHE_SIZE:
-        _tables.popitem(last=False)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    table = _captured.get(key)
+    if table is None:
+        table = _tables.get(key)
+        if table is not None:
+            _tables.move_to_end(key)
+    if table is None:
+        if capturing:  # no host memory may be read while capturing: kernels write it
+            table = _device_table(tensors)
+        else:
+            host = _host_table(tensors)
+            table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+            _tables[key] = table
+            if len(_tables) > _CACHE_SIZE:
+                _tables.popitem(last=False)
+    if capturing:  # the graph's replays read it: never evicted
+        _captured[key] = table
     return table
 
 
-def _host_table(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """[4, C] int64: per channel, its offset from tensors[0]'s first element
-    and its piece's N, H, W strides, in elements."""
+def _entries(tensors: list[torch.Tensor]):
+    """Per piece: (its channels, its first channel's offset from tensors[0]'s
+    first element, its C, N, H, W strides), in elements."""
     size = tensors[0].element_size()
     base = tensors[0].data_ptr()
-    rows: list[list[int]] = [[], [], [], []]
     for t in tensors:
         gap = t.data_ptr() - base
         if gap % size:
             raise ValueError(f"pieces must be aligned to their element size {size}: a piece starts {gap} bytes "
                              "from the first")
         sn, sc, sh, sw = t.stride()
-        c = t.shape[1]
-        rows[0] += [gap // size + i * sc for i in range(c)]
-        rows[1] += [sn] * c
-        rows[2] += [sh] * c
-        rows[3] += [sw] * c
+        yield t.shape[1], gap // size, sc, sn, sh, sw
+
+
+def _host_table(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[4, C] int64: per channel, its offset from tensors[0]'s first element
+    and its piece's N, H, W strides, in elements."""
+    rows: list[list[int]] = [[], [], [], []]
+    for c, offset, sc, *strides in _entries(tensors):
+        rows[0] += [offset + i * sc for i in range(c)]
+        for row, stride in zip(rows[1:], strides):
+            row += [stride] * c
     return torch.tensor(rows, dtype=torch.int64)
+
+
+def _device_table(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """_host_table's table written on the device by kernels with scalar
+    arguments alone (an arange and three fills per piece): what a CUDA
+    graph can capture."""
+    table = torch.empty((4, sum(t.shape[1] for t in tensors)), dtype=torch.int64, device=tensors[0].device)
+    start = 0
+    for c, offset, sc, *strides in _entries(tensors):
+        if sc:
+            torch.arange(offset, offset + c * sc, sc, out=table[0, start:start + c])
+        else:  # one channel, or an expanded piece
+            table[0, start:start + c].fill_(offset)
+        for row, stride in enumerate(strides, 1):
+            table[row, start:start + c].fill_(stride)
+        start += c
+    return table
