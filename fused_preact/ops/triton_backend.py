@@ -33,7 +33,7 @@ def _kernels():
     """The kernel modules, imported on first use: importing triton takes seconds."""
     from .. import triton_kernels
     from ..triton_kernels import (batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward,  # noqa: F401
-                                  conv_wgrad)
+                                  conv_wgrad, partial_stats)
 
     return triton_kernels
 
