@@ -2,9 +2,10 @@
 family: batch statistics (partial_stats.py, then batch_stats.py's merge),
 forward, dgrad, input gradient, wgrad; what they share is in common.py, an
 input given as pieces in pieces.py, how they are sized and autotuned in
-tuning.py). Each module holds its kernels, then their host launchers. Importing the modules needs triton; this package's own names
-(settings read from the environment) do not, so fused_preact.ops can ask
-them without importing triton.
+tuning.py). Each module holds its kernels, then their host launchers.
+Importing the modules needs triton; this package's own names (settings
+read from the environment) do not, so fused_preact.ops can ask them
+without importing triton.
 
 Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on
 CPU tensors; that is how they are tested without a GPU.
