@@ -3,6 +3,7 @@ shapes in every dtype (fp32 IEEE and TF32, fp16, bf16) against the float64
 reference, a training step repeated bit for bit, autocast, CUDA-graph capture
 of an op's forward + backward, and torch.compile with inductor. All `gpu`:
 skipped without CUDA; benchmarks/gpu_check.sh runs them on the card."""
+import copy
 import os
 
 import pytest
@@ -66,6 +67,83 @@ def test_kernels_match_the_float64_reference_at_paper_shapes(shape, backend, dty
     assert_close(y, ty, tol, "y", scale=max(3.0, float(ty.abs().max())))
     for name, g, want in zip(("dx", "dW", "dgamma", "dbeta"), grads, tgrads):
         assert_close(g, want, tol, name, scale=max(3.0, float(want.abs().max())) * (m ** 0.5 if name != "dx" else 1))
+
+
+# (pieces' channels (a DenseNet layer's input) or one tensor's, C_out, kernel, size, dropout)
+DENSE_WIDE_SHAPES = [((24, 12, 12, 12), 48, 1, 32, 0.0), ((96, 12, 12), 48, 1, 8, 0.0), ((160,), 160, 3, 32, 0.3),
+                     ((320,), 320, 3, 16, 0.3), ((40, 12, 12), 12, 3, 16, 0.3)]
+
+
+@pytest.mark.parametrize("dtype, tf32", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", DENSE_WIDE_SHAPES, ids=lambda s: "{}to{}-k{}-{}px-p{}".format(
+    "+".join(map(str, s[0])), *s[1:]))
+def test_pieces_and_dropout_match_the_float64_reference(shape, backend, dtype, tf32, monkeypatch):
+    """DenseNet-BC's input as pieces (read in place by the Triton kernels)
+    and WRN's dropout (the mask hashed in their loaders and dgrad's
+    epilogue) at batch 128, against float64 with the same mask."""
+    from fused_preact.ops.dropout import Dropout
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    channels, c_out, k, size, p = shape
+    x, w, gamma, beta, dy = _problem(sum(channels), c_out, k, size, dtype)
+    pieces = [t.contiguous(memory_format=torch.channels_last).requires_grad_()
+              for t in x.detach().split(list(channels), 1)]
+    inputs = [w.detach().requires_grad_(), gamma.detach().requires_grad_(), beta.detach().requires_grad_()]
+    torch.manual_seed(3)
+    y = bn_relu_conv2d(pieces if len(pieces) > 1 else pieces[0], inputs[0], *inputs[1:], None, None,
+                       padding=k // 2, dropout=p, backend=backend)
+    grads = torch.autograd.grad(y, (*pieces, *inputs), dy)
+    torch.manual_seed(3)
+    seed = torch.randint(0, 1 << 62, (1,), device=DEVICE, dtype=torch.int64)
+    truth_in = [t.detach().double().requires_grad_() for t in (x, w, gamma, beta)]
+    a = F.relu(F.batch_norm(truth_in[0], None, None, truth_in[2], truth_in[3], True))
+    ty = F.conv2d(a * Dropout(p, seed).mask(a) if p else a, truth_in[1], padding=k // 2)
+    tgrads = torch.autograd.grad(ty, truth_in, dy.double())
+    tol = _tolerance_dtype(dtype, tf32)
+    m = x.numel() // x.shape[1]
+    ty = ty.detach()
+    assert_close(y, ty, tol, "y", scale=max(3.0, float(ty.abs().max())))
+    dx = torch.cat(grads[:len(pieces)], 1)
+    for name, g, want in zip(("dx", "dW", "dgamma", "dbeta"), (dx, *grads[len(pieces):]), tgrads):
+        assert_close(g, want, tol, name, scale=max(3.0, float(want.abs().max())) * (m ** 0.5 if name != "dx" else 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_captures_a_densenet_step(backend):
+    """A DenseNet-BC's dense layers read features made inside the graph:
+    the Triton kernels' piece tables are written by kernels during capture
+    and read by every replay."""
+    from fused_preact.models.densenet import DenseNet
+
+    torch.manual_seed(0)
+    model = DenseNet(depth=16, growth_rate=8, backend=backend).to(DEVICE, memory_format=torch.channels_last)
+    static_x = torch.randn(8, 3, 16, 16, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+        static_y.sum().backward()
+    eager = copy.deepcopy(model)
+    for _ in range(2):  # the second replay: the tables outlive the first
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        model.zero_grad(set_to_none=False)
+        eager.load_state_dict(model.state_dict())
+        graph.replay()
+        torch.cuda.synchronize()
+        eager.zero_grad()
+        y = eager(new_x)
+        y.sum().backward()
+        assert_close(static_y, y.detach(), torch.float32, "y", scale=max(1.0, float(y.abs().max())))
+        for (name, got), want in zip(model.named_parameters(), eager.parameters()):
+            assert_close(got.grad, want.grad, torch.float32, name, scale=max(1.0, float(want.grad.abs().max())))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
