@@ -79,6 +79,12 @@ def _check_without_device(x, name="x"):
         raise ValueError(f"{name}: a 4-D float32/float16/bfloat16 tensor expected")
 
 
+def loader_of(config: str) -> str:
+    """How a launch reads its operand x: as pieces, dropping out (other
+    loader code, compiled apart from the same tile's plain one)."""
+    return " ".join(part for part in config.split() if part in ("PIECES=True", "DROPOUT=True"))
+
+
 def tile_of(config: str) -> str:
     """The tile of a launch's config string: its block sizes, warps and stages."""
     return " ".join(part for part in config.split() if part.startswith(("BLOCK", "num_")))
@@ -205,8 +211,8 @@ def tensor_cores(ptx: str) -> str:
 def compile_all(arch: int, items, once: bool = False) -> tuple[list[dict], list[str]]:
     """Compile the launches of `items`, (mode name, layer) pairs, for sm_<arch>:
     (a row per compiled kernel, the errors). With `once`, each kernel's tile
-    (tile_of) is compiled once per mode, where first met, and not again for
-    other layers or epilogue flags."""
+    (tile_of) is compiled once per mode and operand loader (loader_of), where
+    first met, and not again for other layers or epilogue flags."""
     rows, errors, seen, tiles = [], [], set(), set()
     layer = [""]
     for mode, dtype, tf32 in MODES:
@@ -229,7 +235,7 @@ def compile_all(arch: int, items, once: bool = False) -> tuple[list[dict], list[
             """With `once`: true for a tile this mode has compiled already."""
             if not once:
                 return False
-            key = (name, mode, tile_of(config))
+            key = (name, mode, tile_of(config), loader_of(config))
             if key in tiles:
                 return True
             tiles.add(key)
