@@ -109,6 +109,24 @@ def test_pieces_and_dropout_match_the_float64_reference(shape, backend, dtype, t
         assert_close(g, want, tol, name, scale=max(3.0, float(want.abs().max())) * (m ** 0.5 if name != "dx" else 1))
 
 
+def _captured_step(module, static_x):
+    """(graph, its output): module's forward and a sum's backward on static_x
+    captured, after a warm-up on a side stream (Triton autotuning and the
+    allocator's pools before capture); gradients zeroed, not freed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            module(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    module.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = module(static_x)
+        static_y.sum().backward()
+    return graph, static_y
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_graph_captures_a_densenet_step(backend):
     """A DenseNet-BC's dense layers read features made inside the graph:
@@ -119,17 +137,7 @@ def test_cuda_graph_captures_a_densenet_step(backend):
     torch.manual_seed(0)
     model = DenseNet(depth=16, growth_rate=8, backend=backend).to(DEVICE, memory_format=torch.channels_last)
     static_x = torch.randn(8, 3, 16, 16, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model(static_x).sum().backward()
-    torch.cuda.current_stream().wait_stream(side)
-    model.zero_grad(set_to_none=False)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = model(static_x)
-        static_y.sum().backward()
+    graph, static_y = _captured_step(model, static_x)
     eager = copy.deepcopy(model)
     for _ in range(2):  # the second replay: the tables outlive the first
         new_x = torch.randn_like(static_x)
@@ -181,17 +189,7 @@ def test_cuda_graph_captures_forward_and_backward(backend):
     torch.manual_seed(0)
     module = FusedBNReLUConv2d(16, 16, 3, padding=1, backend=backend).to(DEVICE, memory_format=torch.channels_last)
     static_x = torch.randn(8, 16, 16, 16, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: Triton autotuning and allocator pools before capture
-        for _ in range(3):
-            module(static_x).sum().backward()
-    torch.cuda.current_stream().wait_stream(side)
-    module.zero_grad(set_to_none=False)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = module(static_x)
-        static_y.sum().backward()
+    graph, static_y = _captured_step(module, static_x)
     new_x = torch.randn_like(static_x)
     static_x.copy_(new_x)
     module.zero_grad(set_to_none=False)
