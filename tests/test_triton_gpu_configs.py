@@ -1,7 +1,8 @@
 """Every config a GPU may run, computed against float64: each autotune config
 that a kernel's pruner can keep, in the GPU's sizing (tuning.GPU: statistics
 rows grouped by 32, wgrad chunks aligned to 128, ...), on small odd shapes
-whose rows, channels and outputs end inside a tile, in fp32, fp16 and bf16.
+whose rows, channels and outputs end inside a tile, in fp32, fp16 and bf16;
+and in fp32 each config's loaders of an input as pieces and of dropout.
 
 The interpreter (TRITON_INTERPRET=1) checks each config's indexing, masks,
 loops and epilogues; it has no tensor cores (products round as numpy's do)
@@ -235,3 +236,59 @@ def test_wgrad_config(shape, config, dtype, gpu_config):
     dw = conv_wgrad(dy, x, stats[2], stats[3], (k, c, r, r), stride, pad, dtype, torch.channels_last)
     assert dw.dtype == dtype and dw.is_contiguous(memory_format=torch.channels_last)
     assert_close(dw, weight.grad, dtype, "dW", scale=float(weight.grad.abs().max()))
+
+
+def _pieces_and_dropout(x):
+    """x as Pieces of three (one a channel slice of a wider tensor, below the
+    first in memory) and a dropout of p 0.3 with its mask on x's shape."""
+    from fused_preact.ops.dropout import Dropout
+    from fused_preact.triton_kernels.pieces import Pieces
+
+    c = x.shape[1]
+    cut = [c // 3, c // 3 + c // 4]
+    block = torch.empty(x.shape[0], c + 2, *x.shape[2:], dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    block[:, 2 + cut[0]:2 + cut[1]] = x[:, cut[0]:cut[1]]
+    pieces = [x[:, :cut[0]].contiguous(memory_format=torch.channels_last), block[:, 2 + cut[0]:2 + cut[1]],
+              x[:, cut[1]:].contiguous(memory_format=torch.channels_last)]
+    drop = Dropout(0.3, torch.tensor([12345], dtype=torch.int64))
+    return Pieces(pieces), drop, drop.mask(x.double())
+
+
+@pytest.mark.parametrize("kernel", ["forward", "dgrad", "wgrad"])
+def test_every_gpu_config_reads_pieces_and_drops_out(kernel, gpu_config):
+    """The loaders of pieces and of dropout in every config each kernel's
+    pruner keeps (fp32): forward's output, dgrad's dz and wgrad's dW against
+    float64 of the concatenation with the same mask."""
+    module, shapes, named_args = KERNELS[kernel]
+    for shape in shapes.values():
+        for config in _kept(module, **named_args(shape)):
+            gpu_config(module, config)
+            if kernel == "forward":
+                n, c, h, w, k0, _, r, stride, pad = shape
+                k = k0
+            elif kernel == "dgrad":
+                (n, c, h, w), (k, r, stride, pad) = shape, DGRAD_CONVS[0]
+            else:
+                n, c, h, w, k, r, stride, pad = shape
+            x = _input((n, c, h, w), torch.float32)
+            stats, z = _bn_relu_graph(x, c)
+            pieces, drop, mask = _pieces_and_dropout(x)
+            weight = (torch.randn(k, c, r, r, dtype=torch.float64) / (c * r * r) ** 0.5).requires_grad_()
+            a = (torch.relu(z) * mask).float().double()
+            y = F.conv2d(a, weight, None, stride, pad)
+            dy = torch.randn(y.shape).contiguous(memory_format=torch.channels_last)
+            (y * dy.double()).sum().backward()
+            name = f"{kernel} {_id(config)}"
+            if kernel == "forward":
+                got = conv_forward(pieces, stats[2], stats[3], [weight.detach().float()], stride, pad,
+                                   dropout=drop)[0][0]
+                assert_close(got, y.detach(), torch.float32, name, scale=2)
+            elif kernel == "dgrad":
+                dz = conv_dgrad([dy], [weight.detach().float()], [(stride, stride)], [(pad, pad)], pieces, *stats,
+                                dropout=drop)[0]
+                clear = z.detach().abs() > 1e-4  # the ReLU mask of z within rounding of 0 may differ
+                assert_close(dz * clear, z.grad * clear, torch.float32, name, scale=float(z.grad.abs().max()))
+            else:
+                dw = conv_wgrad(dy, pieces, stats[2], stats[3], (k, c, r, r), stride, pad, torch.float32,
+                                dropout=drop)
+                assert_close(dw, weight.grad, torch.float32, name, scale=float(weight.grad.abs().max()))
