@@ -9,7 +9,7 @@
 #
 # Order, for a cold machine: the Triton kernels of every paper layer (and of
 # DenseNet-BC's and WRN-28-10's) are compiled first, in 12 processes, into the Triton cache the later steps read
-# (triton_kernels.aot --cache: a step that would compile them one at a time
+# (fused_preact.aot --cache: a step that would compile them one at a time
 # finds them compiled), while the CUDA extension builds in the background (a
 # failed or slow build costs only the steps that need it). Then correctness:
 # Triton with pinned configs (FUSED_PREACT_TRITON_AUTOTUNE=0, one per kernel
@@ -109,7 +109,7 @@ if [ $dry -eq 1 ]; then
   # (their CPU runs are the main suite's job), the benchmarks at tiny sizes.
   export TRITON_INTERPRET=1 FUSED_PREACT_BENCH_DRY=1
   build=(python -c "import fused_preact._extension as e; e.load(); print('extension loads')")
-  warm=(python -c "from fused_preact.triton_kernels import aot_layers as a; print(sum(len(f()) for f in a.NETS.values()), 'layers')")
+  warm=(python -c "from fused_preact import aot_layers as a; print(sum(len(f()) for f in a.NETS.values()), 'layers')")
   collect=(--collect-only)
   limits="warm:30 build:60 untuned:60 tuned:60 native:60 graphs:60 inductor:60"
   suites="unit:60 train_step:90 memory:60 op:60 train_compile:30 convert:180 wide_dense:120"
@@ -122,7 +122,7 @@ else
   # 4 of the 16 cores: the Triton kernels compile in 12 processes beside the build.
   build=(env MAX_JOBS=${MAX_JOBS:-4} python setup.py build_ext --inplace)
   case ${arch/./} in
-    80|90) warm=(python -m fused_preact.triton_kernels.aot --arch "${arch/./}" --nets bottleneck basic dense wide
+    80|90) warm=(python -m fused_preact.aot --arch "${arch/./}" --nets bottleneck basic dense wide
                  --jobs 12 --cache "$TRITON_CACHE_DIR" --out "$out/triton_warm.md") ;;
     *) warm=(echo "no ahead-of-time compile for sm_${arch/./}: the kernels compile when first launched") ;;
   esac

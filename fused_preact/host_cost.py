@@ -102,7 +102,7 @@ def cut_launches(arch: int = 90):
     import triton.compiler
     from triton.runtime import driver
 
-    from .triton_kernels.aot import OfflineDriver
+    from .triton_kernels.offline import OfflineDriver
 
     log: list = []
     saved_driver, saved_compile = driver._active, triton.compiler.compile  # not .active: that needs a GPU

@@ -59,7 +59,7 @@ def resources(specialisation, arch: int) -> tuple[int, int]:
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
-    from .triton_kernels.aot import OfflineDriver, resource_usage
+    from .triton_kernels.offline import OfflineDriver, resource_usage
 
     saved = driver._active
     driver.set_active(OfflineDriver(arch))

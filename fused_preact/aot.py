@@ -1,7 +1,7 @@
 """Ahead-of-time compile of every Triton kernel a training step launches, for a
 GPU architecture, on a machine without a GPU:
 
-    python -m fused_preact.triton_kernels.aot --arch 90 --out benchmarks/results/triton_sm90.md
+    python -m fused_preact.aot --arch 90 --out benchmarks/results/triton_sm90.md
 
 It drives the Triton backend's own forward, backward and statistics launchers
 through the layers of the paper's CIFAR bottleneck nets (ResNet-164 and -1001
@@ -19,24 +19,20 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import re
-import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
 
-from . import SUPPORTED_DTYPES, batch_stats, bn_relu_backward, conv_dgrad, conv_forward, conv_wgrad
 from .aot_layers import BATCH, NETS
-from .pieces import Pieces
+from .ops.backends import Conv, get_backend
+from .ops.dropout import Dropout
+from .triton_kernels import batch_stats, conv_forward
+from .triton_kernels.offline import _tool, compiling_for, resource_usage, tensor_cores
+from .triton_kernels.pieces import Pieces
 
 # Largest shared memory one block may opt in to (bytes): H100 227 KiB, A100 163 KiB.
 SHARED_LIMIT = {90: 232448, 80: 166912}
@@ -44,39 +40,6 @@ SHARED_LIMIT = {90: 232448, 80: 166912}
 MODES = [("fp32-tf32", torch.float32, True), ("fp32-ieee", torch.float32, False), ("fp16", torch.float16, False),
          ("bf16", torch.bfloat16, False)]
 MODE_NAMES = [name for name, _, _ in MODES]
-
-
-class OfflineDriver:
-    """The surface of triton's active driver that JITFunction.run and the
-    autotuner use, answering for a GPU of sm_<arch> with no device behind
-    it (here, and in fused_preact.host_cost)."""
-
-    def __init__(self, arch: int):
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-    def get_benchmarker(self):
-        # Every config "takes" the same time: the autotuner keeps the pruner's
-        # first, as the pinned path does (nothing runs to be timed).
-        return lambda kernel_call, quantiles=None, **kwargs: [1.0, 1.0, 1.0]
-
-    def is_active(self):
-        return True
-
-
-def _check_without_device(x, name="x"):
-    """check_activation's checks except the device: these CPU tensors are never read."""
-    x = x.first if isinstance(x, Pieces) else x
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: a 4-D float32/float16/bfloat16 tensor expected")
 
 
 def loader_of(config: str) -> str:
@@ -90,56 +53,9 @@ def tile_of(config: str) -> str:
     return " ".join(part for part in config.split() if part.startswith(("BLOCK", "num_")))
 
 
-@contextlib.contextmanager
-def compiling_for(arch: int, record, skip=lambda name, config: False):
-    """Inside, a Triton launch compiles for sm_<arch> and calls record(kernel
-    name, config, compiled kernel, seconds it took) instead of running; an
-    autotuned launch compiles every config its pruner keeps. A launch for
-    which skip(kernel name, config) is true compiles nothing."""
-    saved_driver = driver._active  # not .active: creating the real driver needs a GPU
-    saved_run, saved_tune = JITFunction.run, Autotuner.run
-    patched = [(m, m.check_activation) for m in (batch_stats, conv_forward, conv_dgrad, conv_wgrad, bn_relu_backward)]
-
-    def run(self, *args, grid=None, warmup=False, **kwargs):
-        if skip(self.fn.__name__, _config_of(kwargs)):
-            return None
-        start = time.perf_counter()
-        kernel = saved_run(self, *args, grid=grid, warmup=True, **kwargs)
-        record(self.fn.__name__, _config_of(kwargs), kernel, time.perf_counter() - start)
-        return kernel
-
-    def tune(self, *args, **kwargs):
-        kwargs.pop("grid", None)
-        kwargs.pop("warmup", None)
-        self.nargs = dict(zip(self.arg_names, args))
-        configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
-        for config in configs:
-            self.fn.run(*args, **kwargs, **config.all_kwargs())
-
-    driver.set_active(OfflineDriver(arch))
-    JITFunction.run, Autotuner.run = run, tune
-    for module, _ in patched:
-        module.check_activation = _check_without_device
-    try:
-        yield
-    finally:
-        driver._active = saved_driver
-        JITFunction.run, Autotuner.run = saved_run, saved_tune
-        for module, original in patched:
-            module.check_activation = original
-
-
-def _config_of(kwargs) -> str:
-    keys = sorted(k for k in kwargs if k.isupper() or k in ("num_warps", "num_stages"))
-    return " ".join(f"{k}={kwargs[k]}" for k in keys if not isinstance(kwargs[k], torch.Tensor))
-
-
 def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
     """The Triton backend's statistics, forward and backward launches for
     every layer; on_layer(name) before each layer's launches."""
-    from ..ops.backends import Conv, get_backend
-    from ..ops.dropout import Dropout
-
     backend = get_backend("triton")
 
     def activation(c_in, batch, size):
@@ -182,30 +98,6 @@ def _drive_step(dtype: torch.dtype, layers, on_layer=lambda name: None) -> None:
                                   fold=fold, dropout=dropout)
         conv_forward.conv_forward(small, vec, vec, weights, convs[0][2], pads, stats=True, raw_stats=True,
                                   dropout=dropout)
-
-
-def _tool(name: str):
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return path if os.path.exists(path) else shutil.which(name)
-
-
-def resource_usage(cubin: bytes) -> dict:
-    """REG, LOCAL (bytes of local memory per thread: spills) and SHARED from cuobjdump."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
-    return {key: int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", text)) else None
-            for key in ("REG", "LOCAL", "SHARED", "STACK")}
-
-
-def tensor_cores(ptx: str) -> str:
-    if "wgmma.mma_async" in ptx:
-        return "wgmma"
-    if re.search(r"\bmma\.sync", ptx):
-        return "mma"
-    return "-"
 
 
 def compile_all(arch: int, items, once: bool = False) -> tuple[list[dict], list[str]]:
@@ -273,7 +165,8 @@ def compile_in_parallel(arch: int, items, jobs: int, cache: str, rows: list, err
     seen = {row["hash"] for row in rows}
     pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_interrupts)
     try:
-        for part_rows, part_errors in pool.imap_unordered(_compile_chunk, [(arch, cache, chunk, once) for chunk in chunks]):
+        jobs_args = [(arch, cache, chunk, once) for chunk in chunks]
+        for part_rows, part_errors in pool.imap_unordered(_compile_chunk, jobs_args):
             errors += part_errors
             rows += [row for row in part_rows if row["hash"] not in seen]
             seen.update(row["hash"] for row in part_rows)
@@ -284,7 +177,7 @@ def compile_in_parallel(arch: int, items, jobs: int, cache: str, rows: list, err
 
 def table(rows: list[dict], arch: int, seconds: float, nets=("bottleneck",), jobs: int = 1, modes=None,
           once: bool = False) -> str:
-    command = " ".join([f"python -m fused_preact.triton_kernels.aot --arch {arch}",
+    command = " ".join([f"python -m fused_preact.aot --arch {arch}",
                         *([f"--nets {' '.join(nets)}"] if list(nets) != ["bottleneck"] else []),
                         *([f"--modes {' '.join(modes)}"] if modes and list(modes) != MODE_NAMES else []),
                         *(["--once"] if once else []),
@@ -319,7 +212,7 @@ def table(rows: list[dict], arch: int, seconds: float, nets=("bottleneck",), job
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fused_preact.triton_kernels.aot",
+    parser = argparse.ArgumentParser(prog="python -m fused_preact.aot",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMIT), required=True, help="90 (H100) or 80 (A100)")
     parser.add_argument("--out", help="write the markdown table here")
