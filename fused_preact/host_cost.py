@@ -136,7 +136,7 @@ def _jit_functions() -> list:
 
     package = _kernels()
     modules = [getattr(package, name) for name in ("batch_stats", "bn_relu_backward", "common", "conv_dgrad",
-                                                   "conv_forward", "conv_wgrad", "partial_stats")]
+                                                   "conv_forward", "conv_wgrad", "partial_stats", "row_sums")]
     return [v for m in modules for v in vars(m).values() if isinstance(v, JITFunction)]
 
 

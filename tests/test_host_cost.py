@@ -44,9 +44,12 @@ paper = measure(lambda: PreActResNet(11, backend="triton", recompute="bn_relu"),
 fewest = {}
 for l in paper["launches"]:
     fewest[l.kernel] = min(fewest.get(l.kernel, l.programs), l.programs)
+reductions = [l for l in paper["launches"] if l.kernel in ("_merge_partials_kernel", "_sum_rows_kernel")]
 print(json.dumps({"launches": collections.Counter(l.kernel for l in r["launches"]), "ops": r["ops"],
                   "grids": [l.grid for l in r["launches"]], "host_us": r["host_us"],
-                  "paper_copies": paper["ops"]["cat"], "fewest_programs": fewest}))
+                  "paper_copies": paper["ops"]["cat"], "fewest_programs": fewest,
+                  "paper_reductions": collections.Counter(l.kernel for l in reductions),
+                  "paper_grouped": collections.Counter(l.kernel for l in reductions if l.grid[1] > 1)}))
 """
 
 
@@ -85,6 +88,17 @@ def test_at_the_paper_batch_only_wide_gemms_copy_their_weights(metered):
     # (64 outputs) and every conv1/conv2 of at most 64 do not.
     result, _ = metered
     assert result["paper_copies"] == 5
+
+
+def test_at_the_paper_batch_each_layer_reduces_in_one_launch(metered):
+    # ResNet-11 at batch 128, 32x32: no layer is small enough for its conv to
+    # merge its input's statistics itself, so each of the 9 layers has one
+    # merge launch, and one launch that sums its dgrad's and wgrads' partials.
+    # Most of them reduce thousands of rows in groups (grid y > 1), whose
+    # last program reduces the group rows in the same launch.
+    result, _ = metered
+    assert result["paper_reductions"] == {"_merge_partials_kernel": 9, "_sum_rows_kernel": 9}
+    assert result["paper_grouped"]["_merge_partials_kernel"] >= 5 and result["paper_grouped"]["_sum_rows_kernel"] >= 4
 
 
 def test_at_the_paper_batch_the_gemms_and_dx_fill_an_h100(metered):

@@ -17,11 +17,11 @@ if not INTERPRET and not torch.cuda.is_available():
 
 from conftest import assert_close  # noqa: E402
 from fused_preact import PreActResNet  # noqa: E402
-from fused_preact.triton_kernels import (batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward,  # noqa: E402
-                                         conv_wgrad)
+from fused_preact.triton_kernels import (batch_stats, bn_relu_backward, conv_dgrad, conv_forward,  # noqa: E402
+                                         conv_wgrad, row_sums)
 
 pytestmark = pytest.mark.usefixtures("one_thread", "on_triton_device")
-LAUNCHER_MODULES = (batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward, conv_wgrad)
+LAUNCHER_MODULES = (batch_stats, bn_relu_backward, conv_dgrad, conv_forward, conv_wgrad, row_sums)
 SECOND = torch.device("cuda", 1)
 
 
@@ -39,7 +39,7 @@ class SecondDevice:
 
         patch.setattr(torch.cuda, "_exchange_device", exchange)
         patch.setattr(torch.cuda, "_maybe_exchange_device", exchange)
-        jitted = type(common._sum_rows_kernel)  # every kernel's launch goes through this class's run
+        jitted = type(row_sums._sum_rows_kernel)  # every kernel's launch goes through this class's run
         original = jitted.run
 
         def run(fn, *args, **kwargs):

@@ -213,7 +213,7 @@ def test_convs_with_different_strides_share_one_pre_activation():
 
 
 def _sum_alone(partials, dtype=torch.float32):
-    from fused_preact.triton_kernels.common import Partials, sum_partials
+    from fused_preact.triton_kernels.row_sums import Partials, sum_partials
 
     return sum_partials([Partials(partials, dtype, lambda total: total)])[0]
 
@@ -324,10 +324,11 @@ def test_statistics_deferred_for_a_forward_that_never_came_are_merged():
 
 def test_partial_sums_of_several_buffers_share_launches():
     # A layer's weight gradients and dgrad sum their partials together: one
-    # launch per reduction level for up to three buffers of any shapes and
-    # output dtypes, each summed as it would be alone; one fp32 row is a view.
+    # launch for up to three buffers of any shapes and output dtypes, both
+    # reduction levels included, each summed as it would be alone; one fp32
+    # row is a view.
     from fused_preact.dispatch_count import DispatchCounter
-    from fused_preact.triton_kernels.common import Partials, sum_partials
+    from fused_preact.triton_kernels.row_sums import Partials, sum_partials
 
     g = torch.Generator().manual_seed(0)
     shapes = [((1, 5), torch.float32), ((9, 70), torch.float16), ((37, 3), torch.float32), ((5, 130), torch.float32),
@@ -337,7 +338,7 @@ def test_partial_sums_of_several_buffers_share_launches():
     with DispatchCounter() as counter:
         results = sum_partials(jobs)
     # 4 buffers to launch: 3 (two of them with two levels) then 1 (one level)
-    assert sum(counter.triton.values()) == 3, counter.triton
+    assert sum(counter.triton.values()) == 2, counter.triton
     assert [i for i, _ in results] == list(range(len(jobs)))  # each job's own finish, in order
     assert results[0][1].data_ptr() == buffers[0].data_ptr()  # the single row, not copied
     for (_, total), b, (_, dtype) in zip(results, buffers, shapes):

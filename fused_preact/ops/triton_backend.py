@@ -33,7 +33,7 @@ def _kernels():
     """The kernel modules, imported on first use: importing triton takes seconds."""
     from .. import triton_kernels
     from ..triton_kernels import (batch_stats, bn_relu_backward, common, conv_dgrad, conv_forward,  # noqa: F401
-                                  conv_wgrad, partial_stats)
+                                  conv_wgrad, partial_stats, row_sums)
 
     return triton_kernels
 
@@ -208,7 +208,7 @@ def _summed_together(grads, convs, wanted: list[bool], used, x, mean, invstd, sc
             [g for g, _ in used], [c.weight for _, c in used], [c.stride for _, c in used],
             [c.padding for _, c in used], x, mean, invstd, scale, shift, dropout)
         jobs.append(sums)
-    results = iter(kernels.common.sum_partials([j for j in jobs if j is not None]))
+    results = iter(kernels.row_sums.sum_partials([j for j in jobs if j is not None]))
     finished = [None if j is None else next(results) for j in jobs]
     return finished[:len(convs)], ((dz, finished[-1]) if dgrad else None)
 

@@ -35,8 +35,9 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import cdiv, check_activation, device_of, launcher, next_power_of_2, reduction_groups
+from .common import cdiv, check_activation, device_of, launcher, next_power_of_2
 from .partial_stats import chan_merge, partial_stats
+from .row_sums import arrival_counters, last_to_arrive, reduction_groups
 
 
 @triton.jit
@@ -112,22 +113,10 @@ def loader_fold(cnt_ptr, mean_ptr, m2_ptr, P, C, cols, col_ok, eps, w_ptr, b_ptr
 
 
 @triton.jit
-def _merge_partials_kernel(
-    cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_second_ptr, out_cnt_ptr, out_m2_ptr, P, C, rows_per_group, eps,
-    w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum, unbias,
-    FINAL: tl.constexpr, INVSTD: tl.constexpr, FOLD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # One program per (block of channels, group of rows_per_group partials)
-    # walks its partials in order: deterministic. FINAL: one group, write the
-    # (mean, var or invstd), and with FOLD the BatchNorm's fold and running
-    # update (store_fold); else write each group's (count, mean, M2) to row g.
-    pid = tl.program_id(0)
-    group = tl.program_id(1)
-    start = group * rows_per_group
-    end = tl.minimum(start + rows_per_group, P)
-    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
+def _walk_partials(cnt_ptr, mean_ptr, m2_ptr, start, end, C, cols, col_ok, BLOCK_P: tl.constexpr,
+                   BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
+    """(count, mean, M2) of channels `cols` merged from partial rows
+    start..end-1 of [P, C] buffers, BLOCK_P rows at a time, in order."""
     n = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
@@ -135,29 +124,74 @@ def _merge_partials_kernel(
         rows = p0 + tl.arange(0, BLOCK_P)
         ok = (rows < end)[:, None] & col_ok[None, :]
         offs = rows[:, None] * C + cols[None, :]
-        n_b, mean_b, m2_b = _combine(tl.load(cnt_ptr + offs, mask=ok, other=0.0),
-                                     tl.load(mean_ptr + offs, mask=ok, other=0.0),
-                                     tl.load(m2_ptr + offs, mask=ok, other=0.0))
+        n_b, mean_b, m2_b = _combine(tl.load(cnt_ptr + offs, mask=ok, other=0.0, cache_modifier=CACHE),
+                                     tl.load(mean_ptr + offs, mask=ok, other=0.0, cache_modifier=CACHE),
+                                     tl.load(m2_ptr + offs, mask=ok, other=0.0, cache_modifier=CACHE))
         n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
-    if FINAL:
-        var = _variance(n, m2, col_ok)
-        tl.store(out_mean_ptr + cols, mean, mask=col_ok)
-        if INVSTD:
-            invstd = 1.0 / tl.sqrt_rn(var + eps)
-            tl.store(out_second_ptr + cols, invstd, mask=col_ok)
-            if FOLD:
-                store_fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr,
-                            momentum, unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING)
-                if HAS_COUNTER:
-                    if pid == 0:
-                        tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
-        else:
-            tl.store(out_second_ptr + cols, var, mask=col_ok)
+    return n, mean, m2
+
+
+@triton.jit
+def _store_merged(n, mean, m2, cols, col_ok, out_mean_ptr, out_second_ptr, eps, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                  rm_ptr, rv_ptr, nbt_ptr, momentum, unbias, INVSTD: tl.constexpr, FOLD: tl.constexpr,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RUNNING: tl.constexpr,
+                  HAS_COUNTER: tl.constexpr):
+    """Write the merged statistics of channels `cols`: the mean and the
+    variance (or invstd), and with FOLD the BatchNorm's fold, the running
+    update (store_fold) and, from channel block 0, num_batches_tracked + 1."""
+    var = _variance(n, m2, col_ok)
+    tl.store(out_mean_ptr + cols, mean, mask=col_ok)
+    if INVSTD:
+        invstd = 1.0 / tl.sqrt_rn(var + eps)
+        tl.store(out_second_ptr + cols, invstd, mask=col_ok)
+        if FOLD:
+            store_fold(cols, col_ok, mean, var, invstd, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr,
+                       momentum, unbias, HAS_WEIGHT, HAS_BIAS, HAS_RUNNING)
+            if HAS_COUNTER:
+                if tl.program_id(0) == 0:
+                    tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    else:
+        tl.store(out_second_ptr + cols, var, mask=col_ok)
+
+
+@triton.jit
+def _merge_partials_kernel(
+    cnt_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_second_ptr, group_cnt_ptr, group_mean_ptr, group_m2_ptr,
+    counters_ptr, counter_at, P, C, rows_per_group, eps, w_ptr, b_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    momentum, unbias, INVSTD: tl.constexpr, FOLD: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RUNNING: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Program (block of channels, group of rows_per_group partials) walks
+    # its partials in order. One group: it writes the statistics (the mean,
+    # var or invstd, the fold and running update with FOLD). Several: it
+    # writes its group's (count, mean, M2) to row `group` of the group
+    # buffers, and the last group of the channel block to arrive merges
+    # those rows in order and writes the statistics: one launch, and the
+    # same order (so the same bits) whichever group is last.
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    groups = tl.cdiv(P, rows_per_group)
+    start = group * rows_per_group
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    n, mean, m2 = _walk_partials(cnt_ptr, mean_ptr, m2_ptr, start, tl.minimum(start + rows_per_group, P), C, cols,
+                                 col_ok, BLOCK_P, BLOCK_C, "")
+    if groups == 1:
+        _store_merged(n, mean, m2, cols, col_ok, out_mean_ptr, out_second_ptr, eps, w_ptr, b_ptr, scale_ptr,
+                      shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum, unbias, INVSTD, FOLD, HAS_WEIGHT, HAS_BIAS,
+                      HAS_RUNNING, HAS_COUNTER)
     else:
         offs = group * C + cols
-        tl.store(out_cnt_ptr + offs, n, mask=col_ok)
-        tl.store(out_mean_ptr + offs, mean, mask=col_ok)
-        tl.store(out_m2_ptr + offs, m2, mask=col_ok)
+        tl.store(group_cnt_ptr + offs, n, mask=col_ok)
+        tl.store(group_mean_ptr + offs, mean, mask=col_ok)
+        tl.store(group_m2_ptr + offs, m2, mask=col_ok)
+        if last_to_arrive(counters_ptr + counter_at + pid, groups):
+            n, mean, m2 = _walk_partials(group_cnt_ptr, group_mean_ptr, group_m2_ptr, 0, groups, C, cols, col_ok,
+                                         BLOCK_G, BLOCK_C, ".cg")
+            _store_merged(n, mean, m2, cols, col_ok, out_mean_ptr, out_second_ptr, eps, w_ptr, b_ptr, scale_ptr,
+                          shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum, unbias, INVSTD, FOLD, HAS_WEIGHT, HAS_BIAS,
+                          HAS_RUNNING, HAS_COUNTER)
 
 
 # ----------------------------------------------------------------------------- host
@@ -185,21 +219,19 @@ def _merge(count, mean, m2, eps, invstd, fold=None, out=None):
     block_c = min(next_power_of_2(C), 32)
     grid_c = cdiv(C, block_c)
     groups = reduction_groups(P)
-    if groups is not None:
-        group_rows = tuning.sizing.reduction_group_rows
-        merged = [torch.empty((groups, C), dtype=torch.float32, device=count.device) for _ in range(3)]
-        _merge_partials_kernel[(grid_c, groups)](
-            count, mean, m2, merged[1], merged[1], merged[0], merged[2], P, C, group_rows, 0.0,
-            *_NO_FOLD.args(merged[1]), FINAL=False, INVSTD=False, FOLD=False, **_NO_FOLD.flags(),
-            BLOCK_P=_merge_block_p(group_rows, block_c), BLOCK_C=block_c, num_warps=4,
-        )
-        (count, mean, m2), P = merged, groups
     out_mean, out_second = out or (torch.empty(C, dtype=torch.float32, device=count.device) for _ in range(2))
+    if groups is None:  # one group of every partial: no group rows, no counters
+        group_rows, grouped = P, (out_mean,) * 3
+    else:
+        group_rows = tuning.sizing.reduction_group_rows
+        grouped = [torch.empty((groups, C), dtype=torch.float32, device=count.device) for _ in range(3)]
+    ring, at = arrival_counters(count.device, grid_c if groups else 0)
     fold = fold or _NO_FOLD
-    _merge_partials_kernel[(grid_c, 1)](
-        count, mean, m2, out_mean, out_second, out_mean, out_mean, P, C, P, float(eps), *fold.args(out_mean),
-        FINAL=True, INVSTD=invstd, FOLD=fold.scale is not None, **fold.flags(), BLOCK_P=_merge_block_p(P, block_c),
-        BLOCK_C=block_c, num_warps=4,
+    _merge_partials_kernel[(grid_c, groups or 1)](
+        count, mean, m2, out_mean, out_second, *grouped, ring, at, P, C, group_rows,
+        float(eps), *fold.args(out_mean), INVSTD=invstd, FOLD=fold.scale is not None, **fold.flags(),
+        BLOCK_P=_merge_block_p(group_rows, block_c), BLOCK_G=_merge_block_p(groups or 1, block_c), BLOCK_C=block_c,
+        num_warps=4,
     )
     return out_mean, out_second
 
@@ -316,7 +348,7 @@ def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, n
     tensors or None). The merge kernel does the fold and the update too.
     partials: x's (count, mean, M2) partials [P, C], as the conv forward
     epilogue that produced x wrote them; then no pass reads x, and the merge
-    (one launch, two for thousands of partials) is all that runs.
+    (one launch, also over thousands of partials) is all that runs.
 
     defer: returns ((mean, invstd, scale, shift), LoaderFold or None). With a
     LoaderFold (x is small: at most LOADER_MERGE_MAX_PARTIALS partials and

@@ -1,10 +1,11 @@
 """What the Triton kernel modules share: the BN-ReLU operand transform and the
 corrected two-pass moments (device functions), the argument checks, conv
-geometry and index-width rules, the device guard of every launcher (host),
-and the fixed-order reduction that every multi-program sum goes through."""
+geometry and index-width rules, the device guard of every launcher (host).
+The fixed-order reduction that every multi-program sum goes through is in
+row_sums.py."""
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -103,39 +104,6 @@ def two_pass(v, ok, n, axis: tl.constexpr):
     d = tl.where(ok, v - tl.expand_dims(mean, axis), 0.0)
     sum_d = tl.sum(d, axis=axis)
     return mean + sum_d / n, tl.sum(d * d, axis=axis) - sum_d * sum_d / n
-
-
-@triton.jit
-def _sum_rows(src_ptr, dst_ptr, T, P, rows_per_group, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dst[g, p] = sum of src[t, p] over group g's rows t (rows_per_group of a
-    contiguous fp32 [T, P]), in a fixed order; this program's column block of
-    group program_id(1), if the buffer has them."""
-    cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    group = tl.program_id(1)
-    start = group * rows_per_group
-    col_ok = (cols < P) & (start < T)  # the grid covers the largest buffer of the launch
-    end = tl.minimum(start + rows_per_group, T)
-    acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        acc += tl.load(src_ptr + t.to(tl.int64)[:, None] * P + cols[None, :],
-                       mask=(t < end)[:, None] & col_ok[None, :], other=0.0)
-    tl.store(dst_ptr + group * P + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _sum_rows_kernel(src0, dst0, T0, P0, G0, src1, dst1, T1, P1, G1, src2, dst2, T2, P2, G2,
-                     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """_sum_rows of up to three buffers in one launch, buffer program_id(2):
-    a layer's backward sums its weight gradients' and its dgrad's partials
-    together (unused slots repeat buffer 0 and are never selected)."""
-    job = tl.program_id(2)
-    if job == 0:
-        _sum_rows(src0, dst0, T0, P0, G0, BLOCK_T, BLOCK_P)
-    elif job == 1:
-        _sum_rows(src1, dst1, T1, P1, G1, BLOCK_T, BLOCK_P)
-    else:
-        _sum_rows(src2, dst2, T2, P2, G2, BLOCK_T, BLOCK_P)
 
 
 # ----------------------------------------------------------------------------- host
@@ -317,72 +285,3 @@ def channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> tor
     if v.device != x.device:
         raise ValueError(f"{name} must be on x's device {x.device}, got {v.device}")
     return v.contiguous()
-
-
-def reduction_groups(rows: int) -> Optional[int]:
-    """How a fixed-order reduction over `rows` partial rows runs: None, one
-    program per column block walks them all; else this many groups of
-    tuning.sizing.reduction_group_rows rows are reduced in parallel first
-    (thousands of row tiles over few channels at the paper's shapes), then the
-    groups. The order depends on the shape alone: the results are
-    bit-identical run to run. (The interpreter's groups are small, so that
-    the tests' small problems take the two-level path too.)"""
-    group = tuning.sizing.reduction_group_rows
-    return cdiv(rows, group) if rows > 2 * group else None
-
-
-class Partials(NamedTuple):
-    """A kernel's fp32 partial sums, [T, P] contiguous, still to be summed over
-    T into `out_dtype`; `finish` turns that [P] sum into the kernel's result."""
-
-    buffer: torch.Tensor
-    out_dtype: torch.dtype
-    finish: Callable[[torch.Tensor], object]
-
-
-_SUMS_PER_LAUNCH = 3  # the slots of _sum_rows_kernel
-_SUM_BLOCK_T, _SUM_BLOCK_P = 32, 64
-
-
-@launcher(lambda jobs: device_of(jobs[0].buffer) if jobs else None)
-def sum_partials(jobs: Sequence[Partials]) -> list:
-    """Each job's finished result: its buffer summed over T in a fixed order
-    (reduction_groups), without atomics. Buffers are summed together, up to
-    three per launch (one launch per level), rather than one launch each;
-    a single fp32 partial row is its own sum (a view, no launch)."""
-    sums: list = [None] * len(jobs)
-    pending = []
-    for i, job in enumerate(jobs):
-        t, p = job.buffer.shape
-        if t == 1 and job.out_dtype == torch.float32:
-            sums[i] = job.buffer.view(p)
-        else:
-            pending.append(i)
-    for start in range(0, len(pending), _SUMS_PER_LAUNCH):
-        batch = pending[start:start + _SUMS_PER_LAUNCH]
-        # Level 1, where a buffer has many rows: groups of rows in parallel.
-        sources = {i: jobs[i].buffer for i in batch}
-        grouped = [i for i in batch if reduction_groups(sources[i].shape[0]) is not None]
-        if grouped:
-            level = []
-            for i in grouped:
-                t, p = sources[i].shape
-                dst = torch.empty((reduction_groups(t), p), dtype=torch.float32, device=sources[i].device)
-                level.append((sources[i], dst, t, p, tuning.sizing.reduction_group_rows))
-                sources[i] = dst
-            _launch_sums(level)
-        # Level 2 (or the only one): every row of each buffer in one group.
-        outs = {i: torch.empty(sources[i].shape[1], dtype=jobs[i].out_dtype, device=sources[i].device)
-                for i in batch}
-        _launch_sums([(sources[i], outs[i], *sources[i].shape, sources[i].shape[0]) for i in batch])
-        for i in batch:
-            sums[i] = outs[i]
-    return [job.finish(total) for job, total in zip(jobs, sums)]
-
-
-def _launch_sums(slots: list) -> None:
-    """One _sum_rows_kernel launch over `slots` (src, dst, T, P, rows_per_group)."""
-    grid_p = max(cdiv(p, _SUM_BLOCK_P) for _, _, _, p, _ in slots)
-    groups = max(cdiv(t, g) for _, _, t, _, g in slots)
-    args = [a for slot in slots + [slots[0]] * (_SUMS_PER_LAUNCH - len(slots)) for a in slot]
-    _sum_rows_kernel[(grid_p, groups, len(slots))](*args, BLOCK_T=_SUM_BLOCK_T, BLOCK_P=_SUM_BLOCK_P)

@@ -32,10 +32,10 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, activation_args, cdiv, channel_vector, check_activation, check_dropout,
-                     conv_out_size, device_of, dot_precision, dropout_args, dropped, empty_activation, filling_first,
-                     launcher, needs_int64, next_power_of_2, pair, piece_offsets, sm_count, sum_partials,
-                     PROGRAMS_PER_SM)
+from .common import (activation_args, cdiv, channel_vector, check_activation, check_dropout, conv_out_size,
+                     device_of, dot_precision, dropout_args, dropped, empty_activation, filling_first, launcher,
+                     needs_int64, next_power_of_2, pair, piece_offsets, sm_count, PROGRAMS_PER_SM)
+from .row_sums import Partials, sum_partials
 
 
 

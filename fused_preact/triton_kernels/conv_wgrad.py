@@ -29,9 +29,10 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .common import (Partials, activation_args, bn_relu, cdiv, channel_vector, check_activation, check_dropout,
-                     conv_out_size, device_of, dot_precision, dropout_args, dropped, launcher, needs_int64,
-                     next_power_of_2, pair, piece_offsets, sm_count, sum_partials)
+from .common import (activation_args, bn_relu, cdiv, channel_vector, check_activation, check_dropout, conv_out_size,
+                     device_of, dot_precision, dropout_args, dropped, launcher, needs_int64, next_power_of_2, pair,
+                     piece_offsets, sm_count)
+from .row_sums import Partials, sum_partials
 
 # ----------------------------------------------------------------------------- kernels
 
