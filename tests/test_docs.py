@@ -145,6 +145,24 @@ def test_relative_links_resolve():
     assert not broken, broken
 
 
+@pytest.mark.parametrize("page,kind", [("README.md", "HEADLINE"), ("docs/benchmarks.md", "DETAILS")])
+def test_generated_sections_are_what_report_py_writes(page, kind):
+    """The results sections are benchmarks/report.py's output for the committed
+    benchmarks/results/cpu.json, not hand edits (regenerate: docs/benchmarks.md)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    source = "benchmarks/results/cpu.json"
+    meta, rows = report.load([ROOT / source])
+    body = (report.headline if kind == "HEADLINE" else report.details)(meta, rows, source)
+    start, end = getattr(report, kind)
+    text = (ROOT / page).read_text()
+    assert text[text.index(start) + len(start):text.index(end)].strip() == body.strip(), \
+        f"{page}: the generated section differs from what benchmarks/report.py writes from {source}"
+
+
 def test_readme_stays_short():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= 250, f"README.md has {lines} lines; the detail belongs in docs/"
