@@ -141,16 +141,21 @@ def test_statistics_left_to_the_conv_that_reads_x(affine, tracked, channels, han
 
 @pytest.mark.parametrize("bound", ["LOADER_MERGE_MAX_PARTIALS", "LOADER_MERGE_MAX_ROWS"])
 def test_statistics_of_a_large_layer_are_merged_at_once(bound, monkeypatch):
-    # Past either bound (x's 50 rows here) every program would merge too much,
-    # or too many programs would: the merge launches there and then, and there
-    # is nothing to leave to the conv.
+    # Past either bound (x's 2 partials, of an NCHW image each, and 50 rows
+    # here) every program would merge too much, or too many programs would:
+    # the merge launches there and then, and there is nothing to leave to the
+    # conv. A single partial (a conv epilogue's merged row) is left to the
+    # conv whatever the rows.
     from fused_preact.triton_kernels import batch_stats
 
-    x = make_layout(torch.randn(2, 6, 5, 5), "channels_last")
+    x = make_layout(torch.randn(2, 6, 5, 5), "nchw")
     gamma, beta = torch.rand(6) + 0.5, torch.randn(6)
+    one = tuple(t[:1] for t in batch_stats.partial_stats(x[:1]))
+    assert batch_stats.partial_stats(x)[0].shape[0] == 2
     assert batch_stats.batch_norm_stats(x, gamma, beta, None, None, None, 0.1, 1e-5, defer=True)[1] is not None
-    monkeypatch.setattr(batch_stats, bound, 0 if bound.endswith("PARTIALS") else 49)
+    monkeypatch.setattr(batch_stats, bound, 1 if bound.endswith("PARTIALS") else 49)
     stats, fold = batch_stats.batch_norm_stats(x, gamma, beta, None, None, None, 0.1, 1e-5, defer=True)
     assert fold is None
     for name, got, ref in zip(("mean", "invstd", "scale", "shift"), stats, _bn_formula(x, gamma, beta, None)[0]):
         assert_close(got, ref, torch.float32, name, scale=10)
+    assert batch_stats.batch_norm_stats(x, gamma, beta, None, None, None, 0.1, 1e-5, one, defer=True)[1] is not None

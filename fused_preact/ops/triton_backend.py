@@ -96,10 +96,10 @@ class TritonBackend:
 
     def forward(self, x, scale, shift, convs, residual=None, stats_eps=None, dropout=None):
         _check_plain(convs)
-        # The hand-on statistics are the epilogue's raw partials: the next
-        # layer's batch_norm_stats merges them with its own fold and update
-        # in one launch, or its conv does (stats_eps, the next BatchNorm's
-        # eps, is applied there).
+        # The hand-on statistics are the epilogue's merged (count, mean, M2):
+        # the next layer's conv folds them with its BatchNorm's affine and
+        # running update in its loader (stats_eps, the next BatchNorm's eps,
+        # is applied there).
         conv_forward = _kernels().conv_forward.conv_forward
         fold = _deferred_fold(scale)
         outs, stats = [], None
@@ -117,9 +117,8 @@ class TritonBackend:
         return outs, stats
 
     def stats_like(self, out):
-        from ..triton_kernels.conv_forward import stats_partials
-
-        return [out.new_empty((stats_partials(out), out.shape[1]), dtype=torch.float32) for _ in range(3)]
+        # The epilogue's merged (count, mean, M2) rows.
+        return [out.new_empty((1, out.shape[1]), dtype=torch.float32) for _ in range(3)]
 
     def backward(self, grads, x, mean, invstd, scale, shift, convs, training: bool, needs_weight: list[bool],
                  needs_bn: bool, traceable: bool = False, activation=None, dropout=None):

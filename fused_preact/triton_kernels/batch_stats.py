@@ -23,8 +23,8 @@ A raw sum of squares (E[x^2] - E[x]^2) cancels catastrophically when |mean| >> s
    into the running triple with the same Chan step. No atomics: results are bit-identical
    from run to run. (What remains is the fp32 rounding of each stored partial mean:
    a variance error of about ulp(|mean|) / (sqrt(m) * std) relative, 3e-5 for mean 1e4,
-   std 1, m = 1e3.) `merge_partials` is public: the conv forward epilogue
-   (conv_forward.py) writes the same kind of partials for the next BatchNorm.
+   std 1, m = 1e3.) The conv forward epilogue (stats_epilogue.py) merges its own
+   partials the same way, with walk_partials, in its own launch.
 
 Step 1 is partial_stats.py; step 2, the merge, is here.
 """
@@ -100,12 +100,19 @@ def loader_fold(cnt_ptr, mean_ptr, m2_ptr, P, C, cols, col_ok, eps, w_ptr, b_ptr
     """(mean, var, invstd, scale, shift) of channels `cols` from P <= BLOCK_P
     (count, mean, M2) partials [P, C], merged as one chunk: what
     _merge_partials_kernel's final pass makes of them, for a kernel that
-    merges the few partials of its own input while loading it."""
-    rows = tl.arange(0, BLOCK_P)
-    ok = (rows < P)[:, None] & col_ok[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    n, mean, m2 = _combine(tl.load(cnt_ptr + offs, mask=ok, other=0.0), tl.load(mean_ptr + offs, mask=ok, other=0.0),
-                           tl.load(m2_ptr + offs, mask=ok, other=0.0))
+    merges the few partials of its own input while loading it. BLOCK_P 1:
+    the single row a conv epilogue hands on, taken as it is (the loader's
+    registers are the conv's: no [rows, channels] tiles)."""
+    if BLOCK_P == 1:
+        n = tl.load(cnt_ptr + cols, mask=col_ok, other=0.0)
+        mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+        m2 = tl.load(m2_ptr + cols, mask=col_ok, other=0.0)
+    else:
+        rows = tl.arange(0, BLOCK_P)
+        ok = (rows < P)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        n, mean, m2 = _combine(tl.load(cnt_ptr + offs, mask=ok, other=0.0),
+                               tl.load(mean_ptr + offs, mask=ok, other=0.0), tl.load(m2_ptr + offs, mask=ok, other=0.0))
     var = _variance(n, m2, col_ok)
     invstd = 1.0 / tl.sqrt_rn(var + eps)
     scale, shift = _affine(cols, col_ok, mean, invstd, w_ptr, b_ptr, HAS_WEIGHT, HAS_BIAS)
@@ -113,7 +120,7 @@ def loader_fold(cnt_ptr, mean_ptr, m2_ptr, P, C, cols, col_ok, eps, w_ptr, b_ptr
 
 
 @triton.jit
-def _walk_partials(cnt_ptr, mean_ptr, m2_ptr, start, end, C, cols, col_ok, BLOCK_P: tl.constexpr,
+def walk_partials(cnt_ptr, mean_ptr, m2_ptr, start, end, C, cols, col_ok, BLOCK_P: tl.constexpr,
                    BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
     """(count, mean, M2) of channels `cols` merged from partial rows
     start..end-1 of [P, C] buffers, BLOCK_P rows at a time, in order."""
@@ -175,7 +182,7 @@ def _merge_partials_kernel(
     start = group * rows_per_group
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    n, mean, m2 = _walk_partials(cnt_ptr, mean_ptr, m2_ptr, start, tl.minimum(start + rows_per_group, P), C, cols,
+    n, mean, m2 = walk_partials(cnt_ptr, mean_ptr, m2_ptr, start, tl.minimum(start + rows_per_group, P), C, cols,
                                  col_ok, BLOCK_P, BLOCK_C, "")
     if groups == 1:
         _store_merged(n, mean, m2, cols, col_ok, out_mean_ptr, out_second_ptr, eps, w_ptr, b_ptr, scale_ptr,
@@ -187,7 +194,7 @@ def _merge_partials_kernel(
         tl.store(group_mean_ptr + offs, mean, mask=col_ok)
         tl.store(group_m2_ptr + offs, m2, mask=col_ok)
         if last_to_arrive(counters_ptr + counter_at + pid, groups):
-            n, mean, m2 = _walk_partials(group_cnt_ptr, group_mean_ptr, group_m2_ptr, 0, groups, C, cols, col_ok,
+            n, mean, m2 = walk_partials(group_cnt_ptr, group_mean_ptr, group_m2_ptr, 0, groups, C, cols, col_ok,
                                          BLOCK_G, BLOCK_C, ".cg")
             _store_merged(n, mean, m2, cols, col_ok, out_mean_ptr, out_second_ptr, eps, w_ptr, b_ptr, scale_ptr,
                           shift_ptr, rm_ptr, rv_ptr, nbt_ptr, momentum, unbias, INVSTD, FOLD, HAS_WEIGHT, HAS_BIAS,
@@ -299,11 +306,16 @@ def _fold_of(c, device, weight, bias, running_mean, running_var, num_batches_tra
 # (LoaderFold): every program of it merges its channels' partials again, a
 # cost that grows with the partials (per program) and the rows (programs),
 # against the launch it saves, which only counts where the layer is small
-# (host-bound). A conv epilogue writes a partial per 32 rows: 1024 rows give
-# 32 partials; a statistics pass over an NCHW x can give few partials of
-# many rows, hence both bounds.
+# (host-bound). A statistics pass over an NCHW x can give few partials of
+# many rows, hence both bounds. A single row (what a conv epilogue hands on,
+# merged) costs each program a load per channel, as scale and shift would:
+# always folded.
 LOADER_MERGE_MAX_PARTIALS = 32
 LOADER_MERGE_MAX_ROWS = 1024
+
+
+def _loader_merges(partials: int, rows: int) -> bool:
+    return partials == 1 or (partials <= LOADER_MERGE_MAX_PARTIALS and rows <= LOADER_MERGE_MAX_ROWS)
 
 
 class LoaderFold(NamedTuple):
@@ -335,7 +347,8 @@ def loader_fold_args(fold: Optional[LoaderFold]) -> tuple[tuple, dict]:
     f = fold.fold
     args = (*fold.partials, fold.partials[0].shape[0], f.weight, f.bias, fold.mean, fold.invstd, f.running_mean,
             f.running_var, f.num_batches_tracked, float(fold.eps), *f.scalars())
-    return args, dict(f.flags(), BLOCK_P=max(2, next_power_of_2(fold.partials[0].shape[0])))
+    partials = fold.partials[0].shape[0]
+    return args, dict(f.flags(), BLOCK_P=1 if partials == 1 else max(2, next_power_of_2(partials)))
 
 
 @launcher(lambda x, *args, **kwargs: device_of(x))
@@ -347,12 +360,13 @@ def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, n
     variance) and num_batches_tracked updated in place where given (fp32 / int64
     tensors or None). The merge kernel does the fold and the update too.
     partials: x's (count, mean, M2) partials [P, C], as the conv forward
-    epilogue that produced x wrote them; then no pass reads x, and the merge
-    (one launch, also over thousands of partials) is all that runs.
+    epilogue that produced x hands them on (one merged row); then no pass
+    reads x, and the merge (one launch, also over thousands of partials) is
+    all that runs, or, deferred, nothing.
 
     defer: returns ((mean, invstd, scale, shift), LoaderFold or None). With a
-    LoaderFold (x is small: at most LOADER_MERGE_MAX_PARTIALS partials and
-    LOADER_MERGE_MAX_ROWS rows), nothing is merged yet: the four tensors are
+    LoaderFold (one partial, or x is small: at most LOADER_MERGE_MAX_PARTIALS
+    partials and LOADER_MERGE_MAX_ROWS rows), nothing is merged yet: the four tensors are
     empty until the conv reading x next runs with it (conv_forward's `fold`),
     and nothing may read them before."""
     check_activation(x)
@@ -360,8 +374,7 @@ def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, n
     fold = _fold_of(x.shape[1], x.device, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
                     x.numel() // max(x.shape[1], 1))
     partials = partials if partials is not None else partial_stats(x)
-    if (defer and partials[0].shape[0] <= LOADER_MERGE_MAX_PARTIALS
-            and x.numel() // x.shape[1] <= LOADER_MERGE_MAX_ROWS):
+    if defer and _loader_merges(partials[0].shape[0], x.numel() // x.shape[1]):
         _check_partials(*partials)
         partials = tuple(t.contiguous() for t in partials)
         mean, invstd = torch.empty_like(fold.scale), torch.empty_like(fold.scale)

@@ -16,13 +16,8 @@ exactly when cuDNN would).
 
 Epilogue of outs[0]: optional residual add (y = conv + residual, rounded once) and
 optional statistics of y as stored (rounded to the output dtype) for the next
-BatchNorm: every tile splits its rows into groups of RPP (tuning.sizing.rows_per_partial)
-and writes each group's (count, mean, M2) per channel to row m // RPP of three
-[cdiv(M, RPP), K_0] buffers; batch_stats.merge_partials combines them with
-Chan's formula in a fixed order. RPP divides every BLOCK_M the autotuner
-may pick, so the buffer layout, and which kernel writes which row, is the same for
-every config: no row is left stale by a benchmark run of another config, and nothing
-needs zeroing or restoring.
+BatchNorm, merged to one (count, mean, M2) row per channel by the programs that
+arrive last (stats_epilogue.py): the next conv reads that row in its loader.
 
 Layout: loads and stores go through strides (x given as Pieces: through their
 table). channels_last x is the fast layout: the reduction tile is contiguous along C.
@@ -41,7 +36,8 @@ from . import SUPPORTED_DTYPES, tuning
 from .batch_stats import LoaderFold, loader_fold, loader_fold_args, merge_partials, store_fold
 from .common import (activation_args, bn_relu, cdiv, channel_vector, check_activation, check_dropout,
                      conv_output_format, device_of, dot_precision, dropout_args, dropped, filling_first, launcher,
-                     needs_int64, next_power_of_2, per_weight, piece_offsets, sm_count, two_pass, PROGRAMS_PER_SM)
+                     needs_int64, next_power_of_2, per_weight, piece_offsets, sm_count, PROGRAMS_PER_SM)
+from .stats_epilogue import EpilogueMoments, epilogue_moments
 
 
 def _configs(shapes):
@@ -62,11 +58,13 @@ CONFIGS = {
     ]),
     "interpreter": _configs([(64, 32, 32, 4, 1)]),
 }
-# Every row tile holds several whole statistics groups of its profile: the
-# partials' layout, and which program writes which row, is the same whatever
+# Every row tile holds several whole statistics partials of its profile, and
+# a group of partials whole row tiles (stats_epilogue.py): the partials'
+# layout, and which program writes and merges which row, is the same whatever
 # config runs.
 for _profile in (tuning.GPU, tuning.INTERPRETER):
     assert all(c.kwargs["BLOCK_M"] % _profile.rows_per_partial == 0 and c.kwargs["BLOCK_M"] > _profile.rows_per_partial
+               and _profile.reduction_group_rows % (c.kwargs["BLOCK_M"] // _profile.rows_per_partial) == 0
                for c in CONFIGS[_profile.name])
 
 
@@ -92,7 +90,8 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, table_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr, cnt_ptr, mean_ptr, m2_ptr,
+    x_ptr, table_ptr, scale_ptr, shift_ptr, w0_ptr, w1_ptr, out0_ptr, out1_ptr, res_ptr,
+    moments_ptr, moment_rows, group_rows, merged_cnt_ptr, merged_mean_ptr, merged_m2_ptr, counters_ptr, counter_at,
     M, C, H, W, HO, WO, K0, K1,
     sxn, sxc, sxh, sxw, swk, swc, swr, sws, s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, srn, src, srh, srw,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W,
@@ -213,18 +212,9 @@ def _conv_fwd_kernel(
         y0 = y.to(out0_ptr.dtype.element_ty)
         tl.store(out0_ptr + (n * s0n + oh * s0h + ow * s0w)[:, None] + cols[None, :] * s0c, y0, mask=ok_out)
         if STATS:
-            # Rows in groups of RPP: group g of this tile is partial pid_m * BLOCK_M // RPP + g.
-            yq = tl.reshape(y0.to(tl.float32), (BLOCK_M // RPP, RPP, BLOCK_N))
-            rf = tl.reshape(row_ok.to(tl.float32), (BLOCK_M // RPP, RPP))
-            cnt = tl.sum(rf, axis=1)  # [G]; a group past M has 0 and is not stored
-            ok3 = tl.expand_dims(rf, 2) > 0.0
-            g_mean, g_m2 = two_pass(yq, ok3, tl.expand_dims(tl.maximum(cnt, 1.0), 1), axis=1)
-            prow = pid_m * (BLOCK_M // RPP) + tl.arange(0, BLOCK_M // RPP)
-            pok = (cnt > 0.0)[:, None] & col_ok[None, :]
-            poffs = prow[:, None] * K0 + cols[None, :]
-            tl.store(cnt_ptr + poffs, tl.broadcast_to(cnt[:, None], (BLOCK_M // RPP, BLOCK_N)), mask=pok)
-            tl.store(mean_ptr + poffs, g_mean, mask=pok)
-            tl.store(m2_ptr + poffs, g_m2, mask=pok)
+            epilogue_moments(y0, row_ok, cols, col_ok, pid_m, tile_n, num_n0, M, K0, moments_ptr, moment_rows,
+                             group_rows, merged_cnt_ptr, merged_mean_ptr, merged_m2_ptr, counters_ptr + counter_at, RPP,
+                             BLOCK_M, BLOCK_N)
     elif HAS_OUT1:
         y1 = y.to(out1_ptr.dtype.element_ty)
         tl.store(out1_ptr + (n * s1n + oh * s1h + ow * s1w)[:, None] + cols[None, :] * s1c, y1, mask=ok_out)
@@ -261,8 +251,8 @@ def conv_forward(
     [K_i, C, R_i, S_i] in x's dtype. stride/padding: an int or (h, w) pair shared by all
     weights, or a list with one pair per weight (paddings may differ, strides may not).
     residual (outs[0]'s shape, any strides) is added to outs[0]. stats=True also returns
-    (mean, biased var) fp32 [K_0] of outs[0] as stored; with raw_stats, the unmerged
-    partials (count, mean, M2, each [stats_partials(outs[0]), K_0]) instead. Outputs
+    (mean, biased var) fp32 [K_0] of outs[0] as stored; with raw_stats, its merged
+    (count, mean, M2), each [1, K_0], as batch_norm_stats takes partials, instead. Outputs
     are channels_last when x is, else NCHW-contiguous. No host synchronisation.
     fold: x's BatchNorm statistics pass left to this call (batch_norm_stats with
     defer=True): scale and shift are then its empty outputs, which the first
@@ -362,11 +352,6 @@ def _weight_operands(ws: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tenso
     return matrix, matrix[..., ws[0].shape[0]:], (1, k_total, S * C * k_total, C * k_total)
 
 
-def stats_partials(out: torch.Tensor) -> int:
-    """Rows of the statistics partials the epilogue writes for `out` [N, K, Ho, Wo]."""
-    return cdiv(out.shape[0] * out.shape[2] * out.shape[3], tuning.sizing.rows_per_partial)
-
-
 def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, fold, dropout):
     N, C, H, W = x.shape
     _, K0, HO, WO = outs[0].shape
@@ -376,18 +361,16 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
     w0, w1, w_strides = _weight_operands(ws, M)
     out1 = outs[1] if len(outs) > 1 else outs[0]  # placeholder pointers when unused
     res = residual if residual is not None else outs[0]
-    if stats:
-        P = stats_partials(outs[0])
-        cnt, mean, m2 = (torch.empty((P, K0), dtype=torch.float32, device=x.device) for _ in range(3))
-    else:
-        cnt = mean = m2 = scale  # never touched: STATS is off
+    moments = EpilogueMoments(M, K0, x.device) if stats else None
+    # Without STATS nothing is touched: any pointers will do.
+    moment_args = moments.args() if stats else (scale, 1, 1, scale, scale, scale, scale, 0)
     idx64 = needs_int64(x, *outs, res)
     merge_args, merge_flags = loader_fold_args(fold)
     x_arg, table, pieces = activation_args(x)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"])  # noqa: E731
                          * (cdiv(K0, meta["BLOCK_N"]) + cdiv(K1, meta["BLOCK_N"])),)
     _conv_fwd[grid](
-        x_arg, table, scale, shift, w0, w1, outs[0], out1, res, cnt, mean, m2,
+        x_arg, table, scale, shift, w0, w1, outs[0], out1, res, *moment_args,
         M, C, H, W, HO, WO, K0, K1,
         *x.stride(), *w_strides, *outs[0].stride(), *out1.stride(), *res.stride(),
         stride[0], stride[1], pad[0], pad[1], *merge_args, *dropout_args(dropout, scale),
@@ -397,4 +380,4 @@ def _launch(x, scale, shift, ws, outs, stride, pad, residual, stats, raw_stats, 
     )
     if not stats:
         return None
-    return (cnt, mean, m2) if raw_stats else merge_partials(cnt, mean, m2)
+    return moments.merged if raw_stats else merge_partials(*moments.merged)
