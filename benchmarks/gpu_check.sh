@@ -102,7 +102,7 @@ export PYTHONPATH=benchmarks${PYTHONPATH:+:$PYTHONPATH}
 pytest=(python -m pytest -q -p no:cacheprovider -p compile_log)
 # The gpu-marked Triton tests (paper shapes in every dtype, a step repeated
 # bit for bit, autocast); CUDA graphs and inductor have steps of their own.
-triton_gpu=(tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_row_sums.py tests/test_triton_stats_epilogue.py tests/test_gpu_paths.py -m gpu)
+triton_gpu=(tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_row_sums.py tests/test_triton_stats_epilogue.py tests/test_triton_backward_sums.py tests/test_gpu_paths.py -m gpu)
 if [ $dry -eq 1 ]; then
   # No CUDA: the installed extension instead of a build, Triton in the
   # interpreter (nothing to compile ahead), the device steps' tests collected

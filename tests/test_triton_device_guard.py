@@ -64,6 +64,7 @@ def test_a_training_step_launches_every_kernel_on_its_tensors_device(second_devi
     x = torch.randn(3, 5, 4, 6)
     mean, _ = batch_stats.batch_stats(x, 1e-5)  # the launchers the step above does not call
     batch_stats.merge_partials(torch.full((2, 5), 3.0), torch.randn(2, 5), torch.rand(2, 5))
+    row_sums.sum_partials([row_sums.Partials(torch.randn(3, 5), torch.float32, lambda total: total)])
     assert_close(mean, x.double().mean((0, 2, 3)), torch.float32, "mean")
     names = {name for name, _ in second_device.launches}
     assert {"_conv_fwd_kernel", "_dgrad_kernel", "_wgrad_kernel", "_input_grad_kernel", "_merge_partials_kernel",

@@ -86,8 +86,9 @@ def test_a_triton_training_step_leaves_every_counter_at_zero():
     ring, before = row_sums.arrival_counters(torch.device(DEV), 0)
     with DispatchCounter() as counter:
         model.to(DEV)(x).sum().backward()
-    assert counter.triton["_merge_partials_kernel"] + counter.triton["_sum_rows_kernel"] > 0
-    assert row_sums.arrival_counters(torch.device(DEV), 0)[1] > before, "no launch took counters: no two levels"
+    # The step's reductions run inside the conv, dgrad and dx launches, on counters from the ring.
+    assert counter.triton.get("_merge_partials_kernel", 0) <= 1 and "_sum_rows_kernel" not in counter.triton
+    assert row_sums.arrival_counters(torch.device(DEV), 0)[1] > before, "no launch took counters"
     assert _rings_are_zero()
 
 

@@ -136,21 +136,19 @@ class TritonBackend:
             # traces with fake tensors: go through the ops below, one per step.
             grad_weights = [triton_weight_grad(g, x, scale, shift, c.weight, c.stride, c.padding, *_traced(dropout))
                             if want else None for g, c, want in zip(grads, convs, wanted)]
+        elif bn_grad and one_gemm:
+            return _eager_backward(grads, convs, wanted, used, x, mean, invstd, scale, shift, training, dropout)
         else:
-            grad_weights, dz_and_sums = _summed_together(grads, convs, wanted, used, x, mean, invstd, scale, shift,
-                                                         bn_grad and one_gemm, dropout)
+            partials = _weight_grad_partials(grads, convs, wanted, x, scale, shift, dropout)
+            grad_weights = _spread_over(wanted, _kernels().row_sums.sum_partials(partials))
         if not bn_grad:
             return None, grad_weights, None, None
         if not one_gemm:
             dx, sum_dz, sum_dz_xhat = _input_grad_per_conv(used, x, mean, invstd, scale, shift, training, dropout)
-        elif traceable:
+        else:
             dx, sum_dz, sum_dz_xhat = triton_input_grad(
                 [g for g, _ in used], [c.weight for _, c in used], [i for _, c in used for i in c.stride],
                 [i for _, c in used for i in c.padding], x, mean, invstd, scale, shift, training, *_traced(dropout))
-        else:
-            dz, (sum_dz, sum_dz_xhat) = dz_and_sums
-            dx = _kernels().bn_relu_backward.bn_relu_input_grad(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat,
-                                                                training)
         return dx, grad_weights, sum_dz, sum_dz_xhat
 
 
@@ -193,23 +191,32 @@ def _untraced(p: float, seed) -> Optional[Dropout]:
     return None if p == 0 else Dropout(p, seed)
 
 
-def _summed_together(grads, convs, wanted: list[bool], used, x, mean, invstd, scale, shift, dgrad: bool, dropout):
-    """([dW per conv or None], (dz, (sum_dz, sum_dz_xhat)) or None): the weight
-    gradients' and (when `dgrad`) the dgrad's launches, then their partial sums
-    in one launch per reduction level instead of one per buffer."""
+def _weight_grad_partials(grads, convs, wanted: list[bool], x, scale, shift, dropout) -> list:
+    """The wanted convs' wgrad launches: their partials, to sum (row_sums.Partials)."""
+    wgrad = _kernels().conv_wgrad.conv_wgrad_partials
+    return [wgrad(g, x, scale, shift, c.weight.shape, c.stride, c.padding, c.weight.dtype, dense_format(c.weight),
+                  dropout) for g, c, want in zip(grads, convs, wanted) if want]
+
+
+def _spread_over(wanted: list[bool], results: list) -> list:
+    """results, one per wanted entry, as a list with None where not wanted."""
+    it = iter(results)
+    return [next(it) if want else None for want in wanted]
+
+
+def _eager_backward(grads, convs, wanted: list[bool], used, x, mean, invstd, scale, shift, training, dropout):
+    """(dx, [dW per conv or None], sum_dz, sum_dz_xhat) in three launches or
+    four: the weight gradients' (one per conv), dgrad (its sums finished by
+    its own last programs), and dx, whose launch also sums the weight
+    gradients' partials."""
     kernels = _kernels()
-    jobs = [kernels.conv_wgrad.conv_wgrad_partials(g, x, scale, shift, c.weight.shape, c.stride, c.padding,
-                                                   c.weight.dtype, dense_format(c.weight), dropout) if want else None
-            for g, c, want in zip(grads, convs, wanted)]
-    dz = None
-    if dgrad:
-        dz, sums = kernels.conv_dgrad.conv_dgrad_partials(
-            [g for g, _ in used], [c.weight for _, c in used], [c.stride for _, c in used],
-            [c.padding for _, c in used], x, mean, invstd, scale, shift, dropout)
-        jobs.append(sums)
-    results = iter(kernels.row_sums.sum_partials([j for j in jobs if j is not None]))
-    finished = [None if j is None else next(results) for j in jobs]
-    return finished[:len(convs)], ((dz, finished[-1]) if dgrad else None)
+    jobs = _weight_grad_partials(grads, convs, wanted, x, scale, shift, dropout)
+    dz, sum_dz, sum_dz_xhat = kernels.conv_dgrad.conv_dgrad(
+        [g for g, _ in used], [c.weight for _, c in used], [c.stride for _, c in used], [c.padding for _, c in used],
+        x, mean, invstd, scale, shift, dropout)
+    dx, grad_weights = kernels.bn_relu_backward.input_grad_and_sums(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat,
+                                                                     training, jobs)
+    return dx, _spread_over(wanted, grad_weights), sum_dz, sum_dz_xhat
 
 
 def _input_grad_per_conv(used, x, mean, invstd, scale, shift, training, dropout):

@@ -13,13 +13,20 @@ The kernel walks dx in its memory order (dx = empty_like(x) is dense in x's
 layout); the channel of flat offset i is (i // stride_c) % C in any dense layout.
 Operands laid out like dx are read at offset i directly; others (a strided x
 or dz) at offsets rebuilt from i's coordinates.
+
+The same launch may also sum other kernels' partial rows in programs of its
+own (row_sums.sum_slots): a layer's weight gradients, so that its backward
+spends no launch on them.
 """
+from typing import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import (activation_args, cdiv, channel_vector, check_activation, device_of, empty_activation, launcher,
                      piece_offsets, sm_count)
+from .row_sums import SUM_BLOCKS, Partials, launch_sums, plan_sums, sum_slots
 
 
 @triton.jit
@@ -37,11 +44,28 @@ def _offsets(i, N, C, H, W, so_n, so_c, so_h, so_w, s_n, s_c, s_h, s_w, SAME: tl
 def _input_grad_kernel(
     dz_ptr, x_ptr, table_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
     numel, N, C, H, W, inv_m,
-    so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn, s_xc, s_xh, s_xw,
+    so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn, s_xc, s_xh, s_xw, dx_programs,
+    counters, src0, dst0, scratch0, at0, T0, P0, G0, src1, dst1, scratch1, at1, T1, P1, G1,
+    src2, dst2, scratch2, at2, T2, P2, G2, col_blocks, groups,
     TRAINING: tl.constexpr, DZ_SAME: tl.constexpr, X_SAME: tl.constexpr, PIECES: tl.constexpr,
-    INT64: tl.constexpr, BLOCK: tl.constexpr,
+    INT64: tl.constexpr, BLOCK: tl.constexpr, SUMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    # Programs past dx's (SUMS): row_sums.sum_slots of the given slots.
     pid = tl.program_id(0)
+    if SUMS and pid >= dx_programs:
+        sum_slots(pid - dx_programs, counters, src0, dst0, scratch0, at0, T0, P0, G0, src1, dst1, scratch1, at1, T1,
+                  P1, G1, src2, dst2, scratch2, at2, T2, P2, G2, col_blocks, groups, BLOCK_T, BLOCK_P)
+    else:
+        _input_grad(pid, dz_ptr, x_ptr, table_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr,
+                    sum_dz_xhat_ptr, numel, N, C, H, W, inv_m, so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn,
+                    s_xc, s_xh, s_xw, TRAINING, DZ_SAME, X_SAME, PIECES, INT64, BLOCK)
+
+
+@triton.jit
+def _input_grad(pid, dz_ptr, x_ptr, table_ptr, dx_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_dz_ptr, sum_dz_xhat_ptr,
+                numel, N, C, H, W, inv_m, so_n, so_c, so_h, so_w, s_zn, s_zc, s_zh, s_zw, s_xn, s_xc, s_xh, s_xw,
+                TRAINING: tl.constexpr, DZ_SAME: tl.constexpr, X_SAME: tl.constexpr, PIECES: tl.constexpr,
+                INT64: tl.constexpr, BLOCK: tl.constexpr):
     if INT64:  # only tensors of 2**31 elements or more pay for 64-bit index arithmetic
         pid = pid.to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK)
@@ -80,7 +104,6 @@ def _block(numel: int, device: torch.device) -> int:
     return next((b for b in (1024, 512) if cdiv(numel, b) >= target), 256)
 
 
-@launcher(lambda dz, x, *args, **kwargs: device_of(x))
 def bn_relu_input_grad(dz: torch.Tensor, x, mean: torch.Tensor, invstd: torch.Tensor,
                        scale: torch.Tensor, sum_dz, sum_dz_xhat, training: bool) -> torch.Tensor:
     """dx of BN -> ReLU given dz (see the module docstring), in x's dtype and
@@ -89,6 +112,15 @@ def bn_relu_input_grad(dz: torch.Tensor, x, mean: torch.Tensor, invstd: torch.Te
     training: mean/invstd are x's batch statistics (sum_dz and sum_dz_xhat, fp32
     [C], are then required); otherwise they are constants and the sums are
     ignored (may be None)."""
+    return input_grad_and_sums(dz, x, mean, invstd, scale, sum_dz, sum_dz_xhat, training, ())[0]
+
+
+@launcher(lambda dz, x, *args, **kwargs: device_of(x))
+def input_grad_and_sums(dz: torch.Tensor, x, mean: torch.Tensor, invstd: torch.Tensor, scale: torch.Tensor, sum_dz,
+                        sum_dz_xhat, training: bool, jobs: Sequence[Partials]) -> tuple[torch.Tensor, list]:
+    """(bn_relu_input_grad's dx, each job's finished sum as
+    row_sums.sum_partials gives it): up to three jobs' sums run in dx's
+    launch, in programs of their own."""
     check_activation(x)
     if not isinstance(dz, torch.Tensor):
         raise TypeError(f"dz must be a torch.Tensor, got {type(dz).__name__}")
@@ -106,19 +138,28 @@ def bn_relu_input_grad(dz: torch.Tensor, x, mean: torch.Tensor, invstd: torch.Te
         mean = invstd = sum_dz = sum_dz_xhat = scale
 
     dx = empty_activation(x)  # dense, in x's memory format (preserve_format)
+    sums, plans = plan_sums(jobs)
+    for plan in plans[1:]:  # more than a launch's slots: the rest in launches of their own
+        launch_sums(plan)
     n, c, h, w = x.shape
     numel = x.numel()
     if numel == 0:
-        return dx
+        if plans:
+            launch_sums(plans[0])
+        return dx, [job.finish(total) for job, total in zip(jobs, sums)]
     # Size-1 dimensions' strides are arbitrary: compare only the others.
     same = [all(t.stride(d) == dx.stride(d) for d in range(4) if x.shape[d] > 1) for t in (dz, x)]
     block = _block(numel, x.device)
+    programs = cdiv(numel, block)
+    # Without slots, any pointers and sizes (SUMS is off).
+    carried = plans[0] if plans else None
+    slot_args = carried.args if carried else (scale,) + (scale, scale, scale, 0, 1, 1, 1) * 3 + (1, 1)
     x_arg, table, pieces = activation_args(x)
-    _input_grad_kernel[(cdiv(numel, block),)](
+    _input_grad_kernel[(programs + (carried.programs if carried else 0),)](
         dz, x_arg, table, dx, mean, invstd, scale, sum_dz, sum_dz_xhat,
         numel, n, c, h, w, 1.0 / (numel // c),
-        *dx.stride(), *dz.stride(), *x.stride(),
+        *dx.stride(), *dz.stride(), *x.stride(), programs, *slot_args,
         TRAINING=bool(training), DZ_SAME=same[0], X_SAME=same[1] and not pieces, PIECES=pieces,
-        INT64=numel >= 2**31, BLOCK=block, num_warps=4,
+        INT64=numel >= 2**31, BLOCK=block, SUMS=carried is not None, **SUM_BLOCKS, num_warps=4,
     )
-    return dx
+    return dx, [job.finish(total) for job, total in zip(jobs, sums)]

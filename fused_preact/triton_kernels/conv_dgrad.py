@@ -14,8 +14,10 @@ two (a stage's first unit: conv1 and the projection shortcut, same stride). Back
 `conv_dgrad` computes da as an implicit GEMM (rows: the N*H*W positions of x,
 columns: its C channels, reduction: K*R*S of each conv) whose epilogue recomputes
 z from x, so neither a nor da is ever written: only dz (x's dtype, x's layout),
-and per-row-tile partial sums that a second small kernel adds in a fixed order
-(no atomics: deterministic; no host synchronisation: CUDA-graph capturable).
+and per-row-tile partial sums, which the programs that finish last add in a
+fixed order (row_sums.last_to_arrive; groups of row tiles first where there
+are thousands): deterministic, no atomic additions, no host synchronisation
+(CUDA-graph capturable), no launch of their own.
 `bn_relu_backward.bn_relu_input_grad` then finishes dx.
 
 Strided convolutions: a position h only receives taps r with (h + p_h - r) divisible
@@ -35,7 +37,10 @@ from . import tuning
 from .common import (activation_args, cdiv, channel_vector, check_activation, check_dropout, conv_out_size,
                      device_of, dot_precision, dropout_args, dropped, empty_activation, filling_first, launcher,
                      needs_int64, next_power_of_2, pair, piece_offsets, sm_count, PROGRAMS_PER_SM)
-from .row_sums import Partials, sum_partials
+from .row_sums import arrival_counters, column_sums, last_to_arrive, reduction_groups
+
+# Partial rows x channels a last program sums per step.
+_SUM_TILE = tl.constexpr(2048)
 
 
 
@@ -75,7 +80,7 @@ def _accumulate_conv(acc, dy_ptr, w_ptr, n64, i, j, row_ok, offs_c, c_ok, qh, qw
 @triton.jit
 def _dgrad_kernel(
     dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, x_ptr, table_ptr, dz_ptr, drop_seed_ptr, drop_threshold, drop_scale,
-    part_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
+    part_ptr, scratch_ptr, sums_ptr, counters_ptr, counter_at, group_rows, mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
     N, C, H, W, Hq, Wq, sh, sw, num_m_tiles,
     K1, R1, S1, ph1, pw1, Ho1, Wo1, s_dy1n, s_dy1k, s_dy1h, s_dy1w, s_w1k, s_w1c, s_w1r, s_w1s,
     K2, R2, S2, ph2, pw2, Ho2, Wo2, s_dy2n, s_dy2k, s_dy2h, s_dy2w, s_w2k, s_w2c, s_w2r, s_w2s,
@@ -138,6 +143,40 @@ def _dgrad_kernel(
     part = part_ptr + tile * (2 * C) + offs_c
     tl.store(part, tl.sum(dzf, axis=0), mask=c_ok)
     tl.store(part + C, tl.sum(dzf * xhat, axis=0), mask=c_ok)
+    _sums_on_arrival(part_ptr, scratch_ptr, sums_ptr, counters_ptr + counter_at, sh * sw * num_m_tiles, tile, pid_c,
+                     num_c_tiles, group_rows, C, offs_c, c_ok, BLOCK_N)
+
+
+@triton.jit
+def _store_sums(src_ptr, start, end, C, offs_c, c_ok, out_ptr, BLOCK_N: tl.constexpr):
+    """out[c] and out[C + c], channels offs_c: the sums over rows
+    start..end-1 of a [rows, 2C] fp32 src that other programs wrote (read
+    from L2)."""
+    for half in tl.static_range(2):
+        cols = half * C + offs_c
+        tl.store(out_ptr + cols, column_sums(src_ptr, start, end, 2 * C, cols, c_ok, _SUM_TILE // BLOCK_N, BLOCK_N,
+                                             ".cg"), mask=c_ok)
+
+
+@triton.jit
+def _sums_on_arrival(part_ptr, scratch_ptr, sums_ptr, counters_ptr, tiles, tile, pid_c, num_c_tiles, group_rows, C,
+                     offs_c, c_ok, BLOCK_N: tl.constexpr):
+    """After this program's partial row: the last of the channel tile's row
+    tiles to arrive sums the rows into sums [2C]; with several groups of
+    group_rows row tiles, the last of each group sums its rows into
+    scratch[group], and the last group the group rows. Counters: the channel
+    tiles' first, then each group's."""
+    groups = tl.cdiv(tiles, group_rows)
+    group = tile // group_rows
+    start = group * group_rows
+    end = tl.minimum(start + group_rows, tiles)
+    if groups == 1:
+        if last_to_arrive(counters_ptr + pid_c, tiles):
+            _store_sums(part_ptr, 0, tiles, C, offs_c, c_ok, sums_ptr, BLOCK_N)
+    elif last_to_arrive(counters_ptr + num_c_tiles * (1 + group) + pid_c, end - start):
+        _store_sums(part_ptr, start, end, C, offs_c, c_ok, scratch_ptr + group * (2 * C), BLOCK_N)
+        if last_to_arrive(counters_ptr + pid_c, groups):
+            _store_sums(scratch_ptr, 0, groups, C, offs_c, c_ok, sums_ptr, BLOCK_N)
 
 
 # ------------------------------------------------------------------------------ host
@@ -170,8 +209,8 @@ def _configs(pairs, warps_and_stages):
 # BLOCK_N (channel tile) x BLOCK_K (reduction step) per profile. GPU: channel
 # counts 16-256, pruned to the problem below; the interpreter runs one small
 # config. BLOCK_M (64 or 128 rows) is not tuned: it fixes the number of
-# partial-sum rows, which the host must know to size that buffer and to launch
-# the sum (no device -> host sync).
+# partial-sum rows, which the host must know to size that buffer and to group
+# their sums (no device -> host sync).
 CONFIGS = {
     "gpu": _configs([(bn, bk) for bn in (16, 32, 64, 128) for bk in (16, 32, 64)],
                     lambda bn: (4 if bn <= 64 else 8, 3)),
@@ -214,24 +253,13 @@ def _block_m(rows: int, phases: int, c: int, device: torch.device) -> int:
 def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor], strides: list[tuple[int, int]],
                paddings: list[tuple[int, int]], x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                scale: torch.Tensor, shift: torch.Tensor, dropout=None):
-    """(dz, sum_dz, sum_dz_xhat) of BN -> ReLU -> conv_i (see the module docstring).
+    """(dz, sum_dz, sum_dz_xhat) of BN -> ReLU -> conv_i (see the module
+    docstring), in one launch.
 
     grads[i] is dy of conv i (weights[i], strides[i], paddings[i]), or None when
     that output has no gradient; at most two convs, which must share the stride.
     dz has x's shape, dtype and layout (empty_like); the sums are fp32 [C].
     dropout: forward's (p, seed), whose mask the epilogue makes again."""
-    dz, sums = conv_dgrad_partials(grads, weights, strides, paddings, x, mean, invstd, scale, shift, dropout)
-    return (dz, *sum_partials([sums])[0])
-
-
-@launcher(lambda grads, weights, strides, paddings, x, *args, **kwargs: device_of(x))
-def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
-                        strides: list[tuple[int, int]], paddings: list[tuple[int, int]], x: torch.Tensor,
-                        mean: torch.Tensor, invstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                        dropout=None):
-    """(dz, the sums' partials): conv_dgrad without its sum launch; sum_partials
-    finishes the partials into (sum_dz, sum_dz_xhat), together with other
-    buffers' sums."""
     check_activation(x)
     check_dropout(dropout, x)
     if not (len(grads) == len(weights) == len(strides) == len(paddings)) or not 1 <= len(grads) <= 2:
@@ -248,9 +276,8 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
                                   ((mean, "mean"), (invstd, "invstd"), (scale, "scale"), (shift, "shift")))
 
     n, c, h, w = x.shape
-    finish = lambda sums: (sums[:c], sums[c:])  # noqa: E731
     if x.numel() == 0:  # nothing to launch
-        return empty_activation(x).zero_(), Partials(torch.zeros((1, 2 * c), device=x.device), torch.float32, finish)
+        return empty_activation(x).zero_(), *torch.zeros((2, c), device=x.device)
     sh, sw = convs[0][2]
     hq, wq = cdiv(h, sh), cdiv(w, sw)  # rows of the largest phase
     rows = n * hq * wq
@@ -259,6 +286,11 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
     tiles = sh * sw * num_m_tiles
     dz = empty_activation(x)  # x's layout; for Pieces, their concatenation's
     partials = torch.empty((tiles, 2 * c), dtype=torch.float32, device=x.device)
+    sums = torch.empty(2 * c, dtype=torch.float32, device=x.device)
+    groups = reduction_groups(tiles)
+    scratch = partials if groups is None else torch.empty((groups, 2 * c), dtype=torch.float32, device=x.device)
+    # Channel tiles are at least 16 wide: counters for the narrowest.
+    ring, at = arrival_counters(x.device, ((groups or 0) + 1) * cdiv(c, 16))
 
     def conv_args(grad, weight, stride, padding):
         k, _, r, s = weight.shape
@@ -268,8 +300,8 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
     second = convs[1] if len(convs) == 2 else convs[0]  # unused unless HAS_SECOND
     x_arg, table, pieces = activation_args(x)
     _dgrad[lambda meta: (tiles * cdiv(c, meta["BLOCK_N"]),)](
-        first[0], first[1], second[0], second[1], x_arg, table, dz, *dropout_args(dropout, scale), partials, mean,
-        invstd, scale, shift,
+        first[0], first[1], second[0], second[1], x_arg, table, dz, *dropout_args(dropout, scale), partials, scratch,
+        sums, ring, at, tiles if groups is None else tuning.sizing.reduction_group_rows, mean, invstd, scale, shift,
         n, c, h, w, hq, wq, sh, sw, num_m_tiles,
         *conv_args(*first), *conv_args(*second),
         *x.stride(), *dz.stride(),
@@ -277,4 +309,4 @@ def conv_dgrad_partials(grads: list[Optional[torch.Tensor]], weights: list[torch
         DROPOUT=dropout is not None,
         PRECISION=dot_precision(x.dtype), BLOCK_M=block_m,
     )
-    return dz, Partials(partials, torch.float32, finish)
+    return dz, sums[:c], sums[c:]

@@ -40,7 +40,7 @@ def last_to_arrive(counter_ptr, arrivals):
 
 
 @triton.jit
-def _column_sums(src_ptr, start, end, P, cols, col_ok, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+def column_sums(src_ptr, start, end, P, cols, col_ok, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
                  CACHE: tl.constexpr):
     """Sums of rows start..end-1 of a contiguous fp32 [T, P] at the BLOCK_P
     columns `cols`, BLOCK_T rows at a time, in a fixed order."""
@@ -53,43 +53,58 @@ def _column_sums(src_ptr, start, end, P, cols, col_ok, BLOCK_T: tl.constexpr, BL
 
 
 @triton.jit
-def _sum_rows(src_ptr, dst_ptr, scratch_ptr, counter_ptr, T, P, rows_per_group, BLOCK_T: tl.constexpr,
-              BLOCK_P: tl.constexpr):
+def _sum_rows(src_ptr, dst_ptr, scratch_ptr, counter_ptr, T, P, rows_per_group, col_block, group,
+              BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
     """dst[p] = the sum of src[t, p] over t (a contiguous fp32 [T, P]), in
-    dst's dtype, for this program's column block: alone where one group
-    holds every row; else group program_id(1) of rows_per_group rows into
+    dst's dtype, for column block `col_block`: alone where one group holds
+    every row; else group `group` of rows_per_group rows into
     scratch[group], and the last of the groups to arrive sums scratch."""
-    cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = col_block * BLOCK_P + tl.arange(0, BLOCK_P)
     col_ok = cols < P
-    group = tl.program_id(1)
     groups = tl.cdiv(T, rows_per_group)
     if group < groups:  # the grid covers the largest buffer of the launch
         start = group * rows_per_group
-        acc = _column_sums(src_ptr, start, tl.minimum(start + rows_per_group, T), P, cols, col_ok, BLOCK_T, BLOCK_P,
+        acc = column_sums(src_ptr, start, tl.minimum(start + rows_per_group, T), P, cols, col_ok, BLOCK_T, BLOCK_P,
                            "")
         if groups == 1:
             tl.store(dst_ptr + cols, acc.to(dst_ptr.dtype.element_ty), mask=col_ok)
         else:
             tl.store(scratch_ptr + group * P + cols, acc, mask=col_ok)
-            if last_to_arrive(counter_ptr + tl.program_id(0), groups):
-                total = _column_sums(scratch_ptr, 0, groups, P, cols, col_ok, BLOCK_T, BLOCK_P, ".cg")
+            if last_to_arrive(counter_ptr + col_block, groups):
+                total = column_sums(scratch_ptr, 0, groups, P, cols, col_ok, BLOCK_T, BLOCK_P, ".cg")
                 tl.store(dst_ptr + cols, total.to(dst_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
-def _sum_rows_kernel(counters, src0, dst0, scratch0, at0, T0, P0, G0, src1, dst1, scratch1, at1, T1, P1, G1,
-                     src2, dst2, scratch2, at2, T2, P2, G2, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
-    """_sum_rows of up to three buffers in one launch, buffer program_id(2)
-    (its counters at counters + at_i): a layer's backward sums its weight
-    gradients' and its dgrad's partials together (unused slots repeat
-    buffer 0 and are never selected)."""
-    job = tl.program_id(2)
-    if job == 0:
-        _sum_rows(src0, dst0, scratch0, counters + at0, T0, P0, G0, BLOCK_T, BLOCK_P)
-    elif job == 1:
-        _sum_rows(src1, dst1, scratch1, counters + at1, T1, P1, G1, BLOCK_T, BLOCK_P)
+def sum_slots(program, counters, src0, dst0, scratch0, at0, T0, P0, G0, src1, dst1, scratch1, at1, T1, P1, G1,
+              src2, dst2, scratch2, at2, T2, P2, G2, col_blocks, groups, BLOCK_T: tl.constexpr,
+              BLOCK_P: tl.constexpr):
+    """Program `program` (0 .. 3 * col_blocks * groups - 1) of the sums of
+    up to three buffers (slots; slot i's counters at counters + at_i), each
+    slot col_blocks x groups programs (the largest buffer's). Unused slots
+    repeat slot 0 and are never selected. _sum_rows_kernel runs these
+    programs alone; bn_relu_input_grad's kernel runs them beside its own, to
+    sum the weight gradients' partials in the same launch."""
+    per_slot = col_blocks * groups
+    slot = program // per_slot
+    col_block = program % col_blocks
+    group = (program % per_slot) // col_blocks
+    if slot == 0:
+        _sum_rows(src0, dst0, scratch0, counters + at0, T0, P0, G0, col_block, group, BLOCK_T, BLOCK_P)
+    elif slot == 1:
+        _sum_rows(src1, dst1, scratch1, counters + at1, T1, P1, G1, col_block, group, BLOCK_T, BLOCK_P)
     else:
-        _sum_rows(src2, dst2, scratch2, counters + at2, T2, P2, G2, BLOCK_T, BLOCK_P)
+        _sum_rows(src2, dst2, scratch2, counters + at2, T2, P2, G2, col_block, group, BLOCK_T, BLOCK_P)
+
+
+@triton.jit
+def _sum_rows_kernel(counters, src0, dst0, scratch0, at0, T0, P0, G0, src1, dst1, scratch1, at1, T1, P1, G1,
+                     src2, dst2, scratch2, at2, T2, P2, G2, col_blocks, groups, BLOCK_T: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    """SumSlots alone: a layer's backward sums its weight gradients' partials
+    together where no input-gradient pass carries them."""
+    sum_slots(tl.program_id(0), counters, src0, dst0, scratch0, at0, T0, P0, G0, src1, dst1, scratch1, at1, T1, P1,
+              G1, src2, dst2, scratch2, at2, T2, P2, G2, col_blocks, groups, BLOCK_T, BLOCK_P)
 
 
 # ----------------------------------------------------------------------------- host
@@ -142,16 +157,22 @@ class Partials(NamedTuple):
     finish: Callable[[torch.Tensor], object]
 
 
-_SUMS_PER_LAUNCH = 3  # the slots of _sum_rows_kernel
-_SUM_BLOCK_T, _SUM_BLOCK_P = 32, 64
+SUMS_PER_LAUNCH = 3  # the slots of sum_slots
+SUM_BLOCKS = {"BLOCK_T": 32, "BLOCK_P": 64}  # sum_slots' tile, for every kernel that runs its programs
 
 
-@launcher(lambda jobs: device_of(jobs[0].buffer) if jobs else None)
-def sum_partials(jobs: Sequence[Partials]) -> list:
-    """Each job's finished result: its buffer summed over T in a fixed order
-    (reduction_groups), without atomic additions. Buffers are summed
-    together, up to three per launch, each in one launch whatever its rows;
-    a single fp32 partial row is its own sum (a view, no launch)."""
+class SumSlots(NamedTuple):
+    """Up to SUMS_PER_LAUNCH buffers' sums as one launch's programs: the
+    arguments of sum_slots after `program`, and how many programs they take."""
+
+    args: tuple
+    programs: int
+
+
+def plan_sums(jobs: Sequence[Partials]) -> tuple[list, list[SumSlots]]:
+    """(each job's [P] sum tensor, the SumSlots to launch, SUMS_PER_LAUNCH
+    buffers each, that fill them). A single fp32 partial row is its own sum:
+    a view, no slot."""
     sums: list = [None] * len(jobs)
     pending = []
     for i, job in enumerate(jobs):
@@ -160,26 +181,43 @@ def sum_partials(jobs: Sequence[Partials]) -> list:
             sums[i] = job.buffer.view(p)
         else:
             pending.append(i)
-    for start in range(0, len(pending), _SUMS_PER_LAUNCH):
-        batch = pending[start:start + _SUMS_PER_LAUNCH]
+    plans = []
+    for start in range(0, len(pending), SUMS_PER_LAUNCH):
         slots = []
-        for i in batch:
+        for i in pending[start:start + SUMS_PER_LAUNCH]:
             src = jobs[i].buffer
             (t, p), groups = src.shape, reduction_groups(src.shape[0])
             dst = sums[i] = torch.empty(p, dtype=jobs[i].out_dtype, device=src.device)
             scratch = src if groups is None else torch.empty((groups, p), dtype=torch.float32, device=src.device)
             slots.append((src, dst, scratch, t, p, t if groups is None else tuning.sizing.reduction_group_rows))
-        _launch_sums(slots)
-    return [job.finish(total) for job, total in zip(jobs, sums)]
+        plans.append(_slots(slots))
+    return sums, plans
 
 
-def _launch_sums(slots: list) -> None:
-    """One _sum_rows_kernel launch over `slots` (src, dst, scratch, T, P, rows_per_group)."""
-    grid_p = max(cdiv(p, _SUM_BLOCK_P) for _, _, _, _, p, _ in slots)
+def _slots(slots: list) -> SumSlots:
+    """SumSlots of `slots` (src, dst, scratch, T, P, rows_per_group), with its counters."""
+    col_blocks = max(cdiv(p, SUM_BLOCKS["BLOCK_P"]) for _, _, _, _, p, _ in slots)
     groups = max(cdiv(t, g) for _, _, _, t, _, g in slots)
-    per_slot = cdiv(grid_p, 16) * 16  # every slot's counters at a multiple of 16, as the ring's offset
+    per_slot = cdiv(col_blocks, 16) * 16  # every slot's counters at a multiple of 16, as the ring's offset
     ring, at = arrival_counters(slots[0][0].device, per_slot * len(slots))
-    args = []
-    for j, (src, dst, scratch, t, p, g) in enumerate(slots + [slots[0]] * (_SUMS_PER_LAUNCH - len(slots))):
+    args = [ring]
+    for j, (src, dst, scratch, t, p, g) in enumerate(slots + [slots[0]] * (SUMS_PER_LAUNCH - len(slots))):
         args += [src, dst, scratch, at + (j % len(slots)) * per_slot, t, p, g]
-    _sum_rows_kernel[(grid_p, groups, len(slots))](ring, *args, BLOCK_T=_SUM_BLOCK_T, BLOCK_P=_SUM_BLOCK_P)
+    return SumSlots((*args, col_blocks, groups), len(slots) * col_blocks * groups)
+
+
+def launch_sums(plan: SumSlots) -> None:
+    """One _sum_rows_kernel launch of `plan`."""
+    _sum_rows_kernel[(plan.programs,)](*plan.args, **SUM_BLOCKS)
+
+
+@launcher(lambda jobs: device_of(jobs[0].buffer) if jobs else None)
+def sum_partials(jobs: Sequence[Partials]) -> list:
+    """Each job's finished result: its buffer summed over T in a fixed order
+    (reduction_groups), without atomic additions. Buffers are summed
+    together, up to three per launch, each in one launch whatever its rows;
+    a single fp32 partial row is its own sum (a view, no launch)."""
+    sums, plans = plan_sums(jobs)
+    for plan in plans:
+        launch_sums(plan)
+    return [job.finish(total) for job, total in zip(jobs, sums)]
