@@ -28,11 +28,15 @@ How nothing runs:
   CPU kernels are tiny. Their host work per layer does not depend on the
   size; the head's pooling has 3 ops fewer in its backward on a 1x1 map.
 
+Every config's steps are timed in turns (a round of one step each, repeated),
+so that a machine that slows down part way slows them all alike.
+
 Left out on every side: the driver's own launch call (cudaLaunchKernel /
 cuLaunchKernel, a few µs each and the same per launch on both sides: it is
 what the launch count measures) and the caching allocator.
 """
 import contextlib
+import functools
 import os
 import statistics
 import sys
@@ -169,35 +173,54 @@ class _AtenClock(TorchDispatchMode):
         return out
 
 
-def measure(make_model: Callable[[], torch.nn.Module], batch: int, size: int, device: str, repeats: int = 5,
-            cut: bool = False, arch: int = 90) -> dict:
-    """One config's counts and host time per step: `make_model()` (on the CPU)
-    moved to `device`, channels_last, a batch of `batch` size x size images.
-    With `cut`, inside cut_launches(arch) (Triton launches recorded in "launches").
-    The first step warms caches (autotuning, compiles) and is not measured;
-    repeats=0 counts without timing."""
-    with cut_launches(arch) if cut else contextlib.nullcontext([]) as log:
+class _Prepared:
+    """One config's step, warmed up (autotuning, compiles) and counted."""
+
+    def __init__(self, make_model, batch: int, size: int, device: str, log: list):
         torch.manual_seed(0)
         model = make_model().to(device=device, memory_format=torch.channels_last)
-        step = training_step(model, *_inputs(batch, size, device))
-        step()
+        self.step, self.device = training_step(model, *_inputs(batch, size, device)), device
+        self.step()
         del log[:]
-        with DispatchCounter() as counter:
-            step()
-        launches = list(log)
-        times = []
+        with DispatchCounter() as self.counter:
+            self.step()
+        self.launches = list(log)
+        self.times: list = []
+
+
+def measure_all(specs: list, repeats: int = 5, cut: bool = False, arch: int = 90) -> list[dict]:
+    """Counts and host time per step of each spec (make_model, batch, size,
+    device): make_model() (on the CPU) moved to `device`, channels_last, a
+    batch of `batch` size x size images. With `cut`, all run inside
+    cut_launches(arch) (Triton launches recorded in "launches"). The first
+    step warms caches and is not measured; then the specs' steps are timed
+    in turns, `repeats` rounds (so a machine that slows down slows them
+    all), the median kept; repeats=0 counts without timing."""
+    with cut_launches(arch) if cut else contextlib.nullcontext([]) as log:
+        prepared = [_Prepared(*spec, log) for spec in specs]
         for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        aten_us = None
-        if repeats and device == "meta":
-            with _AtenClock() as clock:
-                step()
-            aten_us = clock.seconds * 1e6
-    return {"aten_ops": sum(counter.ops.values()), "triton_launches": len(launches), "syncs": len(counter.syncs),
-            "host_us": statistics.median(times) * 1e6 if times else None, "aten_us": aten_us, "launches": launches,
-            "ops": counter.ops}
+            for p in prepared:
+                start = time.perf_counter()
+                p.step()
+                p.times.append(time.perf_counter() - start)
+        results = []
+        for p in prepared:
+            aten_us = None
+            if repeats and p.device == "meta":
+                with _AtenClock() as clock:
+                    p.step()
+                aten_us = clock.seconds * 1e6
+            results.append({"aten_ops": sum(p.counter.ops.values()), "triton_launches": len(p.launches),
+                            "syncs": len(p.counter.syncs),
+                            "host_us": statistics.median(p.times) * 1e6 if p.times else None, "aten_us": aten_us,
+                            "launches": p.launches, "ops": p.counter.ops})
+    return results
+
+
+def measure(make_model: Callable[[], torch.nn.Module], batch: int, size: int, device: str, repeats: int = 5,
+            cut: bool = False, arch: int = 90) -> dict:
+    """measure_all of one config."""
+    return measure_all([(make_model, batch, size, device)], repeats, cut, arch)[0]
 
 
 # config: (ops + launches, host time) per step as a fraction of eager nn's, at most.
@@ -213,24 +236,33 @@ def configs(backends, modes) -> list[tuple[str, dict]]:
 def table(depth: int, batch: int, size: int, backends=("native", "triton"), modes=("bn_relu", "unit", "segment"),
           host_shape=(2, 4), repeats: int = 5) -> list[dict]:
     """A row per config of PreActResNet-`depth`: counts at batch x size^2, and
-    host time per step (see the module docstring for where each is taken)."""
+    host time per step (see the module docstring for where each is taken),
+    every config's steps timed in turns."""
     from .models import PreActResNet
 
-    rows = []
+    specs, counted_only = [], []
     for label, options in configs(backends, modes):
-        make = lambda: PreActResNet(depth, **options)  # noqa: E731
-        triton = options.get("backend") == "triton"
-        small = measure(make, *host_shape, "cpu", repeats=repeats, cut=triton)
+        make = functools.partial(PreActResNet, depth, **options)
+        specs.append((make, *host_shape, "cpu"))
         # Triton's launches depend on the batch and size (reduction levels,
         # splits): counted and timed at `batch` x `size`. The others: see the
         # module docstring.
-        if triton:
-            counted = timed = measure(make, batch, size, "meta", repeats=repeats, cut=True)
+        if options.get("backend") == "triton":
+            specs.append((make, batch, size, "meta"))
         else:
-            counted, timed = measure(make, host_shape[0], size, "cpu", repeats=0), small
+            counted_only.append((make, host_shape[0], size, "cpu"))
+    timed = iter(measure_all(specs, repeats, cut="triton" in backends))
+    counts = iter(measure_all(counted_only, 0))
+    rows = []
+    for label, options in configs(backends, modes):
+        small = next(timed)
+        if options.get("backend") == "triton":
+            counted = full = next(timed)
+        else:
+            counted, full = next(counts), small
         rows.append({"config": label, "aten_ops": counted["aten_ops"], "triton_launches": counted["triton_launches"],
                      "total": counted["aten_ops"] + counted["triton_launches"], "syncs": counted["syncs"],
-                     "host_us": timed["host_us"], "aten_us": timed["aten_us"],
+                     "host_us": full["host_us"], "aten_us": full["aten_us"],
                      "small_total": small["aten_ops"] + small["triton_launches"], "small_host_us": small["host_us"],
                      "launches": counted["launches"]})
     base = rows[0]

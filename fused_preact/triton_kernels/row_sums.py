@@ -41,7 +41,7 @@ def last_to_arrive(counter_ptr, arrivals):
 
 @triton.jit
 def column_sums(src_ptr, start, end, P, cols, col_ok, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-                 CACHE: tl.constexpr):
+                CACHE: tl.constexpr):
     """Sums of rows start..end-1 of a contiguous fp32 [T, P] at the BLOCK_P
     columns `cols`, BLOCK_T rows at a time, in a fixed order."""
     acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
@@ -65,7 +65,7 @@ def _sum_rows(src_ptr, dst_ptr, scratch_ptr, counter_ptr, T, P, rows_per_group, 
     if group < groups:  # the grid covers the largest buffer of the launch
         start = group * rows_per_group
         acc = column_sums(src_ptr, start, tl.minimum(start + rows_per_group, T), P, cols, col_ok, BLOCK_T, BLOCK_P,
-                           "")
+                          "")
         if groups == 1:
             tl.store(dst_ptr + cols, acc.to(dst_ptr.dtype.element_ty), mask=col_ok)
         else:
@@ -83,8 +83,8 @@ def sum_slots(program, counters, src0, dst0, scratch0, at0, T0, P0, G0, src1, ds
     up to three buffers (slots; slot i's counters at counters + at_i), each
     slot col_blocks x groups programs (the largest buffer's). Unused slots
     repeat slot 0 and are never selected. _sum_rows_kernel runs these
-    programs alone; bn_relu_input_grad's kernel runs them beside its own, to
-    sum the weight gradients' partials in the same launch."""
+    programs alone; the dx pass (bn_relu_backward.input_grad_and_sums) runs
+    them beside its own, to sum the weight gradients' partials in its launch."""
     per_slot = col_blocks * groups
     slot = program // per_slot
     col_block = program % col_blocks
@@ -157,12 +157,12 @@ class Partials(NamedTuple):
     finish: Callable[[torch.Tensor], object]
 
 
-SUMS_PER_LAUNCH = 3  # the slots of sum_slots
+_SUMS_PER_LAUNCH = 3  # the slots of sum_slots
 SUM_BLOCKS = {"BLOCK_T": 32, "BLOCK_P": 64}  # sum_slots' tile, for every kernel that runs its programs
 
 
 class SumSlots(NamedTuple):
-    """Up to SUMS_PER_LAUNCH buffers' sums as one launch's programs: the
+    """Up to _SUMS_PER_LAUNCH buffers' sums as one launch's programs: the
     arguments of sum_slots after `program`, and how many programs they take."""
 
     args: tuple
@@ -170,7 +170,7 @@ class SumSlots(NamedTuple):
 
 
 def plan_sums(jobs: Sequence[Partials]) -> tuple[list, list[SumSlots]]:
-    """(each job's [P] sum tensor, the SumSlots to launch, SUMS_PER_LAUNCH
+    """(each job's [P] sum tensor, the SumSlots to launch, _SUMS_PER_LAUNCH
     buffers each, that fill them). A single fp32 partial row is its own sum:
     a view, no slot."""
     sums: list = [None] * len(jobs)
@@ -182,9 +182,9 @@ def plan_sums(jobs: Sequence[Partials]) -> tuple[list, list[SumSlots]]:
         else:
             pending.append(i)
     plans = []
-    for start in range(0, len(pending), SUMS_PER_LAUNCH):
+    for start in range(0, len(pending), _SUMS_PER_LAUNCH):
         slots = []
-        for i in pending[start:start + SUMS_PER_LAUNCH]:
+        for i in pending[start:start + _SUMS_PER_LAUNCH]:
             src = jobs[i].buffer
             (t, p), groups = src.shape, reduction_groups(src.shape[0])
             dst = sums[i] = torch.empty(p, dtype=jobs[i].out_dtype, device=src.device)
@@ -201,7 +201,7 @@ def _slots(slots: list) -> SumSlots:
     per_slot = cdiv(col_blocks, 16) * 16  # every slot's counters at a multiple of 16, as the ring's offset
     ring, at = arrival_counters(slots[0][0].device, per_slot * len(slots))
     args = [ring]
-    for j, (src, dst, scratch, t, p, g) in enumerate(slots + [slots[0]] * (SUMS_PER_LAUNCH - len(slots))):
+    for j, (src, dst, scratch, t, p, g) in enumerate(slots + [slots[0]] * (_SUMS_PER_LAUNCH - len(slots))):
         args += [src, dst, scratch, at + (j % len(slots)) * per_slot, t, p, g]
     return SumSlots((*args, col_blocks, groups), len(slots) * col_blocks * groups)
 

@@ -5,8 +5,9 @@ Each program splits its BLOCK_M rows into groups of RPP
 (tuning.sizing.rows_per_partial) and writes each group's moments (two_pass)
 to a partial row m // RPP. RPP divides every BLOCK_M the autotuner may pick,
 so which program writes which row is the same for every config. Then the
-partial rows are merged in the fixed order of batch_stats' merge kernel,
-by the programs that arrive last (row_sums.last_to_arrive), per column tile:
+partial rows are merged in row order with Chan's formula (walk_partials, as
+batch_stats' merge kernel does), by the programs that arrive last
+(row_sums.last_to_arrive), per column tile:
 - few rows (reduction_groups: None): the last of the column's row tiles
   walks every partial row;
 - many: row tiles come in groups of reduction_group_rows partial rows (a
