@@ -292,3 +292,48 @@ def test_every_gpu_config_reads_pieces_and_drops_out(kernel, gpu_config):
                 dw = conv_wgrad(dy, pieces, stats[2], stats[3], (k, c, r, r), stride, pad, torch.float32,
                                 dropout=drop)
                 assert_close(dw, weight.grad, torch.float32, name, scale=float(weight.grad.abs().max()))
+
+
+# Groups of 4 partial rows (a multiple of every conv config's BLOCK_M // 32)
+# and of 2 row tiles (dgrad's): the shapes below reduce in two levels in
+# every config, which the GPU's groups of 256 reach only at the paper's sizes.
+SMALL_GROUPS = {"forward": dataclasses.replace(tuning.GPU, reduction_group_rows=4),
+                "dgrad": dataclasses.replace(tuning.GPU, reduction_group_rows=2)}
+
+
+@pytest.mark.parametrize("kernel", ["forward", "dgrad"])
+def test_every_gpu_config_reduces_in_two_levels(kernel, gpu_config):
+    """The in-launch reductions of every GPU config (fp32): the conv's merged
+    statistics of its output (288 rows: 9 partials, 3 groups; 40 outputs:
+    one to three column tiles) and dgrad's sums (8 row tiles: 4 groups),
+    against float64 of the stored output and dz; every counter back at 0."""
+    from fused_preact.triton_kernels import row_sums
+
+    module = forward_module._conv_fwd if kernel == "forward" else dgrad_module._dgrad
+    for config in module.configs["gpu"]:
+        gpu_config(module, config, SMALL_GROUPS[kernel])
+        name = f"{kernel} {_id(config)}"
+        assert row_sums.reduction_groups(9 if kernel == "forward" else 8) is not None, "one level only"
+        if kernel == "forward":
+            x = _input((2, 24, 12, 12), torch.float32)
+            stats, _ = _bn_relu_graph(x, 24)
+            w = torch.randn(40, 24, 3, 3) / 14.7
+            (y,), (count, mean, m2) = conv_forward(x, stats[2], stats[3], [w], 1, 1, stats=True, raw_stats=True)
+            var_ref, mean_ref = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+            assert torch.equal(count[0], torch.full((40,), 288.0)), name
+            assert_close(mean[0], mean_ref, torch.float32, name + " mean", scale=10)
+            assert_close(m2[0] / 288, var_ref, torch.float32, name + " var", scale=10 * float(var_ref.max()))
+        else:
+            x = _input(DGRAD["c13"], torch.float32)
+            stats, _ = _bn_relu_graph(x, 13)
+            weights = [torch.randn(k, 13, r, r) / (13 * r * r) ** 0.5 for k, r, _, _ in DGRAD_CONVS]
+            grads = [torch.randn(2, k, conv_out_size(13, r, s, p), conv_out_size(11, r, s, p)) for k, r, s, p
+                     in DGRAD_CONVS]
+            dz, sum_dz, sum_dz_xhat = conv_dgrad(grads, weights, [(s, s) for _, _, s, _ in DGRAD_CONVS],
+                                                 [(p, p) for _, _, _, p in DGRAD_CONVS], x, *stats)
+            xhat = (x.double() - stats[0].double().view(1, -1, 1, 1)) * stats[1].double().view(1, -1, 1, 1)
+            scale = float(dz.double().abs().sum((0, 2, 3)).max())
+            assert_close(sum_dz, dz.double().sum((0, 2, 3)), torch.float32, name + " sum_dz", scale=scale)
+            assert_close(sum_dz_xhat, (dz.double() * xhat).sum((0, 2, 3)), torch.float32, name + " sum_dz_xhat",
+                         scale=3 * scale)
+        assert all(not ring.any() for ring, _ in row_sums._rings.values()), name
