@@ -34,6 +34,14 @@ def assert_close(actual, expected, dtype=None, name="tensor", scale=1.0):
         )
 
 
+def arrival_counters_at_zero() -> bool:
+    """Whether every device's ring of arrival counters (triton_kernels.row_sums)
+    is back at zero: a last program to arrive resets the counter it used."""
+    from fused_preact.triton_kernels import row_sums
+
+    return all(not ring.any() for ring, _ in row_sums._rings.values())
+
+
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as x in NCHW, channels_last, or as a non-contiguous slice.
     Apply it last: a later .to(dtype or device) would make a dense copy."""

@@ -5,7 +5,7 @@ a sum launch would; every counter back at zero."""
 import pytest
 import torch
 
-from conftest import assert_close, make_layout
+from conftest import arrival_counters_at_zero, assert_close, make_layout
 
 from _triton_forward import DEV, INTERPRET
 
@@ -20,9 +20,6 @@ from fused_preact.triton_kernels.conv_wgrad import conv_wgrad_partials  # noqa: 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _rings_are_zero() -> bool:
-    return all(not ring.any() for ring, _ in row_sums._rings.values())
 
 
 def _layer(n, c, size, k, stride, device, seed=0):
@@ -55,7 +52,7 @@ def test_dgrad_sums_its_partials_in_its_own_launch(n, size, stride, tiles):
     xhat = (x.double() - stats[0].double().view(1, -1, 1, 1)) * stats[1].double().view(1, -1, 1, 1)
     assert_close(sum_dz, dz.double().sum((0, 2, 3)), torch.float32, "sum_dz")
     assert_close(sum_dz_xhat, (dz.double() * xhat).sum((0, 2, 3)), torch.float32, "sum_dz_xhat")
-    assert _rings_are_zero(), "a last program left its counter set"
+    assert arrival_counters_at_zero(), "a last program left its counter set"
 
 
 def test_dx_launch_sums_the_weight_gradients_bit_for_bit():
@@ -85,7 +82,7 @@ def test_dx_launch_sums_the_weight_gradients_bit_for_bit():
     assert results[0].is_contiguous(memory_format=torch.channels_last)
     assert_close(results[2], rows.double().sum(0), torch.float16, "sum")
     assert torch.equal(dx, bn_relu_input_grad(dz, x, stats[0], stats[1], scale, sum_dz, sum_dz_xhat, True))
-    assert _rings_are_zero()
+    assert arrival_counters_at_zero()
 
 
 @pytest.mark.gpu
@@ -100,4 +97,4 @@ def test_last_arrivals_in_dgrad_give_the_same_bits_every_time():
         again = conv_dgrad([dy], [w], [(1, 1)], [(1, 1)], x, *stats)
         assert torch.equal(first[1], again[1]) and torch.equal(first[2], again[2])
     torch.cuda.synchronize()
-    assert _rings_are_zero()
+    assert arrival_counters_at_zero()

@@ -21,7 +21,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 
-from conftest import assert_close  # noqa: E402
+from conftest import arrival_counters_at_zero, assert_close  # noqa: E402
 from fused_preact.triton_kernels import conv_dgrad as dgrad_module  # noqa: E402
 from fused_preact.triton_kernels import conv_forward as forward_module  # noqa: E402
 from fused_preact.triton_kernels import conv_wgrad as wgrad_module  # noqa: E402
@@ -336,4 +336,4 @@ def test_every_gpu_config_reduces_in_two_levels(kernel, gpu_config):
             assert_close(sum_dz, dz.double().sum((0, 2, 3)), torch.float32, name + " sum_dz", scale=scale)
             assert_close(sum_dz_xhat, (dz.double() * xhat).sum((0, 2, 3)), torch.float32, name + " sum_dz_xhat",
                          scale=3 * scale)
-        assert all(not ring.any() for ring, _ in row_sums._rings.values()), name
+        assert arrival_counters_at_zero(), name

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import arrival_counters_at_zero, assert_close
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEV = "cpu" if INTERPRET else "cuda"
@@ -24,9 +24,6 @@ from fused_preact.triton_kernels import batch_stats, row_sums  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _rings_are_zero() -> bool:
-    return all(not ring.any() for ring, _ in row_sums._rings.values())
 
 
 def _partials(rows: int, channels: int, device, seed: int):
@@ -58,7 +55,7 @@ def test_merge_and_sum_of_many_partials_are_one_launch_each(rows):
         reduced = _reduced(*partials)
     assert counter.triton == {"_merge_partials_kernel": 1, "_sum_rows_kernel": 1}, counter.triton
     _check_against_float64(reduced, *partials)
-    assert _rings_are_zero(), "the last program left its counter set"
+    assert arrival_counters_at_zero(), "the last program left its counter set"
 
 
 @pytest.mark.gpu
@@ -74,7 +71,7 @@ def test_last_arrivals_on_a_gpu_give_the_same_bits_every_time():
             assert all(torch.equal(a, b) for a, b in zip(first, _reduced(*partials)))
         _check_against_float64(first, *partials)
     torch.cuda.synchronize()
-    assert _rings_are_zero()
+    assert arrival_counters_at_zero()
 
 
 def test_a_triton_training_step_leaves_every_counter_at_zero():
@@ -89,7 +86,7 @@ def test_a_triton_training_step_leaves_every_counter_at_zero():
     # The step's reductions run inside the conv, dgrad and dx launches, on counters from the ring.
     assert counter.triton.get("_merge_partials_kernel", 0) <= 1 and "_sum_rows_kernel" not in counter.triton
     assert row_sums.arrival_counters(torch.device(DEV), 0)[1] > before, "no launch took counters"
-    assert _rings_are_zero()
+    assert arrival_counters_at_zero()
 
 
 def test_the_ring_hands_out_aligned_disjoint_counters_and_wraps():

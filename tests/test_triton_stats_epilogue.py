@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _triton_forward import DEV, INTERPRET, _ref_conv
-from conftest import assert_close, make_layout
+from conftest import arrival_counters_at_zero, assert_close, make_layout
 
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
@@ -19,9 +19,6 @@ from fused_preact.triton_kernels.conv_forward import conv_forward  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _rings_are_zero() -> bool:
-    return all(not ring.any() for ring, _ in row_sums._rings.values())
 
 
 def _layer(n, c, k, size, device, residual_mean=0.0, seed=0):
@@ -63,7 +60,7 @@ def test_merged_statistics_in_the_conv_launch(n, size, k, shortcut):
     assert (row_sums.reduction_groups(partial_rows) is None) == (partial_rows <= 8)
     assert_close(outs[0], _ref_conv(x, scale, shift, w, 1, 1) + res.double(), torch.float32, "out")
     _check_merged(merged, outs[0])
-    assert _rings_are_zero(), "a last program left its counter set"
+    assert arrival_counters_at_zero(), "a last program left its counter set"
 
 
 def test_the_merged_row_is_folded_by_the_next_conv_at_any_size():
@@ -106,4 +103,4 @@ def test_last_arrivals_in_the_conv_give_the_same_bits_every_time():
             assert all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
         _check_merged(first[1], first[0][0])
     torch.cuda.synchronize()
-    assert _rings_are_zero()
+    assert arrival_counters_at_zero()
