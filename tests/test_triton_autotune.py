@@ -168,7 +168,7 @@ def test_every_kept_config_is_benchmarked_and_the_fastest_runs(case, gpu_configs
     assert tuned.launched[-1] == kept[-1], "the launch after tuning is not the fastest config"
     # The pick is cached: the same problem again launches it once, benchmarks
     # nothing, and goes straight to the jitted function, around triton's
-    # Autotuner.run (Tuned finds the pick in the autotuner's cache itself).
+    # Autotuner.run (Tuned keeps the pick itself).
     benchmarked = len(tuned.benchmarked)
     tuned.launched.clear()
     through_autotuner = []
@@ -176,6 +176,28 @@ def test_every_kept_config_is_benchmarked_and_the_fastest_runs(case, gpu_configs
     run()
     assert len(tuned.benchmarked) == benchmarked and tuned.launched == [kept[-1]]
     assert through_autotuner == []
+
+
+def test_a_pick_is_kept_per_dtype(gpu_configs):
+    """The same problem in another dtype is a key of its own, as in triton's
+    autotuner (its key holds the tensors' dtypes): tuned anew, not given the
+    float32 pick, while float32 again benchmarks nothing."""
+    kernel, _, named_args = CASES["forward-plain"]
+    tuned = Tuning(kernel, gpu_configs)
+    kept = tuned.kept(**named_args)
+    tuned.cost = lambda key: float(len(kept) - kept.index(key))
+
+    def run(dtype):
+        x, weight = _input((2, 40, 5, 7), dtype), (torch.randn(11, 40, 3, 3) / 60).to(dtype)
+        conv_forward(x, torch.rand(40) + 0.5, torch.randn(40), [weight], 1, 1)
+
+    run(torch.float32)
+    benchmarked = len(tuned.benchmarked)
+    assert benchmarked >= 2
+    run(torch.float32)
+    assert len(tuned.benchmarked) == benchmarked, "the float32 pick was not kept"
+    run(torch.float16)
+    assert len(tuned.benchmarked) > benchmarked, "float16 took float32's pick"
 
 
 # ----------------------------------------------------------------------------- pinned configs
@@ -194,8 +216,7 @@ def test_pinned_configs_give_the_same_bits_whatever_the_timing(case, pin, gpu_co
 
     def in_a_process_that_times(fastest):
         # A fresh process: empty caches, the same inputs, a timing that favours `fastest`.
-        for autotuner in (kernel.timed, kernel.pinned):
-            autotuner.cache.clear()
+        kernel.forget()
         tuned.cost = lambda key: 0.0 if key == fastest else 1.0
         torch.manual_seed(0)
         return run()

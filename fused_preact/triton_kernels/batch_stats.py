@@ -297,9 +297,8 @@ def _fold_of(c, device, weight, bias, running_mean, running_var, num_batches_tra
                          f"of shape {tuple(num_batches_tracked.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together or both be None")
-    scale = torch.empty(c, dtype=torch.float32, device=device)
-    return _Fold(weight, bias, scale, torch.empty_like(scale), running_mean, running_var, num_batches_tracked,
-                 momentum, count)
+    scale, shift = (torch.empty(c, dtype=torch.float32, device=device) for _ in range(2))
+    return _Fold(weight, bias, scale, shift, running_mean, running_var, num_batches_tracked, momentum, count)
 
 
 # Largest layer whose conv merges its input's statistics in its own loader
@@ -377,7 +376,7 @@ def batch_norm_stats(x: torch.Tensor, weight, bias, running_mean, running_var, n
     if defer and _loader_merges(partials[0].shape[0], x.numel() // x.shape[1]):
         _check_partials(*partials)
         partials = tuple(t.contiguous() for t in partials)
-        mean, invstd = torch.empty_like(fold.scale), torch.empty_like(fold.scale)
+        mean, invstd = (torch.empty(x.shape[1], dtype=torch.float32, device=x.device) for _ in range(2))
         return (mean, invstd, fold.scale, fold.shift), LoaderFold(partials, fold, mean, invstd, eps)
     mean, invstd = _merge(*partials, eps, invstd=True, fold=fold)
     stats = (mean, invstd, fold.scale, fold.shift)

@@ -9,7 +9,7 @@ scale = gamma * invstd and m = N*H*W per channel:
 
 computed in fp32, stored in x's dtype.
 
-The kernel walks dx in its memory order (dx = empty_like(x) is dense in x's
+The kernel walks dx in its memory order (dx = empty_activation(x) is dense in x's
 layout); the channel of flat offset i is (i // stride_c) % C in any dense layout.
 Operands laid out like dx are read at offset i directly; others (a strided x
 or dz) at offsets rebuilt from i's coordinates.

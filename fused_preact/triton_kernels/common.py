@@ -249,8 +249,16 @@ def dropout_args(dropout, dummy: torch.Tensor) -> tuple:
 
 
 def empty_activation(x) -> torch.Tensor:
-    """An empty tensor of x's shape, dtype and layout (dense): x's gradient's."""
-    return x.new_dense() if isinstance(x, Pieces) else torch.empty_like(x)
+    """An empty tensor of x's shape, dtype and layout (dense): x's gradient's.
+    A dense x's layout is named to torch.empty: empty_like costs more host
+    time (on meta tensors it runs a Python reference, ~20 us a call)."""
+    if isinstance(x, Pieces):
+        return x.new_dense()
+    if x.is_contiguous():
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return torch.empty_like(x)
 
 
 def check_activation(x, name: str = "x") -> None:

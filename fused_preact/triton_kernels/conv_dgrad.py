@@ -258,7 +258,7 @@ def conv_dgrad(grads: list[Optional[torch.Tensor]], weights: list[torch.Tensor],
 
     grads[i] is dy of conv i (weights[i], strides[i], paddings[i]), or None when
     that output has no gradient; at most two convs, which must share the stride.
-    dz has x's shape, dtype and layout (empty_like); the sums are fp32 [C].
+    dz has x's shape, dtype and layout (empty_activation); the sums are fp32 [C].
     dropout: forward's (p, seed), whose mask the epilogue makes again."""
     check_activation(x)
     check_dropout(dropout, x)

@@ -122,9 +122,7 @@ def partial_stats(x):
     seg = cdiv(tiles, min(segs_wanted, tiles)) * block_r
     segs = cdiv(L, seg)
     P = outer * segs
-    cnt = torch.empty((P, C), dtype=torch.float32, device=x.device)
-    mean = torch.empty_like(cnt)
-    m2 = torch.empty_like(cnt)
+    cnt, mean, m2 = (torch.empty((P, C), dtype=torch.float32, device=x.device) for _ in range(3))
     _partial_stats_kernel[(P, cblocks)](
         x_arg, table, cnt, mean, m2, C, L, segs, seg, o1, H, W, so0, so1, s_inner, s_c,
         BLOCK_R=block_r, BLOCK_C=block_c, IDX64=needs_int64(x), PIECES=pieces, num_warps=4,

@@ -119,10 +119,12 @@ class Tuned:
     first; restore: arguments the kernel updates in place, put back after
     every benchmarked run.
 
-    A launch whose key the autotuner has picked a config for already goes
-    straight to the jitted function with that config: triton's
-    Autotuner.run would rebuild two dicts over all (up to ~80) arguments to
-    find the same entry of its cache, on every launch of a step."""
+    A launch whose key has had a config picked already goes straight to the
+    jitted function with that config: triton's Autotuner.run would rebuild
+    two dicts over all (up to ~80) arguments, and the str() of every
+    tensor's dtype, to find the same entry of its cache, on every launch of
+    a step. The picks are kept here under a key that names the dtypes
+    themselves (`_pick_key`)."""
 
     def __init__(self, fn, configs: dict[str, list[triton.Config]], key: Sequence[str],
                  prune: Callable, restore: Sequence[str] = ()):
@@ -143,6 +145,7 @@ class Tuned:
         self._names = set(fn.arg_names)
         self._key = [(fn.arg_names.index(k), k) for k in key]  # as Autotuner.run builds its cache key
         self._config_kwargs: dict = {}
+        self._picks: dict = {}  # (pinned, _pick_key) -> the config its autotuner picked
         _TUNED.append(self)
 
     def _first(self, configs, named_args, **kwargs):
@@ -151,7 +154,14 @@ class Tuned:
     def set_configs(self, profile: Sizing) -> None:
         for autotuner in (self.timed, self.pinned):
             autotuner.configs = self.configs[profile.name]
+        self.forget()
+
+    def forget(self) -> None:
+        """Every pick dropped, as in a fresh process: the next launch of each
+        key is pruned and (timed) benchmarked again."""
+        for autotuner in (self.timed, self.pinned):
             autotuner.cache = {}
+        self._picks = {}
 
     def __getitem__(self, grid):
         autotuner = self.pinned if pinned() else self.timed
@@ -161,20 +171,24 @@ class Tuned:
         if len(autotuner.configs) == 1:
             config = autotuner.configs[0]
         else:
-            config = autotuner.cache.get(self._cache_key(args, kwargs))
+            key = (autotuner is self.pinned, self._pick_key(args, kwargs))
+            config = self._picks.get(key)
             if config is None:  # this key's first launch: pruned, benchmarked (timed) and cached by triton
-                return autotuner[grid](*args, **kwargs)
+                launched = autotuner[grid](*args, **kwargs)
+                self._picks[key] = autotuner.best_config
+                return launched
         extra = self._config_kwargs.get(config)
         if extra is None:
             extra = self._config_kwargs[config] = config.all_kwargs()
         return self.fn.run(*args, grid=grid, warmup=False, **kwargs, **extra)
 
-    def _cache_key(self, args: tuple, kwargs: dict) -> tuple:
-        """Autotuner.run's cache key (triton 3.6 and 3.8 alike): the key
-        arguments' values, then the dtype of every argument that has one
-        (among these kernels' arguments: the tensors), positional ones first."""
+    def _pick_key(self, args: tuple, kwargs: dict) -> tuple:
+        """What Autotuner.run's cache key holds (triton 3.6 and 3.8 alike),
+        with the dtypes themselves for their str(): the key arguments'
+        values, then the dtype of every argument that has one (among these
+        kernels' arguments: the tensors), positional ones first."""
         n = len(args)
         key = [args[i] if i < n else kwargs[name] for i, name in self._key if i < n or name in kwargs]
-        key += [str(a.dtype) for a in args if isinstance(a, torch.Tensor)]
-        key += [str(v.dtype) for k, v in kwargs.items() if k in self._names and isinstance(v, torch.Tensor)]
+        key += [a.dtype for a in args if isinstance(a, torch.Tensor)]
+        key += [v.dtype for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k in self._names]
         return tuple(key)
