@@ -9,6 +9,8 @@ FUSED_PREACT_TRITON_AUTOTUNE=0): configs that add in different orders give
 different bits, so the bits must not follow the timing.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,6 +200,35 @@ def test_a_pick_is_kept_per_dtype(gpu_configs):
     assert len(tuned.benchmarked) == benchmarked, "the float32 pick was not kept"
     run(torch.float16)
     assert len(tuned.benchmarked) > benchmarked, "float16 took float32's pick"
+
+
+# Triton's JIT for a GPU that is not here: the ahead-of-time compile replaces
+# Autotuner.run by a sweep over the kept configs, which picks none.
+_AHEAD_OF_TIME = """
+import torch
+from fused_preact.triton_kernels import conv_forward, offline
+
+kernel = conv_forward._conv_fwd
+x = torch.empty(128, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+w = torch.empty(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)
+swept = []
+with offline.compiling_for(90, lambda *args: None, skip=lambda name, config: swept.append(config) or True):
+    conv_forward.conv_forward(x, torch.ones(64), torch.ones(64), [w], 1, 1)
+print(len(swept), len(kernel._picks))
+"""
+
+
+def test_an_ahead_of_time_sweep_keeps_no_pick():
+    """The ahead-of-time compile launches an autotuned kernel through a sweep
+    of every kept config (fused_preact.aot), on triton 3.6 and 3.8: the
+    launch must neither fail for want of a pick nor keep one, which would
+    decide that key's config in place of the autotuner."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", _AHEAD_OF_TIME], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    swept, picks = map(int, done.stdout.split())
+    assert swept >= 2 and picks == 0
 
 
 # ----------------------------------------------------------------------------- pinned configs

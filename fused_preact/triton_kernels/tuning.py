@@ -171,24 +171,28 @@ class Tuned:
         if len(autotuner.configs) == 1:
             config = autotuner.configs[0]
         else:
-            key = (autotuner is self.pinned, self._pick_key(args, kwargs))
+            values, dtypes = self._pick_key(args, kwargs)
+            key = (autotuner is self.pinned, values, dtypes)
             config = self._picks.get(key)
-            if config is None:  # this key's first launch: pruned, benchmarked (timed) and cached by triton
+            if config is None:  # this key's first launch: pruned and benchmarked (timed) by triton, its pick kept
                 launched = autotuner[grid](*args, **kwargs)
-                self._picks[key] = autotuner.best_config
+                # None where Autotuner.run is replaced and picks nothing (the ahead-of-time compile).
+                picked = autotuner.cache.get((*values, *map(str, dtypes)))  # Autotuner.run's own key
+                if picked is not None:
+                    self._picks[key] = picked
                 return launched
         extra = self._config_kwargs.get(config)
         if extra is None:
             extra = self._config_kwargs[config] = config.all_kwargs()
         return self.fn.run(*args, grid=grid, warmup=False, **kwargs, **extra)
 
-    def _pick_key(self, args: tuple, kwargs: dict) -> tuple:
+    def _pick_key(self, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
         """What Autotuner.run's cache key holds (triton 3.6 and 3.8 alike),
-        with the dtypes themselves for their str(): the key arguments'
-        values, then the dtype of every argument that has one (among these
-        kernels' arguments: the tensors), positional ones first."""
+        with the dtypes themselves for their str(): (the key arguments'
+        values, the dtype of every argument that has one (among these
+        kernels' arguments: the tensors), positional ones first)."""
         n = len(args)
-        key = [args[i] if i < n else kwargs[name] for i, name in self._key if i < n or name in kwargs]
-        key += [a.dtype for a in args if isinstance(a, torch.Tensor)]
-        key += [v.dtype for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k in self._names]
-        return tuple(key)
+        values = tuple([args[i] if i < n else kwargs[name] for i, name in self._key if i < n or name in kwargs])
+        dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
+        dtypes += [v.dtype for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k in self._names]
+        return values, tuple(dtypes)
