@@ -21,7 +21,6 @@ from fused_preact.triton_kernels.conv_wgrad import conv_wgrad_partials  # noqa: 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def _layer(n, c, size, k, stride, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = make_layout(torch.randn(n, c, *size, generator=g) * 2 + 1, "channels_last").to(device)

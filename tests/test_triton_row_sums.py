@@ -25,7 +25,6 @@ from fused_preact.triton_kernels import batch_stats, row_sums  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def _partials(rows: int, channels: int, device, seed: int):
     g = torch.Generator().manual_seed(seed)
     count = torch.randint(1, 33, (rows, channels), generator=g).float()
@@ -137,4 +136,3 @@ def test_compiled_arrivals_follow_a_barrier_and_release_the_stores(sm90_ptx, ker
             f"{kernel}: no barrier between the group row's stores and the arrival"
         assert any(re.match(r"(@%p\d+ )?ld\.global\.cg", line) for line in lines[i:]), \
             f"{kernel}: the group rows are not read from L2 after the arrival"
-

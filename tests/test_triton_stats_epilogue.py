@@ -20,7 +20,6 @@ from fused_preact.triton_kernels.conv_forward import conv_forward  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def _layer(n, c, k, size, device, residual_mean=0.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = make_layout(torch.randn(n, c, *size, generator=g), "channels_last").to(device)
