@@ -11,6 +11,7 @@ the launch suite records op counts (`fwd_bwd_ops`, `step_ops`) instead.
 import datetime
 import platform
 
+import pytest
 import torch
 
 import fused_preact
@@ -72,6 +73,20 @@ def _peak_bandwidth():
     props = torch.cuda.get_device_properties()
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
     return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Drops the benchmarks with no timed round before pytest-benchmark's own
+    sessionfinish writes the JSON. It registers a benchmark before its warm-up,
+    and its JSON writer fails on one with no times (min() of nothing), writing
+    no file at all: a run stopped during a benchmark's warm-up (gpu_check.sh
+    stops a step with SIGINT at its time limit; a cold first step is all
+    warm-up) would lose every finished benchmark with it."""
+    benchmarks = getattr(session.config, "_benchmarksession", None)
+    if benchmarks is not None:
+        benchmarks.benchmarks[:] = [b for b in benchmarks.benchmarks if b]  # a benchmark is falsy without times
+    yield
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -65,15 +65,16 @@ def group_table(rows, kind):
                     "|---|---|---|---|---|---|---|" + ("---|" if bandwidth else "")]
             for r in sorted(members, key=lambda r: r.get("time_ratio_to_eager", 0)):
                 out.append(f"| {r['provider']} | {r['median_s'] * 1e3:.2f} | {r['min_s'] * 1e3:.2f}–"
-                           f"{r['max_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | {r['memory_bytes_per_image'] / MiB:.3f} | "
+                           f"{r['max_s'] * 1e3:.2f} | {r['images_per_s']:.0f} | "
+                           f"{r['memory_bytes_per_image'] / MiB:.3f} | "
                            f"{_ratio(r, 'time_ratio_to_eager')} | {_ratio(r, 'memory_ratio_to_eager')} |"
                            + (f" {r['bandwidth_fraction']:.0%} |" if "bandwidth_fraction" in r else
                               (" n/a |" if bandwidth else "")))
         extra = [r for r in members if "largest_batch_on_card" in r]
         if extra:
             out.append("")
-            out.append("Largest batch on the card (estimate): " + ", ".join(f"{r['provider']} {r['largest_batch_on_card']}"
-                                                               for r in extra))
+            out.append("Largest batch on the card (estimate): "
+                       + ", ".join(f"{r['provider']} {r['largest_batch_on_card']}" for r in extra))
         out.append("")
     return out
 

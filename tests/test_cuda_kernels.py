@@ -221,3 +221,34 @@ def test_more_than_2_pow_31_elements():
     mean, invstd = batch_stats(x, EPS)
     torch.testing.assert_close(mean, torch.mean(x, dim=(0, 2, 3), dtype=torch.float32), atol=1e-5, rtol=0)
     torch.testing.assert_close(invstd, torch.ones_like(invstd), atol=1e-3, rtol=0)  # randn: var 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_pre_activation_rounds_as_on_the_cpu(dtype, gen):
+    """z = x * scale + shift rounded twice, as the CPU twin does (no fma): the
+    activation is the CPU's bit for bit, and on constant channels (x == mean,
+    so shift == -x * scale rounded: z == 0 with two roundings, an fma's
+    rounding error of either sign with one) the activation, dx and both sums
+    are exactly 0, as on the CPU. A masked-off inf still makes its channel's
+    sum_dz_xhat NaN, as on the CPU and in torch."""
+    x = torch.randn(4, 40, 3, 3, generator=gen, dtype=dtype)
+    constant = slice(8, 40)  # an fma leaves all 32 at z == 0 with odds of about 2**-32
+    x[:, constant] = (torch.rand(32, generator=gen, dtype=dtype) * 8 - 4)[None, :, None, None]
+    x = x.contiguous(memory_format=torch.channels_last)
+    gamma = torch.rand(40, generator=gen, dtype=dtype) + 0.5
+    mean, invstd, scale, shift = ops().batch_norm_stats(x, gamma, None, None, None, None, 0.1, EPS)
+    grad = torch.randn(x.shape, generator=gen, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = float("inf")  # masked off by a negative scale, its xhat inf
+    scale[0] = -1.0
+    inputs = (grad, x, mean, invstd, scale, shift)
+    want = (ops().bn_relu_apply(x, scale, shift), *ops().bn_relu_backward(*inputs, True))
+    got = [t.cpu() for t in (ops().bn_relu_apply(*(t.cuda() for t in (x, scale, shift))),
+                             *ops().bn_relu_backward(*(t.cuda() for t in inputs), True))]
+    assert torch.equal(got[0], want[0])
+    assert not want[0][:, constant].any() and not want[1][:, constant].any()  # the CPU twin's zeros
+    dx, sum_dz, sum_dz_xhat = got[1:]
+    assert not dx[:, constant].any() and not sum_dz[constant].any() and not sum_dz_xhat[constant].any()
+    assert want[3][0].isnan() and sum_dz_xhat[0].isnan()
+    torch.testing.assert_close(dx[:, 1:8], want[1][:, 1:8], **stat_tol(dtype))
+    for a, b in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a[1:8], b[1:8], **stat_tol(dtype))

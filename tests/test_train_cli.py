@@ -49,7 +49,8 @@ def test_presets(capsys):
     assert paper["milestones"] == [32000, 48000] and paper["milestone_unit"] == "iters"
     assert (paper["crop_pad"], paper["flip"], paper["nesterov"]) == (4, True, False)
     official = _config(capsys, ["--preset", "torch-official"])
-    assert (official["batch_size"], official["nesterov"], official["epochs"], official["warmup_iters"]) == (64, True, 200, 0)
+    assert (official["batch_size"], official["nesterov"], official["epochs"],
+            official["warmup_iters"]) == (64, True, 200, 0)
     assert official["normalize"] == "channel" and official["milestone_unit"] == "epochs"
     quick = _config(capsys, ["--preset", "quick"])
     assert quick["dataset"] == "shapes10" and quick["device"] == "cpu"

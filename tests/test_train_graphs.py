@@ -4,6 +4,7 @@ plumbing (static buffers, one graph per batch shape, warm-up, the capturable
 rate, resume) runs with CUDA's capture and replay stood in for by calls of the
 step, and equals the eager run bit for bit; on a GPU (`gpu`), captured
 training equals uncaptured training for the native and Triton backends."""
+import json
 import os
 
 import pytest
@@ -235,6 +236,11 @@ def _gpu_argv(backend):
             *GPU_RUNS[backend]]
 
 
+def _captured(run_dir) -> bool:
+    """Whether the run captured its step (config.json: cuda_graphs as the run settled it; on CUDA the default)."""
+    return json.loads((run_dir / "config.json").read_text())["cuda_graphs"]
+
+
 @pytest.fixture
 def deterministic_cudnn(monkeypatch):
     # The captured and the eager run must choose the same cuDNN algorithms,
@@ -248,9 +254,10 @@ def deterministic_cudnn(monkeypatch):
 @pytest.mark.usefixtures("deterministic_cudnn")
 @pytest.mark.parametrize("backend", list(GPU_RUNS))
 def test_captured_training_equals_eager_training(tmp_path, backend):
-    eager = run([*_gpu_argv(backend), "--out", str(tmp_path / "eager")])
+    eager = run([*_gpu_argv(backend), "--no-cuda-graphs", "--out", str(tmp_path / "eager")])
     graphed = run([*_gpu_argv(backend), "--cuda-graphs", "--out", str(tmp_path / "graphs")])
     assert graphed["iters"] == eager["iters"] == 3
+    assert _captured(tmp_path / "graphs") and not _captured(tmp_path / "eager")
     losses = _losses(tmp_path / "graphs")
     assert [r["lr"] for r in losses] == pytest.approx([0.02, 0.1, 0.01])
     assert losses == _losses(tmp_path / "eager")  # train loss and error of each iteration, test loss and error
@@ -264,7 +271,8 @@ def test_captured_training_equals_eager_training(tmp_path, backend):
 @pytest.mark.usefixtures("deterministic_cudnn")
 def test_captured_training_resumes_exactly(tmp_path):
     argv = [*_gpu_argv("native"), "--ckpt-every", "2"]  # checkpoints at 2 and 3
-    run([*argv, "--out", str(tmp_path / "eager")])
+    run([*argv, "--no-cuda-graphs", "--out", str(tmp_path / "eager")])
+    assert not _captured(tmp_path / "eager")
     with pytest.raises(KeyboardInterrupt):
         run([*argv, "--cuda-graphs", "--out", str(tmp_path / "cut")], interrupt_after=2)
     run(["--resume", str(tmp_path / "cut")])  # with --cuda-graphs, as saved; the last batch's graph captured now

@@ -1,6 +1,6 @@
 // Device helpers and the per-channel reduction machinery of the BN-ReLU CUDA
 // kernels (bn_relu_kernels.cu, the only file that includes this one): value
-// loads/stores per storage type, the pre-activation fma, Chan's merge, and the
+// loads/stores per storage type, the pre-activation, Chan's merge, and the
 // two-stage reductions (partials per row block, then a fixed-order merge).
 #pragma once
 
@@ -37,13 +37,19 @@ __device__ __forceinline__ void store_value(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store_value(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_value(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
-// z = x * scale + shift as one explicit fma, so the ReLU mask recomputed by the
-// backward kernels is bit-identical to the one the forward kernel applied.
+// z = x * scale + shift rounded twice, as the CPU twin (built with
+// -ffp-contract=off) computes it: the _rn intrinsics are never fused into an
+// fma, so the ReLU mask recomputed by the backward kernels is bit-identical to
+// the one the forward kernel applied, and to the CPU's. An fma would differ
+// where the product and shift cancel: a constant channel (x == mean, so
+// shift == -x * scale rounded) gets z = 0 from two roundings but the
+// product's rounding error, of either sign, from one, which turns its ReLU
+// mask on at random and lets through gradients that the CPU gives as 0.
 __device__ __forceinline__ float pre_activation(float x, float scale, float shift) {
-  return fmaf(x, scale, shift);
+  return __fadd_rn(__fmul_rn(x, scale), shift);
 }
 __device__ __forceinline__ double pre_activation(double x, double scale, double shift) {
-  return fma(x, scale, shift);
+  return __dadd_rn(__dmul_rn(x, scale), shift);
 }
 
 __device__ __forceinline__ int64_t element_offset(const ActView& v, int64_t n, int64_t s, int64_t c) {
@@ -133,10 +139,13 @@ struct GradSumsReduction {
     return {load_value(x + element_offset(vx, n, s, c)), load_value(grad + element_offset(vg, n, s, c))};
   }
   __device__ static State identity() { return {acc_t(0), acc_t(0)}; }
+  // ReLU mask as in apply (NaN: off). A masked-off element still adds 0 * xhat,
+  // as the CPU twin and torch do: an inf or NaN x makes sum_dz_xhat NaN (what
+  // AMP's GradScaler looks for) rather than being skipped.
   __device__ static void add(State& st, const Channel& ch, const Sample& e) {
-    if (!(pre_activation(e.x, ch.scale, ch.shift) > acc_t(0))) return;  // ReLU mask, same test as apply
-    st.dz += e.grad;
-    st.dz_xhat += e.grad * ((e.x - ch.mean) * ch.invstd);
+    const acc_t dz = pre_activation(e.x, ch.scale, ch.shift) > acc_t(0) ? e.grad : acc_t(0);
+    st.dz += dz;
+    st.dz_xhat += dz * ((e.x - ch.mean) * ch.invstd);
   }
   __device__ static void combine(State& a, const State& b) {
     a.dz += b.dz;

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fused-preact-train", description="Train pre-activation ResNets as He et al. 2016 did.",
         epilog="presets: paper (Caffe recipe: batch 128, 64k iterations, lr /10 at 32k and 48k, 400 warm-up "
                "iterations at 0.01, Caffe's momentum form), torch-official (fb.resnet.torch recipe: batch 64, "
-               "nesterov, 200 epochs, /10 after epochs 80 and 121), quick (embedded shapes10 data, ResNet-8 on the CPU, about 2 minutes). "
+               "nesterov, 200 epochs, /10 after epochs 80 and 121), quick (embedded shapes10 data, ResNet-8 on "
+               "the CPU, about 2 minutes). "
                "Every option overrides the preset; the resolved configuration is printed and saved as "
                "OUT/config.json. Exit status: 0 done, 1 diverged, 2 bad input, 3 I/O failure (a full disk), "
                "130/143 stopped by SIGINT/SIGTERM after saving a checkpoint (continue with --resume).")
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=S)
     b = p.add_argument_group("run")
     b.add_argument("--out", default=S, help="run directory (default runs/<preset>-<dataset>-<arch>-seed<seed>)")
-    b.add_argument("--eval-every", type=_positive_int, default=S, help="iterations between evaluations (default: epoch)")
+    b.add_argument("--eval-every", type=_positive_int, default=S,
+                   help="iterations between evaluations (default: epoch)")
     b.add_argument("--ckpt-every", type=_positive_int, default=S, help="iterations between checkpoints "
                    "(default: every evaluation)")
     b.add_argument("--log-every", type=_positive_int, default=S)

@@ -216,7 +216,8 @@ def load_cifar(spec: CifarSpec, data_dir: Path, download: bool = True) -> ImageD
     folder = prepare_cifar(spec, data_dir, download)
     train = _load_batches(spec, folder, spec.train_files)
     test = _load_batches(spec, folder, spec.test_files)
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _unpickle(folder / spec.meta_file[0])[spec.names_key]]
+    meta = _unpickle(folder / spec.meta_file[0])
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec.names_key]]
     return ImageData(*train, *test, classes=names)
 
 

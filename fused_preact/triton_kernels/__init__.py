@@ -2,7 +2,8 @@
 family: batch statistics (partial_stats.py, then batch_stats.py's merge),
 forward, dgrad, input gradient, wgrad; what they share is in common.py, the
 fixed-order reductions of their partials in row_sums.py, an input given as
-pieces in pieces.py, how they are sized and autotuned in tuning.py). Each module holds its kernels, then their host launchers.
+pieces in pieces.py, how they are sized and autotuned in tuning.py). Each
+module holds its kernels, then their host launchers.
 Importing the modules needs triton; this package's own names (settings
 read from the environment) do not, so fused_preact.ops can ask them
 without importing triton.
